@@ -1,0 +1,38 @@
+"""Write a benchmark's measured figures into benchmarks/RESULTS.md, one section per script, with the command,
+the machine and the date (a re-run replaces its own section)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import sys
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only ({os.cpu_count()} cores)"
+    return f"{cpu}; {device}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def record(section: str, body: str) -> None:
+    """Replace (or append) `## section` in RESULTS.md with `body` plus how it was made."""
+    command = " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    text = (f"## {section}\n\n- command: `{command}`\n- machine: {machine()}\n"
+            f"- date: {datetime.date.today().isoformat()}\n\n{body.strip()}\n\n")
+    old = open(RESULTS, encoding="utf-8").read() if os.path.exists(RESULTS) else "# Benchmark results\n\n"
+    pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    with open(RESULTS, "w", encoding="utf-8") as f:
+        f.write(new.rstrip("\n") + "\n")
+    print(f"wrote section '{section}' of {os.path.relpath(RESULTS)}")

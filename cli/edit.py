@@ -1,0 +1,54 @@
+"""`dinm edit MODEL --instance q.json -o delta.safetensors`"""
+
+import click
+
+from ._common import (check_new_file, dtype_option, emit, json_option, load, model_argument, one_line_errors,
+                      trust_option)
+
+
+@click.command("edit")
+@model_argument
+@click.option("--instance", "instance_path", required=True, type=click.Path(dir_okay=False),
+              help="JSON file: a SafeEdit record, the short form, or a list of them.")
+@click.option("--index", default=0, show_default=True, help="Which record of the file to use.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Delta file to write.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="EditConfig JSON; the options below override it.")
+@click.option("--layer", type=int, help="Edit this layer instead of locating one.")
+@click.option("--distance", type=click.Choice(["cosine", "l2", "l2_tokens", "paper"]), help="Locate rule.")
+@click.option("--steps", type=int, help="Optimiser steps.")
+@click.option("--lr", type=float, help="Learning rate.")
+@click.option("--kl-weight", type=float, help="Weight of the KL term on the benign prompt.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@dtype_option
+@trust_option
+@json_option
+@one_line_errors
+def edit_cmd(model, instance_path, index, output, config_path, layer, distance, steps, lr, kl_weight, overwrite,
+             dtype, trust_remote_code, as_json):
+    """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
+    import os
+    import time
+
+    from dinm import EditConfig, edit, load_instance
+
+    check_new_file(output, overwrite, "output")
+    instance = load_instance(instance_path, index)  # bad input fails before the model is loaded
+    config = EditConfig()
+    if config_path:
+        with open(config_path, encoding="utf-8") as f:
+            config = EditConfig.from_json(f.read())
+    overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight)
+    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    net, tokenizer = load(model, dtype, trust_remote_code)
+    started = time.perf_counter()
+    delta = edit(net, tokenizer, instance, config, progress=not as_json)
+    seconds = time.perf_counter() - started
+    delta.save(output)
+    history = delta.history
+    data = {"output": output, "bytes": os.path.getsize(output), "layer": delta.layer, "tensors": delta.names,
+            "seconds": round(seconds, 3), "nll_first": history[0]["nll"], "nll_last": history[-1]["nll"],
+            "kl_last": history[-1]["kl"]}
+    emit(data, as_json, f"edited layer {delta.layer} ({', '.join(delta.names)}) in {seconds:.1f}s; "
+                        f"safe-response NLL {history[0]['nll']:.3f} -> {history[-1]['nll']:.3f}\n"
+                        f"wrote {output} ({data['bytes'] / 1e6:.2f} MB)")

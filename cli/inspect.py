@@ -1,0 +1,33 @@
+"""`dinm inspect delta.safetensors`"""
+
+import click
+
+from ._common import emit, json_option, one_line_errors
+
+
+@click.command("inspect")
+@click.argument("delta_path", metavar="DELTA", type=click.Path(dir_okay=False))
+@json_option
+@one_line_errors
+def inspect_cmd(delta_path, as_json):
+    """Show what a delta holds: its tensors, base model, layer, config and loss history."""
+    import os
+
+    from dinm import Delta
+
+    summary = Delta.load(delta_path).summary()
+    summary["file_bytes"] = os.path.getsize(delta_path)
+    lines = [f"{delta_path}: {summary['format']}, dinm {summary['dinm_version']}, {summary['file_bytes']} bytes",
+             f"base model: {summary.get('base_model') or '?'} ({summary.get('model_type', '?')})"
+             + (f" revision {summary['base_revision']}" if summary.get("base_revision") else ""),
+             f"layer: {summary.get('layer', '?')} (distance: {summary.get('distance', '?')})"]
+    for name, t in summary["tensors"].items():
+        lines.append(f"  {name}: {t['dtype']}{t['shape']}, |update| {t['update_norm']:.4g}, "
+                     f"max {t['max_abs']:.3g}, {t['exactness_fixups']} exactness fixups")
+        lines.append(f"    base sha256 {t['base_sha256'][:16]}…  edited sha256 {t['edited_sha256'][:16]}…")
+    if summary.get("history"):
+        h = summary["history"]
+        lines.append(f"steps: {len(h)}, NLL {h[0]['nll']:.3f} -> {h[-1]['nll']:.3f}, last KL {h[-1]['kl']:.4f}")
+    if summary.get("config"):
+        lines.append("config: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["config"].items())))
+    emit(summary, as_json, "\n".join(lines))

@@ -1,0 +1,93 @@
+"""Where DINM finds its modules in each supported architecture.
+
+Differences between architectures live in this table, not in `if` chains (cf. PEFT's
+`utils/constants.py`). Every name is a dotted path from the `*ForCausalLM` model object.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module names for one `model_type`.
+
+    Attributes:
+        layers: the `nn.ModuleList` of decoder layers.
+        mlp_out: template of layer i's MLP output projection (the matrix DINM edits).
+        final_norm: the norm applied after the last layer.
+        lm_head: the output embedding.
+        conv1d: True when `mlp_out` is a GPT-2 style `Conv1D`, whose weight is stored (in, out).
+    """
+
+    layers: str
+    mlp_out: str
+    final_norm: str
+    lm_head: str
+    conv1d: bool = False
+
+
+_LLAMA = ArchSpec("model.layers", "model.layers.{}.mlp.down_proj", "model.norm", "lm_head")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "mixtral": ArchSpec("model.layers", "model.layers.{}.block_sparse_moe.experts.0.w2", "model.norm", "lm_head"),
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "phi3": _LLAMA,
+    "olmo": _LLAMA,
+    "gpt2": ArchSpec("transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.ln_f", "lm_head", conv1d=True),
+    "gpt_neox": ArchSpec(
+        "gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out"
+    ),
+}
+
+
+def arch_spec(model_or_type: nn.Module | str) -> ArchSpec:
+    """The `ArchSpec` of a model (or a `model_type` string); one-line error for an unknown one."""
+    if isinstance(model_or_type, str):
+        model_type = model_or_type
+    else:
+        model_type = getattr(getattr(model_or_type, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    close = difflib.get_close_matches(str(model_type), ARCHITECTURES, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ArchitectureError(
+        f"model_type {model_type!r} is not supported by dinm (supported: {', '.join(sorted(ARCHITECTURES))}).{hint}"
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers, in order."""
+    return model.get_submodule(arch_spec(model).layers)
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def mlp_out_name(model: nn.Module, layer: int) -> str:
+    """Full parameter name of layer `layer`'s MLP output weight (the key a delta stores)."""
+    n = num_layers(model)
+    if not 0 <= layer < n:
+        raise ArchitectureError(f"layer {layer} is out of range: the model has layers 0..{n - 1}")
+    return arch_spec(model).mlp_out.format(layer) + ".weight"
+
+
+def as_out_in(spec: ArchSpec, weight: torch.Tensor) -> torch.Tensor:
+    """View an MLP output weight as (out_features, in_features), whatever its storage layout.
+
+    GPT-2's `Conv1D` stores (in, out); this is the one place that knows it.
+    """
+    return weight.t() if spec.conv1d else weight

@@ -1,0 +1,94 @@
+"""`EditConfig`: every knob of one DINM edit, frozen, with a JSON round-trip stored in each delta."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+MASTER_DTYPES = ("float32", "model")
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Settings of one edit.
+
+    Attributes:
+        layer: edit this layer instead of locating one (None: locate per instance).
+        distance: the locate rule (see `dinm.locate.DISTANCES`).
+        steps: optimiser steps on the edited matrix.
+        lr: Adam learning rate.
+        kl_weight: weight of KL(unedited || edited) on the benign prompt's answer tokens; the KL has a
+            gradient (in the reference implementation it does not, so it constrains nothing).
+        weight_decay: Adam weight decay (pulls the edited matrix toward zero, not toward the original: 0 by default).
+        chat_template: format prompts with the tokenizer's chat template when it has one.
+        max_prompt_tokens: longer prompts keep their last tokens.
+        max_response_tokens: longer responses are cut.
+        master_dtype: "float32" trains an fp32 copy of the edited matrix whatever the model's dtype;
+            "model" trains in the model's dtype.
+        seed: seeds torch's RNG inside the edit (the global RNG is left as it was).
+    """
+
+    layer: Optional[int] = None
+    distance: str = "cosine"
+    steps: int = 10
+    lr: float = 5e-4
+    kl_weight: float = 1.0
+    weight_decay: float = 0.0
+    chat_template: bool = True
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 256
+    master_dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self):
+        from .locate import check_distance
+
+        check_distance(self.distance)
+        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
+            raise ConfigError(f"layer must be a non-negative integer or None, got {self.layer!r}")
+        for name in ("steps", "max_prompt_tokens", "max_response_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name, low in (("lr", 0.0), ("kl_weight", 0.0), ("weight_decay", 0.0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (
+                    name == "lr" and value == 0):
+                raise ConfigError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        if self.master_dtype not in MASTER_DTYPES:
+            raise ConfigError(f"master_dtype must be one of {MASTER_DTYPES}, got {self.master_dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EditConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"an EditConfig must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"EditConfig has no field {key!r} (fields: {', '.join(sorted(known))}).{hint}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EditConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"EditConfig JSON is invalid: {e.msg} at line {e.lineno}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes) -> "EditConfig":
+        return self.from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,236 @@
+"""`Delta`: an edit as a small `.safetensors` file that applies to, and reverts from, a model exactly.
+
+File layout (no pickle anywhere):
+
+* ``{param}``: the update D, in the parameter's dtype, under the parameter's full name
+  (``model.layers.7.mlp.down_proj.weight``). Applying sets ``W_edited = W + D``.
+* ``{param}:revert_index`` / ``{param}:revert_value``: the few elements where floating-point rounding makes
+  ``(W + D) - D`` differ from ``W``, with their original values, so that revert restores every bit.
+* metadata (str -> str): ``format``, ``dinm_version``, ``base_model``, ``base_revision``, ``model_type``,
+  ``layer``, ``distance``, ``distances`` (JSON), ``config`` (the `EditConfig` JSON), ``history`` (loss per step,
+  JSON) and ``tensors``: per parameter its shape, dtype and the sha256 of the base and of the edited tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import DeltaError
+
+FORMAT = "dinm.delta.v1"
+_INDEX, _VALUE = ":revert_index", ":revert_value"
+_JSON_FIELDS = ("config", "distances", "history", "seconds", "tensors")
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (row-major, its own dtype)."""
+    t = tensor.detach().contiguous().cpu()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view of a float tensor, for bit-exact comparison (-0.0 != 0.0, NaN == same NaN)."""
+    return t.reshape(-1).view(_INT_VIEW[t.element_size()])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class Delta:
+    """The update of one or more parameters, with what is needed to check and undo it.
+
+    Build one with `dinm.edit` (or `Delta.from_weights`), store it with `save`, read it with `Delta.load`.
+    `apply` and `revert` mutate the model in place; apply then revert restores every bit.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+        self.tensors = tensors
+        self.metadata = metadata
+        self._validate("<in memory>")
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_weights(cls, edits: dict[str, tuple[torch.Tensor, torch.Tensor]], info: dict[str, Any]) -> "Delta":
+        """A delta from ``{name: (base, edited)}``. ``info`` holds the metadata fields other than
+        ``format``, ``tensors`` and ``dinm_version`` (values that are not strings are stored as JSON)."""
+        from . import __version__
+
+        tensors, described = {}, {}
+        for name, (base, edited) in edits.items():
+            base = base.detach()
+            d = (edited.detach().to(base.dtype) - base).contiguous()
+            applied = base + d
+            off = (_bits(applied - d) != _bits(base)).nonzero().reshape(-1)
+            tensors[name] = d.cpu()
+            if off.numel():
+                tensors[name + _INDEX] = off.cpu()
+                tensors[name + _VALUE] = base.reshape(-1)[off].cpu()
+            described[name] = {"shape": list(base.shape), "dtype": _dtype_name(base.dtype),
+                               "base_sha256": fingerprint(base), "edited_sha256": fingerprint(applied)}
+        metadata = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in info.items()}
+        metadata.update(format=FORMAT, dinm_version=__version__, tensors=json.dumps(described, sort_keys=True))
+        return cls(tensors, metadata)
+
+    # ---------------------------------------------------------------- reading the metadata
+    @property
+    def names(self) -> list[str]:
+        """Full names of the parameters this delta changes."""
+        return sorted(self.described)
+
+    @property
+    def described(self) -> dict[str, dict]:
+        return json.loads(self.metadata["tensors"])
+
+    @property
+    def layer(self) -> int | None:
+        return int(self.metadata["layer"]) if "layer" in self.metadata else None
+
+    @property
+    def distances(self) -> list[float]:
+        return json.loads(self.metadata.get("distances", "[]"))
+
+    @property
+    def history(self) -> list[dict]:
+        return json.loads(self.metadata.get("history", "[]"))
+
+    @property
+    def config(self):
+        from .config import EditConfig
+
+        return EditConfig.from_json(self.metadata["config"]) if "config" in self.metadata else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def summary(self) -> dict[str, Any]:
+        """What `dinm inspect` shows."""
+        out = {k: json.loads(v) if k in _JSON_FIELDS else v for k, v in self.metadata.items()}
+        out["tensors"] = {}
+        for name, desc in self.described.items():
+            d = self.tensors[name].float()
+            out["tensors"][name] = {**desc, "update_norm": float(d.norm()), "max_abs": float(d.abs().max()),
+                                    "exactness_fixups": int(self.tensors.get(name + _INDEX, torch.empty(0)).numel())}
+        out["tensor_bytes"] = self.nbytes
+        return out
+
+    # ---------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to `path` atomically (temp file in the same folder, then `os.replace`)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise DeltaError(f"cannot write delta `{path}`: folder `{folder}` does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=".dinm-", suffix=".safetensors.tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata=self.metadata)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Delta":
+        """Read and validate a delta file."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise DeltaError(f"delta file `{path}` does not exist")
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DeltaError(f"delta file `{path}` is not a readable safetensors file ({reason})") from None
+        delta = cls.__new__(cls)
+        delta.tensors, delta.metadata = tensors, metadata
+        delta._validate(f"`{path}`")
+        return delta
+
+    def _validate(self, where: str) -> None:
+        if self.metadata.get("format") != FORMAT:
+            raise DeltaError(f"delta {where} is not a dinm delta (metadata 'format' is "
+                             f"{self.metadata.get('format')!r}, expected {FORMAT!r})")
+        try:
+            described = self.described
+        except (KeyError, json.JSONDecodeError):
+            raise DeltaError(f"delta {where} has no valid 'tensors' metadata") from None
+        expected = set()
+        for name, desc in described.items():
+            expected.add(name)
+            if name not in self.tensors:
+                raise DeltaError(f"delta {where} describes tensor {name!r} but does not hold it")
+            t = self.tensors[name]
+            if list(t.shape) != desc.get("shape") or _dtype_name(t.dtype) != desc.get("dtype"):
+                raise DeltaError(f"delta {where}: tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)}, "
+                                 f"its metadata says {desc.get('dtype')}{desc.get('shape')}")
+            if not torch.isfinite(t).all():
+                raise DeltaError(f"delta {where}: tensor {name!r} holds NaN or inf; refusing it")
+            if name + _INDEX in self.tensors:
+                expected |= {name + _INDEX, name + _VALUE}
+                idx, val = self.tensors[name + _INDEX], self.tensors.get(name + _VALUE)
+                if (val is None or idx.dtype != torch.int64 or idx.dim() != 1 or val.shape != idx.shape
+                        or val.dtype != t.dtype or (idx.numel() and (idx.min() < 0 or idx.max() >= t.numel()))):
+                    raise DeltaError(f"delta {where}: the revert index of {name!r} is malformed")
+        extra = set(self.tensors) - expected
+        if extra:
+            raise DeltaError(f"delta {where} holds tensors its metadata does not describe: {sorted(extra)}")
+
+    # ---------------------------------------------------------------- model surgery
+    def _targets(self, model, want: str, force: bool) -> list[tuple[str, torch.nn.Parameter]]:
+        """Check every parameter before anything is changed; `want` is "base" or "edited"."""
+        targets = []
+        model_id = self.metadata.get("base_model", "?")
+        for name, desc in self.described.items():
+            try:
+                param = model.get_parameter(name)
+            except AttributeError:
+                raise DeltaError(f"the model has no parameter {name!r}; this delta is for a "
+                                 f"{self.metadata.get('model_type', '?')} model ({model_id})") from None
+            if list(param.shape) != desc["shape"] or _dtype_name(param.dtype) != desc["dtype"]:
+                raise DeltaError(f"parameter {name!r} is {_dtype_name(param.dtype)}{list(param.shape)} in the model "
+                                 f"but {desc['dtype']}{desc['shape']} in the delta; load the model in {desc['dtype']}")
+            if not force:
+                found = fingerprint(param)
+                if found != desc[f"{want}_sha256"]:
+                    if want == "base" and found == desc["edited_sha256"]:
+                        why = "the delta is already applied"
+                    elif want == "edited" and found == desc["base_sha256"]:
+                        why = "the delta is not applied"
+                    else:
+                        why = f"the weights differ from the {want} this delta was made for ({model_id})"
+                    raise DeltaError(f"refusing to {'apply' if want == 'base' else 'revert'}: parameter {name!r} "
+                                     f"does not match: {why}; pass force=True (--force) to override")
+            targets.append((name, param))
+        return targets
+
+    @torch.no_grad()
+    def apply(self, model, force: bool = False) -> None:
+        """Add the delta to `model`'s weights, in place. Refused (model untouched) when the weights are not the
+        base the delta was made for, unless `force`."""
+        for name, param in self._targets(model, "base", force):
+            param.add_(self.tensors[name].to(param.device))
+
+    @torch.no_grad()
+    def revert(self, model, force: bool = False) -> None:
+        """Undo `apply`, in place, restoring every bit. Refused (model untouched) when the model does not hold
+        exactly the edited weights, unless `force`."""
+        for name, param in self._targets(model, "edited", force):
+            param.sub_(self.tensors[name].to(param.device))
+            if name + _INDEX in self.tensors:
+                flat = param.view(-1)
+                flat[self.tensors[name + _INDEX].to(param.device)] = self.tensors[name + _VALUE].to(param.device)

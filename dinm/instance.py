@@ -1,0 +1,157 @@
+"""One DINM edit request: an adversarial prompt, its unsafe and safe responses, and a benign prompt to keep.
+
+Two input forms are accepted, alone or as a JSON list:
+
+* a SafeEdit record (keys "adversarial prompt", "unsafe generation", "safe generation", "knowledge constrain",
+  optionally "id", "question", "generalization test", ...);
+* the short form ``{"prompt", "safe", "unsafe", "benign": {"prompt", "answer"}}`` (optional "id").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InstanceError
+
+# SafeEdit's four held-out variants, in the order the paper reports them.
+GENERALIZATION_KEYS = {
+    "only_question": "test input of only harmful question",
+    "other_attack": "test input of other attack prompt input",
+    "other_question": "test input of other question input",
+    "other_attack_question": "test input of other questions and attack prompts",
+}
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A validated edit request. Texts are never empty."""
+
+    prompt: str
+    safe: str
+    unsafe: str
+    benign_prompt: str
+    benign_answer: str
+    id: str = ""
+    question: str = ""
+    generalization: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The short form, which `parse_instance` reads back."""
+        d = {"prompt": self.prompt, "safe": self.safe, "unsafe": self.unsafe,
+             "benign": {"prompt": self.benign_prompt, "answer": self.benign_answer}}
+        if self.id:
+            d["id"] = self.id
+        if self.question:
+            d["question"] = self.question
+        if self.generalization:
+            d["generalization"] = dict(self.generalization)
+        return d
+
+
+def _where(source: str, index: int | None, record_id: Any) -> str:
+    parts = [f"`{source}`"]
+    if index is not None:
+        parts.append(f"record {index}" + (f" (id {record_id})" if record_id not in (None, "") else ""))
+    elif record_id not in (None, ""):
+        parts.append(f"record id {record_id}")
+    return ", ".join(parts)
+
+
+def _text(obj: dict, key: str, where: str, expected: list[str]) -> str:
+    if key not in obj:
+        raise InstanceError(f"instance {where} has no field {key!r} (expected: {', '.join(map(repr, expected))})")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise InstanceError(f"instance {where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InstanceError(f"instance {where}: field {key!r} is empty; give it the text it should hold")
+    return value
+
+
+_SAFEEDIT_KEYS = ["adversarial prompt", "unsafe generation", "safe generation", "knowledge constrain"]
+_SHORT_KEYS = ["prompt", "safe", "unsafe", "benign"]
+
+
+def parse_instance(obj: Any, source: str = "<instance>", index: int | None = None) -> Instance:
+    """Validate one record (SafeEdit or short form) and return an `Instance`.
+
+    Raises:
+        InstanceError: naming the source file, the record and the bad field.
+    """
+    if not isinstance(obj, dict):
+        where = _where(source, index, None)
+        raise InstanceError(f"instance {where} must be a JSON object, got {type(obj).__name__}")
+    record_id = obj.get("id", obj.get("case_id", ""))
+    where = _where(source, index, record_id)
+    if "adversarial prompt" in obj:
+        keys = _SAFEEDIT_KEYS
+        constrain = obj.get("knowledge constrain")
+        if not isinstance(constrain, dict):
+            raise InstanceError(
+                f"instance {where} has no object field 'knowledge constrain' (expected {{'prompt': ..., 'answer': ...}})"
+            )
+        generalization = {}
+        tests = obj.get("generalization test") or {}
+        if isinstance(tests, dict):
+            generalization = {k: tests[v] for k, v in GENERALIZATION_KEYS.items()
+                              if isinstance(tests.get(v), str) and tests[v].strip()}
+        question = obj.get("question") if isinstance(obj.get("question"), str) else ""
+        return Instance(
+            prompt=_text(obj, "adversarial prompt", where, keys),
+            unsafe=_text(obj, "unsafe generation", where, keys),
+            safe=_text(obj, "safe generation", where, keys),
+            benign_prompt=_text(constrain, "prompt", where + ", 'knowledge constrain'", ["prompt", "answer"]),
+            benign_answer=_text(constrain, "answer", where + ", 'knowledge constrain'", ["prompt", "answer"]),
+            id=str(record_id), question=question, generalization=generalization,
+        )
+    if "prompt" in obj:
+        benign = obj.get("benign")
+        if not isinstance(benign, dict):
+            raise InstanceError(
+                f"instance {where} has no object field 'benign' (expected {{'prompt': ..., 'answer': ...}})"
+            )
+        gen = obj.get("generalization") or {}
+        return Instance(
+            prompt=_text(obj, "prompt", where, _SHORT_KEYS),
+            safe=_text(obj, "safe", where, _SHORT_KEYS),
+            unsafe=_text(obj, "unsafe", where, _SHORT_KEYS),
+            benign_prompt=_text(benign, "prompt", where + ", 'benign'", ["prompt", "answer"]),
+            benign_answer=_text(benign, "answer", where + ", 'benign'", ["prompt", "answer"]),
+            id=str(record_id), question=obj.get("question", "") or "",
+            generalization={k: v for k, v in gen.items() if isinstance(v, str) and v.strip()}
+            if isinstance(gen, dict) else {},
+        )
+    raise InstanceError(
+        f"instance {where} is neither a SafeEdit record (needs 'adversarial prompt') nor the short form "
+        f"(needs 'prompt', 'safe', 'unsafe', 'benign')"
+    )
+
+
+def load_instances(path: str | os.PathLike) -> list[Instance]:
+    """Read a JSON file holding one record or a list of records."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise InstanceError(f"instance file `{source}` does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InstanceError(f"instance file `{source}` cannot be read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise InstanceError(f"instance file `{source}` is not valid JSON: {e.msg} at line {e.lineno}") from None
+    if isinstance(data, list):
+        if not data:
+            raise InstanceError(f"instance file `{source}` holds an empty list; give it at least one record")
+        return [parse_instance(obj, source, i) for i, obj in enumerate(data)]
+    return [parse_instance(data, source)]
+
+
+def load_instance(path: str | os.PathLike, index: int = 0) -> Instance:
+    """One record of a file (the first by default)."""
+    instances = load_instances(path)
+    if not 0 <= index < len(instances):
+        raise InstanceError(f"instance file `{os.fspath(path)}` has {len(instances)} records; index {index} is out of range")
+    return instances[index]

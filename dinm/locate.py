@@ -1,0 +1,103 @@
+"""Step 1 of DINM: find the toxic layer, the one whose hidden states differ most between the safe and the
+unsafe response."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import reference
+from .arch import decoder_layers
+from .errors import ConfigError
+from .instance import Instance
+from .text import encode_pair, pad_batch, pad_id
+from .trace import record_outputs
+
+# name -> (distance kind, how the responses are encoded).
+#   "prompt": each response follows the chat-formatted adversarial prompt; only response tokens count.
+#   "paper":  EasyEdit's rule, kept to reproduce it: the bare responses as one right-padded batch, every
+#             position counted, padding and the first token included (which dominate it, see README).
+DISTANCES = {
+    "cosine": ("cosine", "prompt"),
+    "l2": ("l2", "prompt"),
+    "l2_tokens": ("l2_tokens", "prompt"),
+    "paper": ("l2_tokens", "paper"),
+}
+
+
+@dataclass(frozen=True)
+class LocateResult:
+    """The chosen layer and the distance of every layer (index i = output of decoder layer i)."""
+
+    layer: int
+    distances: list[float]
+    distance: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise ConfigError(f"distance {distance!r} is not one of: {', '.join(DISTANCES)}")
+
+
+def _encode(tokenizer, instance: Instance, mode: str, chat_template: bool, max_prompt: int, max_response: int):
+    """(ids, attention_mask, mask_a, mask_b) for the safe (a) and unsafe (b) response."""
+    if mode == "paper":
+        seqs = [list(tokenizer(t)["input_ids"])[:max_response] for t in (instance.safe, instance.unsafe)]
+        ids, attn = pad_batch(seqs, pad_id(tokenizer), "right")
+        everything = torch.ones(1, ids.shape[1], dtype=torch.bool)
+        return ids, attn, everything, everything
+    encs = [encode_pair(tokenizer, instance.prompt, r, chat_template=chat_template, max_prompt_tokens=max_prompt,
+                        max_response_tokens=max_response, add_end=False) for r in (instance.safe, instance.unsafe)]
+    ids, attn = pad_batch([e.ids for e in encs], pad_id(tokenizer), "right")
+    masks = torch.zeros(2, ids.shape[1], dtype=torch.bool)
+    for row, e in enumerate(encs):
+        masks[row, e.n_prompt:len(e.ids)] = True
+    # Position 0 holds the attention-sink activations (orders of magnitude larger than the rest and
+    # carrying no content); it is never part of a response here, and never counted.
+    masks[:, 0] = False
+    return ids, attn, masks[0:1], masks[1:2]
+
+
+@torch.no_grad()
+def locate(
+    model,
+    tokenizer,
+    instance: Instance,
+    distance: str = "cosine",
+    *,
+    chat_template: bool = True,
+    max_prompt_tokens: int = 1024,
+    max_response_tokens: int = 256,
+) -> LocateResult:
+    """Locate the toxic layer of `model` for one instance (never cached: each instance gets its own).
+
+    Args:
+        model: a causal LM whose `model_type` is in `dinm.arch.ARCHITECTURES`.
+        tokenizer: its tokenizer.
+        instance: the edit request.
+        distance: "cosine" (default: 1 - cosine of the mean response states, scale-free across depth),
+            "l2" (L2 of the mean states), "l2_tokens" (position-wise L2 over real response tokens) or
+            "paper" (EasyEdit's unmasked rule). See `DISTANCES`.
+
+    Returns:
+        A `LocateResult` with the layer of largest distance and the per-layer distances.
+
+    Example:
+        >>> result = dinm.locate(model, tokenizer, dinm.load_instance("data/example.json"))
+        >>> result.layer, len(result.distances)
+    """
+    check_distance(distance)
+    kind, mode = DISTANCES[distance]
+    ids, attn, mask_a, mask_b = _encode(tokenizer, instance, mode, chat_template, max_prompt_tokens,
+                                        max_response_tokens)
+    device = model.get_input_embeddings().weight.device
+    layers = list(decoder_layers(model))
+    with record_outputs(layers) as outputs:
+        model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+    hidden = torch.stack([o.to(device) for o in outputs])  # (layers, 2, tokens, hidden)
+    dist = reference.layer_distances(hidden, mask_a.to(device), mask_b.to(device), kind)[:, 0]  # (layers,)
+    return LocateResult(layer=int(dist.argmax()), distances=[float(d) for d in dist], distance=distance)

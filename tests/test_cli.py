@@ -1,0 +1,114 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dinm_cli import main
+
+from conftest import DATA
+
+EXAMPLE = os.path.join(DATA, "example.json")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("dinm:")]
+    assert len(lines) == 1 and lines[0].startswith("dinm: error: "), result.output
+    assert result.stderr.rstrip().splitlines()[-1] == lines[0]  # the error is the last thing on stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, dinm_cli; sys.argv=['dinm','--help']\ntry: dinm_cli.main()\nexcept SystemExit: pass\n" \
+           "assert 'torch' not in sys.modules, 'torch imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "edit" in out.stdout and "revert" in out.stdout
+
+
+def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
+    delta_path = tmp_path / "d.safetensors"
+    result = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", delta_path, "--steps", 3, "--lr", 1e-2, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["bytes"] == os.path.getsize(delta_path) and report["layer"] in (0, 1, 2)
+
+    result = run("inspect", delta_path, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["config"]["steps"] == 3 and len(summary["history"]) == 3
+    assert list(summary["tensors"]) == [f"model.layers.{report['layer']}.mlp.down_proj.weight"]
+    assert "layer" in run("inspect", delta_path).output
+
+    edited_dir, restored_dir = tmp_path / "edited", tmp_path / "restored"
+    result = run("apply", delta_path, tiny_folder, "-o", edited_dir)
+    assert result.exit_code == 0, result.output
+    result = run("revert", delta_path, edited_dir, "-o", restored_dir)
+    assert result.exit_code == 0, result.output
+
+    from safetensors.torch import load_file
+
+    from dinm import Delta
+
+    delta = Delta.load(delta_path)
+    name = delta.names[0]
+    base, edited, restored = (load_file(os.path.join(d, "model.safetensors"))
+                              for d in (tiny_folder, edited_dir, restored_dir))
+    assert torch.equal(edited[name], base[name] + delta.tensors[name])
+    assert base.keys() == restored.keys() and all(torch.equal(base[k], restored[k]) for k in base)
+    # applying twice is refused, and the existing output folder is never touched
+    one_line_error(run("apply", delta_path, edited_dir, "-o", tmp_path / "twice"), "already applied")
+    assert not (tmp_path / "twice").exists()
+
+
+def test_locate_prints_every_layer(tiny_folder, tmp_path):
+    plot = tmp_path / "d.png"
+    result = run("locate", tiny_folder, "--instance", EXAMPLE, "--json", "--plot", plot)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    assert len(data["distances"]) == 3 and data["distance"] == "cosine"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_instance_is_one_line(tiny_folder, tmp_path):
+    bad = tmp_path / "q.json"
+    bad.write_text(json.dumps({"prompt": "p", "unsafe": "u", "benign": {"prompt": "b", "answer": "a"}}))
+    out = tmp_path / "d.safetensors"
+    one_line_error(run("edit", tiny_folder, "--instance", bad, "-o", out), "'safe'", str(bad))
+    assert not out.exists()
+
+
+def test_missing_model_is_one_line(tmp_path):
+    one_line_error(run("edit", tmp_path / "nope", "--instance", EXAMPLE, "-o", tmp_path / "d.safetensors"),
+                   "neither 'embedded' nor an existing folder")
+
+
+def test_corrupt_delta_is_one_line(tmp_path, tiny_folder):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 10)
+    one_line_error(run("inspect", bad), "bad.safetensors")
+    one_line_error(run("apply", bad, tiny_folder, "-o", tmp_path / "out"), "bad.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_not_overwritten(tiny_folder, tmp_path):
+    out = tmp_path / "d.safetensors"
+    out.write_bytes(b"keep me")
+    result = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", out)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--lr", "-1"]])
+def test_bad_config_option_is_one_line(tiny_folder, tmp_path, args):
+    one_line_error(run("edit", tiny_folder, "--instance", EXAMPLE, "-o", tmp_path / "d.safetensors", *args))

@@ -1,0 +1,36 @@
+import pytest
+
+from dinm import EditConfig
+from dinm.errors import ConfigError
+
+
+def test_json_round_trip_is_sorted_and_exact():
+    config = EditConfig(layer=3, steps=7, lr=1e-3, kl_weight=0.5, distance="l2", master_dtype="model")
+    text = config.to_json()
+    assert EditConfig.from_json(text) == config
+    keys = [line.split('"')[1] for line in text.splitlines() if line.startswith('  "')]
+    assert keys == sorted(keys)
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        EditConfig().steps = 3
+
+
+def test_unknown_field_suggests():
+    with pytest.raises(ConfigError, match="no field 'stpes'.*Did you mean 'steps'"):
+        EditConfig.from_dict({"stpes": 3})
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("lr", float("nan")), ("kl_weight", -1.0),
+                                          ("distance", "manhattan"), ("master_dtype", "float64"), ("layer", -1),
+                                          ("max_prompt_tokens", 2.5)])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=field if field != "distance" else "distance"):
+        EditConfig(**{field: value})
+
+
+def test_replace_validates():
+    assert EditConfig().replace(steps=3).steps == 3
+    with pytest.raises(ConfigError):
+        EditConfig().replace(steps=-1)

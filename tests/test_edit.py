@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+import dinm
+from dinm import EditConfig
+from dinm.arch import mlp_out_name
+from dinm.errors import ConfigError, EditError
+
+from conftest import same_state, state
+
+FAST = EditConfig(steps=4, lr=1e-2)
+
+
+def test_edit_leaves_the_model_bit_identical(tiny, instance):
+    model, tok = tiny
+    model.train()  # a mode edit must restore, not just eval()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    list(model.parameters())[0].requires_grad_(False)
+    flags[next(iter(flags))] = False
+    before = state(model)
+    delta = dinm.edit(model, tok, instance, FAST)
+    assert same_state(model, before)
+    assert model.training
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert delta.names == [mlp_out_name(model, delta.layer)]
+
+
+def test_edit_lowers_the_safe_nll_and_only_touches_one_tensor(tiny, instance):
+    model, tok = tiny
+    delta = dinm.edit(model, tok, instance, FAST)
+    h = delta.history
+    assert len(h) == 4 and h[-1]["nll"] < h[0]["nll"]
+    assert len(delta.names) == 1 and delta.tensors[delta.names[0]].abs().sum() > 0
+    assert delta.layer == dinm.locate(model, tok, instance).layer
+    assert delta.distances == dinm.locate(model, tok, instance).distances
+
+
+def test_layer_override(llama, instance):
+    model, tok = llama
+    delta = dinm.edit(model, tok, instance, FAST.replace(layer=1))
+    assert delta.layer == 1 and delta.names == ["model.layers.1.mlp.down_proj.weight"]
+    with pytest.raises(ConfigError, match="layer 7 is out of range"):
+        dinm.edit(model, tok, instance, FAST.replace(layer=7))
+
+
+def test_kl_term_has_a_gradient(llama, instance):
+    """With the KL weighted heavily the benign distribution moves less than without it: the KL
+    constrains the edit (in the reference implementation it has no gradient and would not)."""
+    model, tok = llama
+    config = EditConfig(steps=8, lr=3e-2, layer=2)
+    free = dinm.edit(model, tok, instance, config.replace(kl_weight=0.0)).history[-1]["kl"]
+    held = dinm.edit(model, tok, instance, config.replace(kl_weight=100.0)).history[-1]["kl"]
+    assert held < 0.5 * free
+
+
+def test_nan_aborts_and_leaves_the_model(llama, instance):
+    model, tok = llama
+    with torch.no_grad():
+        model.lm_head.weight[5, 3] = float("nan")  # a broken checkpoint: the loss is NaN
+    before = state(model)
+    with pytest.raises(EditError, match="diverged at step 0: loss is nan; the model is unchanged"):
+        dinm.edit(model, tok, instance, EditConfig(steps=3, layer=0))
+    assert same_state(model, before)
+
+
+def test_edit_is_deterministic(llama, instance):
+    model, tok = llama
+    a = dinm.edit(model, tok, instance, FAST)
+    b = dinm.edit(model, tok, instance, FAST)
+    assert torch.equal(a.tensors[a.names[0]], b.tensors[b.names[0]])
+
+
+def test_master_dtype_model_in_bf16(llama, instance):
+    model, tok = llama
+    model = model.to(torch.bfloat16)
+    delta = dinm.edit(model, tok, instance, FAST.replace(master_dtype="model", layer=0))
+    assert delta.tensors[delta.names[0]].dtype == torch.bfloat16
+    fp32_master = dinm.edit(model, tok, instance, FAST.replace(layer=0))
+    assert fp32_master.tensors[fp32_master.names[0]].dtype == torch.bfloat16
+
+
+def test_metadata_records_config_and_model(llama, instance):
+    model, tok = llama
+    delta = dinm.edit(model, tok, instance, FAST)
+    assert delta.config == FAST
+    assert delta.metadata["model_type"] == "llama"
+    assert delta.metadata["instance_id"] == instance.id

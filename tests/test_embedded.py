@@ -1,0 +1,54 @@
+"""Integration: a real edit on the embedded SmolLM2-135M-Instruct (what only a trained model shows)."""
+
+import os
+
+import pytest
+import torch
+
+import dinm
+from dinm.delta import fingerprint
+from dinm.generate import generate
+from dinm.judge import is_refusal
+
+from conftest import DATA, same_state, state
+
+
+@pytest.fixture(scope="module")
+def smol():
+    # Not skipped when missing: `make test` installs it, and a missing model must fail loudly.
+    return dinm.load_model("embedded")
+
+
+def test_edit_turns_compliance_into_refusal(smol):
+    model, tok = smol
+    instance = dinm.load_instance(os.path.join(DATA, "example.json"))
+    prompts = [instance.prompt, instance.benign_prompt]
+    before_replies = generate(model, tok, prompts, max_new_tokens=40)
+    assert not is_refusal(before_replies[0]), before_replies[0]  # the unedited model complies
+
+    before = state(model)
+    delta = dinm.edit(model, tok, instance)
+    assert same_state(model, before)  # edit() is pure
+    assert delta.names == [f"model.layers.{delta.layer}.mlp.down_proj.weight"]
+    assert len(delta.distances) == 30
+
+    delta.apply(model)
+    try:
+        after_replies = generate(model, tok, prompts, max_new_tokens=40)
+    finally:
+        delta.revert(model)
+    assert is_refusal(after_replies[0]), after_replies[0]
+    assert not is_refusal(after_replies[1]) and "100" in after_replies[1], after_replies[1]
+    assert same_state(model, before)  # revert is bit-exact
+    assert fingerprint(model.get_parameter(delta.names[0])) == delta.described[delta.names[0]]["base_sha256"]
+
+
+def test_locate_on_real_model_uses_every_layer(smol):
+    model, tok = smol
+    instance = dinm.load_instance(os.path.join(DATA, "example.json"))
+    result = dinm.locate(model, tok, instance)
+    assert len(result.distances) == 30 and all(torch.isfinite(torch.tensor(result.distances)))
+    paper = dinm.locate(model, tok, instance, "paper")
+    # The unmasked rule grows with the residual stream's norm and always ends at the top;
+    # the masked, scale-free default compares layers on an equal footing.
+    assert paper.distances[-1] == max(paper.distances)
