@@ -3,6 +3,7 @@ the machine and the date (a re-run replaces its own section)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -36,3 +37,12 @@ def record(section: str, body: str) -> None:
     with open(RESULTS, "w", encoding="utf-8") as f:
         f.write(new.rstrip("\n") + "\n")
     print(f"wrote section '{section}' of {os.path.relpath(RESULTS)}")
+
+
+def arguments(doc: str, limit: int) -> argparse.Namespace:
+    """The options every benchmark takes: the SafeEdit file, how many records, and whether to write."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--data", default="../shared/safeedit/test_dev.json")
+    parser.add_argument("--limit", type=int, default=limit)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    return parser.parse_args()

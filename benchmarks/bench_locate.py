@@ -3,7 +3,6 @@
     python benchmarks/bench_locate.py --data ../shared/safeedit/test_dev.json --limit 24
 """
 
-import argparse
 import collections
 import statistics
 import time
@@ -11,15 +10,11 @@ import time
 import dinm
 from dinm.locate import DISTANCES
 
-from _results import record
+from _results import arguments, record
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/safeedit/test_dev.json")
-    parser.add_argument("--limit", type=int, default=24)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
-    args = parser.parse_args()
+    args = arguments(__doc__, limit=24)
 
     instances = dinm.load_instances(args.data)[: args.limit]
     model, tok = dinm.load_model("embedded")

@@ -32,6 +32,9 @@ class EditConfig:
         master_dtype: "float32" trains an fp32 copy of the edited matrix whatever the model's dtype;
             "model" trains in the model's dtype.
         seed: seeds torch's RNG inside the edit (the global RNG is left as it was).
+        cache: run the frozen layers below the edited one once and replay their output at every step, and
+            compute logits only where the loss needs them. False runs the whole model at every step (the
+            straightforward computation; same result within fp32 rounding, slower).
     """
 
     layer: Optional[int] = None
@@ -45,6 +48,7 @@ class EditConfig:
     max_response_tokens: int = 256
     master_dtype: str = "float32"
     seed: int = 0
+    cache: bool = True
 
     def __post_init__(self):
         from .locate import check_distance

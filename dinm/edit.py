@@ -10,6 +10,7 @@ model stays bit-identical whatever happens (divergence, an interrupt), and the r
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 
@@ -18,13 +19,14 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .arch import mlp_out_name, num_layers
+from .arch import decoder_layers, mlp_out_name, num_layers
 from .config import EditConfig
 from .delta import Delta
 from .errors import ConfigError, EditError
 from .instance import Instance
 from .locate import locate
-from .text import encode_pair, pad_batch, pad_id
+from .text import encode_pair
+from .trace import record_outputs, replay_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +48,36 @@ def _frozen(model):
         model.train(was_training)
 
 
-def _positions(n_prompt: int, length: int) -> torch.Tensor:
-    """Positions whose logits predict the response tokens ids[n_prompt:length]."""
-    return torch.arange(n_prompt - 1, length - 1)
+class _Sequence:
+    """One prompt + response, ready for repeated forwards: the ids, the positions whose logits predict the
+    response, and (with caching) the recorded outputs of the frozen layers below the edited one."""
+
+    def __init__(self, encoded, model, device, cache: bool):
+        self.ids = torch.tensor([encoded.ids], device=device)  # (1, tokens)
+        # logits at position t predict token t + 1
+        self.positions = torch.arange(encoded.n_prompt - 1, len(encoded.ids) - 1, device=device)
+        self.labels = self.ids[0, self.positions + 1]
+        self.cached: list = []
+        # Logits only where the loss reads them, when the model can (`logits_to_keep`): the LM head over a
+        # 49k vocabulary at every prompt position is most of a small model's cost.
+        keep = cache and "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.kwargs = dict(input_ids=self.ids, use_cache=False, **({"logits_to_keep": self.positions} if keep else {}))
+        self.kept = keep
+
+    def _select(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[0] if self.kept else logits[0, self.positions]  # (response tokens, vocab)
+
+    def record(self, model, below: list) -> torch.Tensor:
+        """Run the unedited model once, recording the outputs of `below`; return its logits."""
+        with record_outputs(below, whole=True) as outputs:
+            logits = model(**self.kwargs).logits
+        self.cached = outputs
+        return self._select(logits)
+
+    def logits(self, model, below: list, override: dict) -> torch.Tensor:
+        """Logits with the parameters in `override` swapped in; the layers in `below` replay their output."""
+        with replay_outputs(below, self.cached):
+            return self._select(functional_call(model, override, args=(), kwargs=self.kwargs).logits)
 
 
 def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None, *, progress: bool | None = None
@@ -93,36 +122,34 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     device = weight.device
     encode = dict(chat_template=config.chat_template, max_prompt_tokens=config.max_prompt_tokens,
                   max_response_tokens=config.max_response_tokens)
-    # Tokenise once: row 0 is the safe response to the attack, row 1 the benign answer to the benign prompt.
-    target = encode_pair(tokenizer, instance.prompt, instance.safe, **encode)
-    benign = encode_pair(tokenizer, instance.benign_prompt, instance.benign_answer, **encode)
-    ids, attn = pad_batch([target.ids, benign.ids], pad_id(tokenizer), "right")
-    ids, attn = ids.to(device), attn.to(device)
-    nll_pos = _positions(target.n_prompt, len(target.ids)).to(device)
-    kl_pos = _positions(benign.n_prompt, len(benign.ids)).to(device)
-    labels = ids[0, nll_pos + 1]
+    # Tokenise once; the two sequences run separately, so neither is padded to the other's length.
+    target = _Sequence(encode_pair(tokenizer, instance.prompt, instance.safe, **encode), model, device, config.cache)
+    benign = _Sequence(encode_pair(tokenizer, instance.benign_prompt, instance.benign_answer, **encode), model,
+                       device, config.cache)
+    below = list(decoder_layers(model))[:layer] if config.cache else []
 
     master_dtype = torch.float32 if config.master_dtype == "float32" else weight.dtype
     history = []
     with _frozen(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         with torch.no_grad():
-            # The KL reference distribution, from the unedited model, computed once.
-            ref_logp = F.log_softmax(model(input_ids=ids[1:], attention_mask=attn[1:], use_cache=False)
-                                     .logits[0, kl_pos].float(), dim=-1)
+            # One pass of the unedited model per sequence: it records the edited layer's input (the output of
+            # the layers below, which cannot change) and gives the KL reference distribution, once.
+            target.record(model, below)
+            ref_logp = F.log_softmax(benign.record(model, below).float(), dim=-1)
         master = weight.detach().to(master_dtype).clone().requires_grad_(True)
         optimizer = torch.optim.Adam([master], lr=config.lr, weight_decay=config.weight_decay)
-        for step in tqdm(range(config.steps), desc=f"dinm edit (layer {layer})", disable=None if progress is None else not progress, leave=False):
-            logits = functional_call(model, {name: master.to(weight.dtype)}, args=(),
-                                     kwargs=dict(input_ids=ids, attention_mask=attn, use_cache=False)).logits
-            nll = F.cross_entropy(logits[0, nll_pos].float(), labels)
-            logp = F.log_softmax(logits[1, kl_pos].float(), dim=-1)
+        for step in tqdm(range(config.steps), desc=f"dinm edit (layer {layer})",
+                         disable=None if progress is None else not progress, leave=False):
+            override = {name: master.to(weight.dtype)}
+            nll = F.cross_entropy(target.logits(model, below, override).float(), target.labels)
+            logp = F.log_softmax(benign.logits(model, below, override).float(), dim=-1)
             kl = F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
             loss = nll + config.kl_weight * kl
             history.append({"step": step, "nll": nll.item(), "kl": kl.item(), "loss": loss.item()})
             if not torch.isfinite(loss):
-                raise EditError(f"edit diverged at step {step}: loss is {history[-1]['loss']}; the model is unchanged. "
-                                f"Lower lr (now {config.lr})")
+                raise EditError(f"edit diverged at step {step}: loss is {history[-1]['loss']}; the model is "
+                                f"unchanged. Lower lr (now {config.lr})")
             (master.grad,) = torch.autograd.grad(loss, [master])
             optimizer.step()
             edited = master.detach().to(weight.dtype)

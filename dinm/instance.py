@@ -71,8 +71,25 @@ def _text(obj: dict, key: str, where: str, expected: list[str]) -> str:
     return value
 
 
-_SAFEEDIT_KEYS = ["adversarial prompt", "unsafe generation", "safe generation", "knowledge constrain"]
-_SHORT_KEYS = ["prompt", "safe", "unsafe", "benign"]
+@dataclass(frozen=True)
+class _Form:
+    """Where one input form keeps each field."""
+
+    prompt: str
+    safe: str
+    unsafe: str
+    benign: str
+    generalization: str
+    generalization_keys: dict[str, str]  # Instance key -> key in the record's generalization object
+
+    @property
+    def required(self) -> list[str]:
+        return [self.prompt, self.unsafe, self.safe, self.benign]
+
+
+_SAFEEDIT = _Form("adversarial prompt", "safe generation", "unsafe generation", "knowledge constrain",
+                  "generalization test", GENERALIZATION_KEYS)
+_SHORT = _Form("prompt", "safe", "unsafe", "benign", "generalization", {k: k for k in GENERALIZATION_KEYS})
 
 
 def parse_instance(obj: Any, source: str = "<instance>", index: int | None = None) -> Instance:
@@ -86,47 +103,31 @@ def parse_instance(obj: Any, source: str = "<instance>", index: int | None = Non
         raise InstanceError(f"instance {where} must be a JSON object, got {type(obj).__name__}")
     record_id = obj.get("id", obj.get("case_id", ""))
     where = _where(source, index, record_id)
-    if "adversarial prompt" in obj:
-        keys = _SAFEEDIT_KEYS
-        constrain = obj.get("knowledge constrain")
-        if not isinstance(constrain, dict):
-            raise InstanceError(
-                f"instance {where} has no object field 'knowledge constrain' (expected {{'prompt': ..., 'answer': ...}})"
-            )
-        generalization = {}
-        tests = obj.get("generalization test") or {}
-        if isinstance(tests, dict):
-            generalization = {k: tests[v] for k, v in GENERALIZATION_KEYS.items()
-                              if isinstance(tests.get(v), str) and tests[v].strip()}
-        question = obj.get("question") if isinstance(obj.get("question"), str) else ""
-        return Instance(
-            prompt=_text(obj, "adversarial prompt", where, keys),
-            unsafe=_text(obj, "unsafe generation", where, keys),
-            safe=_text(obj, "safe generation", where, keys),
-            benign_prompt=_text(constrain, "prompt", where + ", 'knowledge constrain'", ["prompt", "answer"]),
-            benign_answer=_text(constrain, "answer", where + ", 'knowledge constrain'", ["prompt", "answer"]),
-            id=str(record_id), question=question, generalization=generalization,
+    form = _SAFEEDIT if _SAFEEDIT.prompt in obj else _SHORT if _SHORT.prompt in obj else None
+    if form is None:
+        raise InstanceError(
+            f"instance {where} is neither a SafeEdit record (needs {_SAFEEDIT.prompt!r}) nor the short form "
+            f"(needs {', '.join(map(repr, _SHORT.required))})"
         )
-    if "prompt" in obj:
-        benign = obj.get("benign")
-        if not isinstance(benign, dict):
-            raise InstanceError(
-                f"instance {where} has no object field 'benign' (expected {{'prompt': ..., 'answer': ...}})"
-            )
-        gen = obj.get("generalization") or {}
-        return Instance(
-            prompt=_text(obj, "prompt", where, _SHORT_KEYS),
-            safe=_text(obj, "safe", where, _SHORT_KEYS),
-            unsafe=_text(obj, "unsafe", where, _SHORT_KEYS),
-            benign_prompt=_text(benign, "prompt", where + ", 'benign'", ["prompt", "answer"]),
-            benign_answer=_text(benign, "answer", where + ", 'benign'", ["prompt", "answer"]),
-            id=str(record_id), question=obj.get("question", "") or "",
-            generalization={k: v for k, v in gen.items() if isinstance(v, str) and v.strip()}
-            if isinstance(gen, dict) else {},
+    benign = obj.get(form.benign)
+    if not isinstance(benign, dict):
+        raise InstanceError(
+            f"instance {where} has no object field {form.benign!r} (expected {{'prompt': ..., 'answer': ...}})"
         )
-    raise InstanceError(
-        f"instance {where} is neither a SafeEdit record (needs 'adversarial prompt') nor the short form "
-        f"(needs 'prompt', 'safe', 'unsafe', 'benign')"
+    tests = obj.get(form.generalization)
+    tests = tests if isinstance(tests, dict) else {}
+    question = obj.get("question")
+    benign_where = f"{where}, {form.benign!r}"
+    return Instance(
+        prompt=_text(obj, form.prompt, where, form.required),
+        safe=_text(obj, form.safe, where, form.required),
+        unsafe=_text(obj, form.unsafe, where, form.required),
+        benign_prompt=_text(benign, "prompt", benign_where, ["prompt", "answer"]),
+        benign_answer=_text(benign, "answer", benign_where, ["prompt", "answer"]),
+        id=str(record_id),
+        question=question if isinstance(question, str) else "",
+        generalization={k: tests[v] for k, v in form.generalization_keys.items()
+                        if isinstance(tests.get(v), str) and tests[v].strip()},
     )
 
 

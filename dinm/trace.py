@@ -1,12 +1,15 @@
-"""Forward hooks, only inside context managers that remove them (cf. ROME's `nethook.Trace`)."""
+"""Forward hooks and forward replacements, only inside context managers that undo them in `finally`
+(cf. ROME's `nethook.Trace`)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+_MISSING = object()
 
 
 def _first(output) -> torch.Tensor:
@@ -14,14 +17,15 @@ def _first(output) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def record_outputs(modules: list[nn.Module]) -> Iterator[list[torch.Tensor | None]]:
-    """Record each module's (first) output during the forward passes run inside the block."""
-    outputs: list[torch.Tensor | None] = [None] * len(modules)
+def record_outputs(modules: list[nn.Module], whole: bool = False) -> Iterator[list[Any]]:
+    """Record each module's output (its first element unless `whole`) during the forward passes run inside
+    the block."""
+    outputs: list[Any] = [None] * len(modules)
     handles = []
 
     def hook(index: int):
         def store(_module, _inputs, output):
-            outputs[index] = _first(output).detach()
+            outputs[index] = output if whole else _first(output).detach()
         return store
 
     try:
@@ -31,3 +35,21 @@ def record_outputs(modules: list[nn.Module]) -> Iterator[list[torch.Tensor | Non
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def replay_outputs(modules: list[nn.Module], outputs: list[Any]) -> Iterator[None]:
+    """Inside the block each module returns its recorded output instead of running (frozen layers below an
+    edited one need not run again: their output cannot change)."""
+    saved = []
+    try:
+        for module, output in zip(modules, outputs):
+            saved.append((module, module.__dict__.get("forward", _MISSING)))
+            module.forward = (lambda out: lambda *args, **kwargs: out)(output)
+        yield
+    finally:
+        for module, forward in saved:
+            if forward is _MISSING:
+                del module.forward
+            else:
+                module.forward = forward

@@ -86,3 +86,34 @@ def test_metadata_records_config_and_model(llama, instance):
     assert delta.config == FAST
     assert delta.metadata["model_type"] == "llama"
     assert delta.metadata["instance_id"] == instance.id
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_cached_path_equals_full_forwards(tiny, instance, layer):
+    """Replaying the frozen layers' outputs and keeping only the needed logits gives the same loss
+    trajectory and the same delta as running the whole model at every step (fp32, atol 1e-5)."""
+    model, tok = tiny
+    config = EditConfig(steps=5, lr=1e-2, layer=layer)
+    fast = dinm.edit(model, tok, instance, config)
+    slow = dinm.edit(model, tok, instance, config.replace(cache=False))
+    for a, b in zip(fast.history, slow.history):
+        assert a["nll"] == pytest.approx(b["nll"], abs=1e-5) and a["kl"] == pytest.approx(b["kl"], abs=1e-6)
+    name = fast.names[0]
+    assert torch.allclose(fast.tensors[name], slow.tensors[name], atol=1e-5, rtol=0)
+    assert fast.tensors[name].abs().max() > 1e-3  # the edit did move the weights
+
+
+def test_frozen_layers_below_run_once(llama, instance):
+    model, tok = llama
+    calls = []
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        dinm.edit(model, tok, instance, EditConfig(steps=4, layer=2))
+        cached = len(calls)
+        calls.clear()
+        dinm.edit(model, tok, instance, EditConfig(steps=4, layer=2, cache=False))
+    finally:
+        handle.remove()
+    assert cached == 2  # one recording pass per sequence (attack + safe, benign), none per step
+    assert len(calls) == 2 + 2 * 4
+    assert not model.model.layers[0].__dict__.get("forward")  # the replacement forward is gone
