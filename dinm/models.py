@@ -65,6 +65,20 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
         raise ModelLoadError(f"cannot load model `{name}`: {first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if name == EMBEDDED:
+        _forget_gguf(model)
     model.config._name_or_path = source
     model.eval()
     return model, tokenizer
+
+
+def _forget_gguf(model) -> None:
+    """transformers dequantizes every GGUF tensor into a plain one on load, but keeps the model marked as
+    quantized, which makes `save_pretrained` refuse it. The weights are ordinary tensors: drop the mark."""
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

@@ -52,3 +52,14 @@ def test_locate_on_real_model_uses_every_layer(smol):
     # The unmasked rule grows with the residual stream's norm and always ends at the top;
     # the masked, scale-free default compares layers on an equal footing.
     assert paper.distances[-1] == max(paper.distances)
+
+
+def test_embedded_model_saves_as_a_plain_checkpoint(smol, tmp_path):
+    """`dinm apply ... embedded -o OUT` writes a folder: the dequantized GGUF model must be savable."""
+    from safetensors import safe_open
+
+    model, _ = smol
+    model.save_pretrained(tmp_path)
+    name = "model.layers.3.mlp.down_proj.weight"
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor(name), model.get_parameter(name))
