@@ -6,7 +6,7 @@ records, same CPU, on the embedded model.
 (a) reference loop, as EasyEdit's `execute_dinm` runs it: raw prompt (no chat template), re-tokenised every
     step, a full fp32 forward + backward of the whole model every step, a second full no-grad forward of the
     benign text every step for its KL term, Adam on the layer's weight in place. Locate: the bare responses as
-    one padded batch (dinm's `distance="paper"`, the same computation).
+    one padded batch, all hidden states and logits, `torch.dist` per layer in a Python loop.
 (b) `dinm.edit` with the default config: tokenised once, the frozen layers below the edited one run once and
     are replayed, logits only where the loss reads them, KL reference computed once.
 Both run 10 steps on the layer dinm locates, so the per-step cost is compared like for like.
@@ -23,6 +23,16 @@ import dinm
 from dinm.arch import mlp_out_name
 
 from _results import arguments, record
+
+
+@torch.no_grad()
+def reference_locate(model, tok, inst):
+    """EasyEdit's locate: the bare responses as one padded batch, full forward with every hidden state (and
+    logits), then `torch.dist` layer by layer in a Python loop."""
+    batch = tok([inst.safe, inst.unsafe], return_tensors="pt", padding=True)
+    hidden = model(**batch, output_hidden_states=True).hidden_states
+    distances = [torch.dist(h[0], h[1], p=2).item() for h in hidden[1:]]
+    return max(range(len(distances)), key=distances.__getitem__)
 
 
 def reference_loop(model, tok, inst, layer, steps=10, lr=5e-4, kl_factor=0.1):
@@ -72,7 +82,7 @@ def main():
     sums = {"ref_loc": [], "loc": [], "ref": [], "dinm": []}
     for inst in instances:
         start = time.perf_counter()
-        dinm.locate(model, tok, inst, "paper")
+        reference_locate(model, tok, inst)
         ref_loc = time.perf_counter() - start
         start = time.perf_counter()
         delta = dinm.edit(model, tok, inst, config, progress=False)

@@ -3,6 +3,7 @@ unsafe response."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 
 import torch
@@ -96,8 +97,10 @@ def locate(
                                         max_response_tokens)
     device = model.get_input_embeddings().weight.device
     layers = list(decoder_layers(model))
+    # Only hidden states are needed: skip the LM head where the model allows (most of a small model's cost).
+    skip_head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with record_outputs(layers) as outputs:
-        model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+        model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False, **skip_head)
     hidden = torch.stack([o.to(device) for o in outputs])  # (layers, 2, tokens, hidden)
     dist = reference.layer_distances(hidden, mask_a.to(device), mask_b.to(device), kind)[:, 0]  # (layers,)
     return LocateResult(layer=int(dist.argmax()), distances=[float(d) for d in dist], distance=distance)
