@@ -7,6 +7,7 @@ Differences between architectures live in this table, not in `if` chains (cf. PE
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -91,3 +92,8 @@ def as_out_in(spec: ArchSpec, weight: torch.Tensor) -> torch.Tensor:
     GPT-2's `Conv1D` stores (in, out); this is the one place that knows it.
     """
     return weight.t() if spec.conv1d else weight
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward can compute logits at chosen positions only (`logits_to_keep`)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters

@@ -10,7 +10,6 @@ model stays bit-identical whatever happens (divergence, an interrupt), and the r
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import time
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .arch import decoder_layers, mlp_out_name, num_layers
+from .arch import accepts_logits_to_keep, decoder_layers, mlp_out_name, num_layers
 from .config import EditConfig
 from .delta import Delta
 from .errors import ConfigError, EditError
@@ -60,12 +59,12 @@ class _Sequence:
         self.cached: list = []
         # Logits only where the loss reads them, when the model can (`logits_to_keep`): the LM head over a
         # 49k vocabulary at every prompt position is most of a small model's cost.
-        keep = cache and "logits_to_keep" in inspect.signature(model.forward).parameters
+        keep = cache and accepts_logits_to_keep(model)
         self.kwargs = dict(input_ids=self.ids, use_cache=False, **({"logits_to_keep": self.positions} if keep else {}))
-        self.kept = keep
 
     def _select(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits[0] if self.kept else logits[0, self.positions]  # (response tokens, vocab)
+        kept = "logits_to_keep" in self.kwargs
+        return logits[0] if kept else logits[0, self.positions]  # (response tokens, vocab)
 
     def record(self, model, below: list) -> torch.Tensor:
         """Run the unedited model once, recording the outputs of `below`; return its logits."""

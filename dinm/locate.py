@@ -3,13 +3,12 @@ unsafe response."""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass
 
 import torch
 
 from . import reference
-from .arch import decoder_layers
+from .arch import accepts_logits_to_keep, decoder_layers
 from .errors import ConfigError
 from .instance import Instance
 from .text import encode_pair, pad_batch, pad_id
@@ -98,7 +97,7 @@ def locate(
     device = model.get_input_embeddings().weight.device
     layers = list(decoder_layers(model))
     # Only hidden states are needed: skip the LM head where the model allows (most of a small model's cost).
-    skip_head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    skip_head = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     with record_outputs(layers) as outputs:
         model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False, **skip_head)
     hidden = torch.stack([o.to(device) for o in outputs])  # (layers, 2, tokens, hidden)
