@@ -7,9 +7,10 @@ __version__ = "0.1.0"
 from .config import EditConfig
 from .delta import Delta
 from .edit import edit
+from .evaluate import evaluate
 from .instance import Instance, load_instance, load_instances
 from .locate import LocateResult, locate
 from .models import load_model
 
-__all__ = sorted(["Delta", "EditConfig", "Instance", "LocateResult", "__version__", "edit", "load_instance",
+__all__ = sorted(["Delta", "EditConfig", "Instance", "LocateResult", "__version__", "edit", "evaluate", "load_instance",
                   "load_instances", "load_model", "locate"])

@@ -112,3 +112,30 @@ def test_existing_output_is_not_overwritten(tiny_folder, tmp_path):
 @pytest.mark.parametrize("args", [["--steps", "0"], ["--lr", "-1"]])
 def test_bad_config_option_is_one_line(tiny_folder, tmp_path, args):
     one_line_error(run("edit", tiny_folder, "--instance", EXAMPLE, "-o", tmp_path / "d.safetensors", *args))
+
+
+def test_evaluate_writes_report_and_table(tiny_folder, tmp_path):
+    out = tmp_path / "report.json"
+    data = os.path.join(DATA, "examples.json")
+    result = run("evaluate", tiny_folder, "--data", data, "--edit", "--limit", 2, "--offset", 1,
+                 "--max-new-tokens", 4, "--benign", os.path.join(DATA, "benign.json"), "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "| metric | before | after |" in result.stdout and "| DS (%) |" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["protocol"] == "edit" and [r["id"] for r in report["records"]] == ["dinm-example-poison",
+                                                                                     "dinm-example-wifi"]
+    assert report["data"]["offset"] == 1 and report["generation"]["max_new_tokens"] == 4
+    assert set(report["versions"]) >= {"dinm", "torch", "transformers"}
+
+
+def test_evaluate_bad_input_is_one_line_and_writes_nothing(tiny_folder, tmp_path):
+    out = tmp_path / "report.json"
+    bad = tmp_path / "data.json"
+    bad.write_text(json.dumps([{"id": 7, "adversarial prompt": "p", "unsafe generation": "u",
+                                "safe generation": " ", "knowledge constrain": {"prompt": "b", "answer": "a"}}]))
+    one_line_error(run("evaluate", tiny_folder, "--data", bad, "-o", out), "id 7", "'safe generation'", "empty")
+    one_line_error(run("evaluate", tiny_folder, "--data", tmp_path / "none.json"), "does not exist")
+    one_line_error(run("evaluate", tiny_folder, "--data", EXAMPLE, "--judge", tmp_path / "nojudge"), "nojudge")
+    result = run("evaluate", tiny_folder, "--data", EXAMPLE, "--edit", "--delta", tmp_path / "d.safetensors")
+    assert result.exit_code == 2 and "not both" in result.output
+    assert not out.exists()

@@ -63,3 +63,21 @@ def test_embedded_model_saves_as_a_plain_checkpoint(smol, tmp_path):
     name = "model.layers.3.mlp.down_proj.weight"
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         assert torch.equal(f.get_tensor(name), model.get_parameter(name))
+
+
+def test_evaluate_single_instance_protocol_on_two_written_records(smol):
+    """`dinm.evaluate(edit=True)` on the real model with the two records of data/examples.json that have
+    held-out inputs: the edit turns the adversarial replies safe, and the model is left as it was."""
+    model, tok = smol
+    records = [r for r in dinm.load_instances(os.path.join(DATA, "examples.json")) if r.generalization]
+    assert len(records) == 2
+    before = state(model)
+    report = dinm.evaluate(model, tok, records, edit=True, max_new_tokens=40, progress=False)
+    assert same_state(model, before)
+    m = report["metrics"]
+    assert m["before"]["DS"]["mean"] == 0.0  # the unedited model complies with both attacks
+    assert m["after"]["DS"]["mean"] == 1.0, [r["after"]["DS"]["reply"] for r in report["records"]]
+    assert m["after"]["DG_avg"]["mean"] > m["before"]["DG_avg"]["mean"]
+    for rec in report["records"]:
+        assert rec["after"]["edit"]["layer"] in range(30)
+        assert rec["after"]["DS"]["prompt"] == rec["before"]["DS"]["prompt"]
