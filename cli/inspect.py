@@ -22,8 +22,10 @@ def inspect_cmd(delta_path, as_json):
              + (f" revision {summary['base_revision']}" if summary.get("base_revision") else ""),
              f"layer: {summary.get('layer', '?')} (distance: {summary.get('distance', '?')})"]
     for name, t in summary["tensors"].items():
-        lines.append(f"  {name}: {t['dtype']}{t['shape']}, |update| {t['update_norm']:.4g}, "
-                     f"max {t['max_abs']:.3g}, {t['exactness_fixups']} exactness fixups")
+        form = "dense" if t["form"] == "dense" else f"masked: {t['rows_changed']} of {t['shape'][0]} rows"
+        lines.append(f"  {name}: {t['dtype']}{t['shape']}, {form}, {t['stored_bytes']} bytes stored, "
+                     f"|update| {t['update_norm']:.4g}, max {t['max_abs']:.3g}, "
+                     f"{t['exactness_fixups']} exactness fixups")
         lines.append(f"    base sha256 {t['base_sha256'][:16]}…  edited sha256 {t['edited_sha256'][:16]}…")
     if summary.get("history"):
         h = summary["history"]

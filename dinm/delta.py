@@ -4,6 +4,8 @@ File layout (no pickle anywhere):
 
 * ``{param}``: the update D, in the parameter's dtype, under the parameter's full name
   (``model.layers.7.mlp.down_proj.weight``). Applying sets ``W_edited = W + D``.
+* ``{param}:rows`` (masked form, chosen when smaller): a bool mask of the rows that change; ``{param}`` then
+  holds only those rows, in order. Rows outside the mask keep every bit.
 * ``{param}:revert_index`` / ``{param}:revert_value``: the few elements where floating-point rounding makes
   ``(W + D) - D`` differ from ``W``, with their original values, so that revert restores every bit.
 * metadata (str -> str): ``format``, ``dinm_version``, ``base_model``, ``base_revision``, ``model_type``,
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from typing import Any
@@ -23,10 +26,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import ops
 from .errors import DeltaError
 
 FORMAT = "dinm.delta.v1"
-_INDEX, _VALUE = ":revert_index", ":revert_value"
+_INDEX, _VALUE, _ROWS = ":revert_index", ":revert_value", ":rows"
 _JSON_FIELDS = ("config", "distances", "history", "seconds", "tensors")
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -60,22 +64,38 @@ class Delta:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_weights(cls, edits: dict[str, tuple[torch.Tensor, torch.Tensor]], info: dict[str, Any]) -> "Delta":
+    def from_weights(cls, edits: dict[str, tuple[torch.Tensor, torch.Tensor]], info: dict[str, Any], *,
+                     tolerance: float = 0.0) -> "Delta":
         """A delta from ``{name: (base, edited)}``. ``info`` holds the metadata fields other than
-        ``format``, ``tensors`` and ``dinm_version`` (values that are not strings are stored as JSON)."""
+        ``format``, ``tensors`` and ``dinm_version`` (values that are not strings are stored as JSON).
+
+        A 2-D update whose changed rows (any element changed by more than `tolerance`) take fewer bytes than
+        the whole matrix is stored in masked form. With `tolerance` > 0 the smaller changes are dropped, and
+        the delta's edited fingerprint is that of what applying it really gives."""
         from . import __version__
 
         tensors, described = {}, {}
         for name, (base, edited) in edits.items():
-            base = base.detach()
+            base = base.detach().contiguous()
             d = (edited.detach().to(base.dtype) - base).contiguous()
-            applied = base + d
-            off = (_bits(applied - d) != _bits(base)).nonzero().reshape(-1)
+            rows = None
+            if d.dim() == 2:
+                changed = (d.abs() > tolerance).any(dim=1)
+                if int(changed.sum()) * d.shape[1] * d.element_size() + d.shape[0] < d.numel() * d.element_size():
+                    rows, d = changed, d[changed].contiguous()
+            applied = base.clone()
+            ops.masked_update(applied, d, rows, 1.0)
+            undone = applied.clone()
+            ops.masked_update(undone, d, rows, -1.0)
+            off = (_bits(undone) != _bits(base)).nonzero().reshape(-1)
             tensors[name] = d.cpu()
+            if rows is not None:
+                tensors[name + _ROWS] = rows.cpu()
             if off.numel():
                 tensors[name + _INDEX] = off.cpu()
                 tensors[name + _VALUE] = base.reshape(-1)[off].cpu()
             described[name] = {"shape": list(base.shape), "dtype": _dtype_name(base.dtype),
+                               "form": "dense" if rows is None else "rows",
                                "base_sha256": fingerprint(base), "edited_sha256": fingerprint(applied)}
         metadata = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in info.items()}
         metadata.update(format=FORMAT, dinm_version=__version__, tensors=json.dumps(described, sort_keys=True))
@@ -109,6 +129,15 @@ class Delta:
 
         return EditConfig.from_json(self.metadata["config"]) if "config" in self.metadata else None
 
+    def dense(self, name: str) -> torch.Tensor:
+        """The update of parameter `name` as a full tensor of the parameter's shape (zeros where unchanged)."""
+        d, rows = self.tensors[name], self.tensors.get(name + _ROWS)
+        if rows is None:
+            return d
+        full = torch.zeros(self.described[name]["shape"], dtype=d.dtype)
+        full[rows] = d
+        return full
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -119,7 +148,13 @@ class Delta:
         out["tensors"] = {}
         for name, desc in self.described.items():
             d = self.tensors[name].float()
-            out["tensors"][name] = {**desc, "update_norm": float(d.norm()), "max_abs": float(d.abs().max()),
+            rows = self.tensors.get(name + _ROWS)
+            out["tensors"][name] = {**desc, "form": desc.get("form", "dense"),
+                                    "stored_bytes": d.numel() * self.tensors[name].element_size()
+                                    + (rows.numel() if rows is not None else 0),
+                                    "rows_changed": int(rows.sum()) if rows is not None else desc["shape"][0],
+                                    "update_norm": float(d.norm()),
+                                    "max_abs": float(d.abs().max()) if d.numel() else 0.0,
                                     "exactness_fixups": int(self.tensors.get(name + _INDEX, torch.empty(0)).numel())}
         out["tensor_bytes"] = self.nbytes
         return out
@@ -174,17 +209,26 @@ class Delta:
             expected.add(name)
             if name not in self.tensors:
                 raise DeltaError(f"delta {where} describes tensor {name!r} but does not hold it")
-            t = self.tensors[name]
-            if list(t.shape) != desc.get("shape") or _dtype_name(t.dtype) != desc.get("dtype"):
+            t, shape = self.tensors[name], desc.get("shape")
+            if name + _ROWS in self.tensors:
+                expected.add(name + _ROWS)
+                rows = self.tensors[name + _ROWS]
+                if (not isinstance(shape, list) or len(shape) != 2 or rows.dtype != torch.bool
+                        or list(rows.shape) != shape[:1]):
+                    raise DeltaError(f"delta {where}: the row mask of {name!r} is malformed "
+                                     f"(expected bool[{shape[0] if shape else '?'}])")
+                shape = [int(rows.sum()), shape[1]]
+            if list(t.shape) != shape or _dtype_name(t.dtype) != desc.get("dtype"):
                 raise DeltaError(f"delta {where}: tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)}, "
-                                 f"its metadata says {desc.get('dtype')}{desc.get('shape')}")
+                                 f"its metadata says {desc.get('dtype')}{shape}")
             if not torch.isfinite(t).all():
                 raise DeltaError(f"delta {where}: tensor {name!r} holds NaN or inf; refusing it")
             if name + _INDEX in self.tensors:
                 expected |= {name + _INDEX, name + _VALUE}
                 idx, val = self.tensors[name + _INDEX], self.tensors.get(name + _VALUE)
                 if (val is None or idx.dtype != torch.int64 or idx.dim() != 1 or val.shape != idx.shape
-                        or val.dtype != t.dtype or (idx.numel() and (idx.min() < 0 or idx.max() >= t.numel()))):
+                        or val.dtype != t.dtype or (idx.numel() and (idx.min() < 0 or idx.max() >= math.prod(
+                            desc["shape"])))):
                     raise DeltaError(f"delta {where}: the revert index of {name!r} is malformed")
         extra = set(self.tensors) - expected
         if extra:
@@ -218,19 +262,23 @@ class Delta:
             targets.append((name, param))
         return targets
 
+    def _update(self, name: str, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = self.tensors.get(name + _ROWS)
+        return self.tensors[name].to(device), None if rows is None else rows.to(device)
+
     @torch.no_grad()
     def apply(self, model, force: bool = False) -> None:
         """Add the delta to `model`'s weights, in place. Refused (model untouched) when the weights are not the
         base the delta was made for, unless `force`."""
         for name, param in self._targets(model, "base", force):
-            param.add_(self.tensors[name].to(param.device))
+            ops.masked_update(param.data, *self._update(name, param.device), 1.0)
 
     @torch.no_grad()
     def revert(self, model, force: bool = False) -> None:
         """Undo `apply`, in place, restoring every bit. Refused (model untouched) when the model does not hold
         exactly the edited weights, unless `force`."""
         for name, param in self._targets(model, "edited", force):
-            param.sub_(self.tensors[name].to(param.device))
+            ops.masked_update(param.data, *self._update(name, param.device), -1.0)
             if name + _INDEX in self.tensors:
                 flat = param.view(-1)
                 flat[self.tensors[name + _INDEX].to(param.device)] = self.tensors[name + _VALUE].to(param.device)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import reference
+from . import ops
 from .arch import accepts_logits_to_keep, decoder_layers
 from .errors import ConfigError
 from .instance import Instance
@@ -100,6 +100,6 @@ def locate(
     skip_head = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     with record_outputs(layers) as outputs:
         model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False, **skip_head)
-    hidden = torch.stack([o.to(device) for o in outputs])  # (layers, 2, tokens, hidden)
-    dist = reference.layer_distances(hidden, mask_a.to(device), mask_b.to(device), kind)[:, 0]  # (layers,)
+    hidden = [o.to(device) for o in outputs]  # per layer (2, tokens, hidden), not stacked: no copy
+    dist = ops.layer_distances(hidden, mask_a.to(device), mask_b.to(device), kind)[:, 0]  # (layers,)
     return LocateResult(layer=int(dist.argmax()), distances=[float(d) for d in dist], distance=distance)

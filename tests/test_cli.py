@@ -48,7 +48,8 @@ def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
     summary = json.loads(result.output)
     assert summary["config"]["steps"] == 3 and len(summary["history"]) == 3
     assert list(summary["tensors"]) == [f"model.layers.{report['layer']}.mlp.down_proj.weight"]
-    assert "layer" in run("inspect", delta_path).output
+    shown = run("inspect", delta_path).output
+    assert "layer" in shown and "dense" in shown and "bytes stored" in shown
 
     edited_dir, restored_dir = tmp_path / "edited", tmp_path / "restored"
     result = run("apply", delta_path, tiny_folder, "-o", edited_dir)

@@ -138,3 +138,66 @@ def test_save_into_missing_folder(edited, tmp_path):
     _, delta = edited
     with pytest.raises(DeltaError, match="does not exist"):
         delta.save(tmp_path / "nope" / "d.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_form_for_row_restricted_updates(llama, tmp_path, dtype):
+    """An update touching few rows is stored as those rows plus a row mask, and round-trips bit for bit."""
+    model, _ = llama
+    model.to(dtype)
+    name = "model.layers.1.mlp.down_proj.weight"
+    base = model.get_parameter(name).detach().clone()
+    base.view(-1)[1] = -0.0  # an untouched -0.0 must stay -0.0
+    with torch.no_grad():
+        model.get_parameter(name).copy_(base)
+    edited = base.clone()
+    edited[[3, 17]] += torch.randn(2, base.shape[1]).to(dtype) * 1e-2
+    delta = Delta.from_weights({name: (base, edited)}, {"layer": 1})
+    assert delta.described[name]["form"] == "rows" and delta.tensors[name].shape == (2, base.shape[1])
+    dense = delta.dense(name)
+    assert torch.equal(dense[[3, 17]], (edited - base)[[3, 17]]) and not dense[[0, 1, 2, 4]].any()
+    assert delta.nbytes < 0.2 * base.numel() * base.element_size()
+    path = tmp_path / "d.safetensors"
+    delta.save(path)
+    loaded = Delta.load(path)
+    summary = loaded.summary()["tensors"][name]
+    assert summary["form"] == "rows" and summary["rows_changed"] == 2
+    before = state(model)
+    loaded.apply(model)
+    param = model.get_parameter(name)
+    assert fingerprint(param) == delta.described[name]["edited_sha256"]
+    untouched = torch.ones(base.shape[0], dtype=torch.bool)
+    untouched[[3, 17]] = False
+    assert torch.equal(param[untouched].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       base[untouched].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    loaded.revert(model)
+    assert same_state(model, before)
+
+
+def test_dense_updates_stay_dense_and_tolerance_drops_small_rows(llama):
+    model, _ = llama
+    name = "model.layers.0.mlp.down_proj.weight"
+    base = model.get_parameter(name).detach().clone()
+    edited = base + 1e-3
+    assert Delta.from_weights({name: (base, edited)}, {}).described[name]["form"] == "dense"
+    edited[5] += 1.0
+    delta = Delta.from_weights({name: (base, edited)}, {}, tolerance=0.5)
+    assert delta.described[name]["form"] == "rows" and delta.tensors[name].shape[0] == 1
+    applied = base.clone()
+    applied[5] += (edited - base)[5]  # what applying really gives; the fingerprint says so
+    assert delta.described[name]["edited_sha256"] == fingerprint(applied)
+
+
+def test_malformed_row_mask_is_refused(llama, tmp_path):
+    model, _ = llama
+    name = "model.layers.1.mlp.down_proj.weight"
+    base = model.get_parameter(name).detach().clone()
+    edited = base.clone()
+    edited[0] += 1.0
+    delta = Delta.from_weights({name: (base, edited)}, {})
+    for rows in (torch.ones(3, dtype=torch.bool), torch.zeros(base.shape[0], dtype=torch.bool),
+                 torch.ones(base.shape[0], dtype=torch.int64)):
+        path = tmp_path / "bad.safetensors"
+        save_file({**delta.tensors, name + ":rows": rows}, str(path), metadata=delta.metadata)
+        with pytest.raises(DeltaError, match="bad.safetensors"):
+            Delta.load(path)

@@ -1,0 +1,77 @@
+"""dinm's numeric ops, from the compiled extension (`dinm._C`, csrc/) when it was built, else from the
+pure-PyTorch twin (`dinm.reference`). Both give the same results (tests/test_ops.py); `backend()` says which
+one runs.
+
+    dinm.ops.layer_distances(hidden, mask_a, mask_b, kind)  # (layers, pairs) float32, one pass
+    dinm.ops.masked_update(weight, delta, mask, alpha)      # weight += alpha * (delta ⊙ mask), in place
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from . import reference
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled() -> tuple[bool, str]:
+    """(loaded, why) — loading registers torch.ops.dinm.*; logged once."""
+    if os.environ.get("DINM_FORCE_REFERENCE") == "1":
+        return False, "DINM_FORCE_REFERENCE=1"
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as e:
+        logger.info("dinm: compiled ops unavailable (%s); using the PyTorch twin", e)
+        return False, f"not built ({e})"
+    _register_fakes()
+    return True, "compiled"
+
+
+def _register_fakes() -> None:
+    """Shapes and dtypes without computing (FakeTensor / torch.compile / meta)."""
+
+    @torch.library.register_fake("dinm::layer_distances")
+    def _(hidden, mask_a, mask_b, kind):
+        return hidden[0].new_empty((len(hidden), hidden[0].shape[0] // 2), dtype=torch.float32)
+
+    @torch.library.register_fake("dinm::masked_update")
+    def _(weight, delta, mask, alpha):
+        return None
+
+
+def _devices() -> list[str]:
+    return [d for d in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key("dinm::layer_distances", d)]
+
+
+def backend() -> str:
+    """"compiled (CPU)", "compiled (CPU, CUDA)" or "reference (why)"."""
+    loaded, why = _compiled()
+    return f"compiled ({', '.join(_devices())})" if loaded else f"reference ({why})"
+
+
+def _use_compiled(device: torch.device) -> bool:
+    return _compiled()[0] and device.type.upper() in _devices()
+
+
+def layer_distances(hidden, mask_a: torch.Tensor, mask_b: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-layer, per-pair distances of two responses' hidden states: `hidden` is one (2 * pairs, tokens,
+    hidden) tensor per layer, or them stacked; see `dinm.reference.layer_distances`."""
+    layers = list(hidden.unbind(0)) if isinstance(hidden, torch.Tensor) else list(hidden)
+    if _use_compiled(layers[0].device):
+        return torch.ops.dinm.layer_distances(layers, mask_a.to(torch.bool), mask_b.to(torch.bool), kind)
+    return reference.layer_distances(hidden, mask_a.to(torch.bool), mask_b.to(torch.bool), kind)
+
+
+def masked_update(weight: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None = None,
+                  alpha: float = 1.0) -> None:
+    """`weight += alpha * (delta ⊙ mask)` in place; see `dinm.reference.masked_update`."""
+    if _use_compiled(weight.device) and weight.is_contiguous():
+        torch.ops.dinm.masked_update(weight, delta, mask, float(alpha))
+    else:
+        reference.masked_update(weight, delta, mask, alpha)

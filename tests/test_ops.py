@@ -1,0 +1,169 @@
+"""The compiled ops (csrc/) against their PyTorch twin (dinm/reference.py)."""
+
+import os
+
+import pytest
+import torch
+
+from dinm import ops, reference
+
+COMPILED = ops.backend().startswith("compiled")
+needs_ext = pytest.mark.skipif(not COMPILED, reason=f"C++ extension not built: {ops.backend()}")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+KINDS = ("cosine", "l2", "l2_tokens")
+
+
+def test_the_compiled_backend_runs_where_required():
+    """`make test` (CI) sets DINM_REQUIRE_EXT=1: there the extension must have been built and be in use."""
+    if os.environ.get("DINM_REQUIRE_EXT") != "1":
+        pytest.skip("DINM_REQUIRE_EXT is not set")
+    assert ops.backend().startswith("compiled (CPU"), ops.backend()
+
+
+def _inputs(layers, pairs, tokens, width, dtype, device, pattern, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(layers, 2 * pairs, tokens, width, generator=g) * 3
+    hidden[:, :, 0] *= 50  # an attention-sink-like first position
+    if pattern == "right":  # right padding of random length
+        lengths = torch.randint(1, tokens + 1, (2, pairs), generator=g)
+        pos = torch.arange(tokens)
+        mask_a, mask_b = (pos[None] < lengths[0, :, None]), (pos[None] < lengths[1, :, None])
+    elif pattern == "random":
+        mask_a, mask_b = (torch.rand(2, pairs, tokens, generator=g) > 0.4).unbind(0)
+    elif pattern == "empty":  # a pair with no common position
+        mask_a = torch.zeros(pairs, tokens, dtype=torch.bool)
+        mask_b = torch.ones(pairs, tokens, dtype=torch.bool)
+    else:
+        mask_a = mask_b = torch.ones(pairs, tokens, dtype=torch.bool)
+    return hidden.to(dtype).to(device), mask_a.to(device), mask_b.to(device)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 2, 7, 5), (30, 1, 40, 64), (4, 3, 17, 257)])
+@pytest.mark.parametrize("pattern", ["right", "random", "all", "empty"])
+def test_layer_distances_match_the_twin_fp32(device, kind, shape, pattern):
+    hidden, a, b = _inputs(*shape, torch.float32, device, pattern)
+    got = torch.ops.dinm.layer_distances(list(hidden), a, b, kind)
+    want = reference.layer_distances(hidden, a, b, kind)
+    assert got.dtype == torch.float32 and got.shape == want.shape == (shape[0], shape[1])
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def _naive_same_dtype(hidden, a, b, kind):
+    """What straightforward PyTorch code computes when it stays in the input's dtype."""
+    x, y = hidden[:, 0::2], hidden[:, 1::2]
+    if kind == "l2_tokens":
+        both = (a & b)[None, :, :, None].to(hidden.dtype)
+        return (((x - y) * both) ** 2).sum(dim=(2, 3)).sqrt().float()
+    ma, mb = a[None, :, :, None].to(hidden.dtype), b[None, :, :, None].to(hidden.dtype)
+    mean_x = (x * ma).sum(2) / ma.sum(2).clamp_min(1)
+    mean_y = (y * mb).sum(2) / mb.sum(2).clamp_min(1)
+    if kind == "l2":
+        return (mean_x - mean_y).norm(dim=-1).float()
+    return (1 - torch.nn.functional.cosine_similarity(mean_x, mean_y, dim=-1)).float()
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_distances_low_precision_accumulate_in_fp32(device, dtype, kind):
+    hidden, a, b = _inputs(6, 2, 48, 96, dtype, device, "right", seed=1)
+    exact = reference.layer_distances(hidden.double(), a, b, kind)
+    ours = (torch.ops.dinm.layer_distances(list(hidden), a, b, kind).double() - exact).abs().max()
+    theirs = (_naive_same_dtype(hidden, a, b, kind).double() - exact).abs().max()
+    assert ours <= 2 * theirs + 1e-5, (float(ours), float(theirs))
+
+
+@needs_ext
+def test_layer_distances_bad_input_is_an_error():
+    hidden, a, b = _inputs(2, 1, 4, 3, torch.float32, "cpu", "all")
+    with pytest.raises(RuntimeError, match="kind must be"):
+        torch.ops.dinm.layer_distances(list(hidden), a, b, "manhattan")
+    with pytest.raises(RuntimeError, match="masks must be bool"):
+        torch.ops.dinm.layer_distances(list(hidden), a.float(), b, "l2")
+    with pytest.raises(RuntimeError, match="hidden must be"):
+        torch.ops.dinm.layer_distances([h[:1] for h in hidden], a, b, "l2")
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.dinm.layer_distances([hidden[0], hidden[1][:, :2]], a, b, "l2")
+
+
+def _bits(t):
+    return t.reshape(-1).view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _update_cases(dtype, device):
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(9, 13, generator=g).to(dtype)
+    weight[0, 0] = -0.0  # -0.0 + 0.0 would flip the sign bit: masked elements must not be touched at all
+    delta = (torch.randn(9, 13, generator=g) * 1e-2).to(dtype)
+    rows = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 1], dtype=torch.bool)
+    elements = torch.rand(9, 13, generator=g) > 0.5
+    cases = {"dense": (delta, None), "elements": (delta, elements), "rows": (delta, rows),
+             "compact rows": (delta[rows].contiguous(), rows)}
+    return weight.to(device), {k: (d.to(device), None if m is None else m.to(device)) for k, (d, m) in cases.items()}
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("alpha", [1.0, -1.0, 0.5])
+def test_masked_update_is_bit_identical_to_the_twin(device, dtype, alpha):
+    weight, cases = _update_cases(dtype, device)
+    for name, (delta, mask) in cases.items():
+        ours, twin = weight.clone(), weight.clone()
+        torch.ops.dinm.masked_update(ours, delta, mask, alpha)
+        reference.masked_update(twin, delta, mask, alpha)
+        assert torch.equal(_bits(ours), _bits(twin)), name
+        if mask is not None:  # outside the mask every bit is kept
+            keep = ~(mask if mask.shape == weight.shape else mask[:, None].expand_as(weight))
+            assert torch.equal(_bits(ours[keep]), _bits(weight[keep])), name
+        if name == "dense":  # and it is exactly Tensor.add_
+            assert torch.equal(_bits(ours), _bits(weight.clone().add_(delta, alpha=alpha)))
+
+
+@needs_ext
+def test_masked_update_bad_input_changes_nothing():
+    weight, cases = _update_cases(torch.float32, "cpu")
+    before = weight.clone()
+    delta, rows = cases["compact rows"]
+    for args in [(delta.double(), rows), (delta[:2], rows), (delta, rows[:3]), (cases["dense"][0], rows.float())]:
+        with pytest.raises(RuntimeError, match="dinm::masked_update"):
+            torch.ops.dinm.masked_update(weight, *args, 1.0)
+    assert torch.equal(weight, before)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    hidden, a, b = _inputs(3, 2, 5, 8, torch.float32, device, "right")
+    for kind in KINDS:
+        torch.library.opcheck(torch.ops.dinm.layer_distances.default, (list(hidden), a, b, kind))
+    weight, cases = _update_cases(torch.float32, device)
+    for delta, mask in cases.values():
+        torch.library.opcheck(torch.ops.dinm.masked_update.default, (weight.clone(), delta, mask, 1.0))
+
+
+@needs_ext
+def test_ops_work_under_torch_compile():
+    hidden, a, b = _inputs(3, 2, 5, 8, torch.float32, "cpu", "right")
+    def pick(h):  # one graph, no break: the op has a fake (meta) implementation
+        return torch.ops.dinm.layer_distances(list(h), a, b, "cosine").argmax(0)
+
+    compiled = torch.compile(pick, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(hidden), reference.layer_distances(hidden, a, b, "cosine").argmax(0))
+
+
+def test_wrappers_fall_back_to_the_twin(monkeypatch):
+    """Without the extension the wrappers give the twin's results (what CI checks when the build fails)."""
+    monkeypatch.setattr(ops, "_use_compiled", lambda device: False)
+    hidden, a, b = _inputs(3, 2, 6, 8, torch.float32, "cpu", "random")
+    assert torch.equal(ops.layer_distances(hidden, a, b, "l2"), reference.layer_distances(hidden, a, b, "l2"))
+    weight, cases = _update_cases(torch.float32, "cpu")
+    delta, rows = cases["compact rows"]
+    w = weight.clone()
+    ops.masked_update(w, delta, rows, 1.0)
+    ops.masked_update(w, delta, rows, -1.0)
+    assert torch.equal(w[~rows], weight[~rows])
