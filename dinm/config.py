@@ -35,6 +35,9 @@ class EditConfig:
         cache: run the frozen layers below the edited one once and replay their output at every step, and
             compute logits only where the loss needs them. False runs the whole model at every step (the
             straightforward computation; same result within fp32 rounding, slower).
+        rows: share of the edited matrix's rows (dim 0 as stored: output features of an nn.Linear) that may
+            change, chosen by the norm of the first step's gradient; the others keep every bit, and the delta
+            is stored in masked form when that is smaller. 1.0: every row.
     """
 
     layer: Optional[int] = None
@@ -49,6 +52,7 @@ class EditConfig:
     master_dtype: str = "float32"
     seed: int = 0
     cache: bool = True
+    rows: float = 1.0
 
     def __post_init__(self):
         from .locate import check_distance
@@ -65,6 +69,8 @@ class EditConfig:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (
                     name == "lr" and value == 0):
                 raise ConfigError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        if not isinstance(self.rows, (int, float)) or isinstance(self.rows, bool) or not 0 < self.rows <= 1:
+            raise ConfigError(f"rows must be a share in (0, 1], got {self.rows!r}")
         if self.master_dtype not in MASTER_DTYPES:
             raise ConfigError(f"master_dtype must be one of {MASTER_DTYPES}, got {self.master_dtype!r}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 
 import torch
@@ -137,6 +138,8 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
             target.record(model, below)
             ref_logp = F.log_softmax(benign.record(model, below).float(), dim=-1)
         master = weight.detach().to(master_dtype).clone().requires_grad_(True)
+        start = master.detach().clone()
+        keep = None  # rows that may change (config.rows < 1), chosen at the first step
         optimizer = torch.optim.Adam([master], lr=config.lr, weight_decay=config.weight_decay)
         for step in tqdm(range(config.steps), desc=f"dinm edit (layer {layer})",
                          disable=None if progress is None else not progress, leave=False):
@@ -150,7 +153,16 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
                 raise EditError(f"edit diverged at step {step}: loss is {history[-1]['loss']}; the model is "
                                 f"unchanged. Lower lr (now {config.lr})")
             (master.grad,) = torch.autograd.grad(loss, [master])
+            if config.rows < 1 and keep is None:
+                count = max(1, math.ceil(config.rows * master.shape[0]))
+                keep = torch.zeros(master.shape[0], dtype=torch.bool, device=device)
+                keep[master.grad.float().norm(dim=tuple(range(1, master.dim()))).topk(count).indices] = True
+            if keep is not None:
+                master.grad[~keep] = 0
             optimizer.step()
+            if keep is not None:
+                with torch.no_grad():  # weight decay moves rows without gradient too: put them back
+                    master[~keep] = start[~keep]
             edited = master.detach().to(weight.dtype)
             if not torch.isfinite(edited).all():
                 raise EditError(f"edit diverged at step {step}: the weights hold NaN/inf; the model is unchanged. "

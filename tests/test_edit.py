@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 
@@ -117,3 +118,20 @@ def test_frozen_layers_below_run_once(llama, instance):
     assert cached == 2  # one recording pass per sequence (attack + safe, benign), none per step
     assert len(calls) == 2 + 2 * 4
     assert not model.model.layers[0].__dict__.get("forward")  # the replacement forward is gone
+
+
+def test_row_restricted_edit_changes_only_its_rows(tiny, instance):
+    model, tok = tiny
+    before = state(model)
+    delta = dinm.edit(model, tok, instance, EditConfig(steps=4, lr=1e-2, rows=0.25, weight_decay=0.1))
+    name = delta.names[0]
+    rows = model.get_parameter(name).shape[0]
+    summary = delta.summary()["tensors"][name]
+    assert summary["form"] == "rows" and summary["rows_changed"] == math.ceil(0.25 * rows)
+    assert delta.history[-1]["nll"] < delta.history[0]["nll"]
+    assert same_state(model, before)
+    delta.apply(model)
+    changed = (model.get_parameter(name) != before[name]).any(dim=1)
+    assert int(changed.sum()) <= summary["rows_changed"]
+    delta.revert(model)
+    assert same_state(model, before)
