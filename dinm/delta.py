@@ -262,23 +262,26 @@ class Delta:
             targets.append((name, param))
         return targets
 
-    def _update(self, name: str, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    @torch.no_grad()
+    def update_tensor(self, name: str, tensor: torch.Tensor, revert: bool = False) -> None:
+        """Add (or, with `revert`, take back bit-exactly) this delta's update of parameter `name` to `tensor`,
+        in place, without any check: `apply`/`revert` and `dinm.checkpoint` check first."""
         rows = self.tensors.get(name + _ROWS)
-        return self.tensors[name].to(device), None if rows is None else rows.to(device)
+        ops.masked_update(tensor, self.tensors[name].to(tensor.device), None if rows is None else rows.to(tensor.device),
+                          -1.0 if revert else 1.0)
+        if revert and name + _INDEX in self.tensors:
+            tensor.view(-1)[self.tensors[name + _INDEX].to(tensor.device)] = self.tensors[name + _VALUE].to(tensor.device)
 
     @torch.no_grad()
     def apply(self, model, force: bool = False) -> None:
         """Add the delta to `model`'s weights, in place. Refused (model untouched) when the weights are not the
         base the delta was made for, unless `force`."""
         for name, param in self._targets(model, "base", force):
-            ops.masked_update(param.data, *self._update(name, param.device), 1.0)
+            self.update_tensor(name, param.data)
 
     @torch.no_grad()
     def revert(self, model, force: bool = False) -> None:
         """Undo `apply`, in place, restoring every bit. Refused (model untouched) when the model does not hold
         exactly the edited weights, unless `force`."""
         for name, param in self._targets(model, "edited", force):
-            ops.masked_update(param.data, *self._update(name, param.device), -1.0)
-            if name + _INDEX in self.tensors:
-                flat = param.view(-1)
-                flat[self.tensors[name + _INDEX].to(param.device)] = self.tensors[name + _VALUE].to(param.device)
+            self.update_tensor(name, param.data, revert=True)
