@@ -6,14 +6,25 @@ from ._common import emit, json_option, one_line_errors
 
 
 @click.command("inspect")
-@click.argument("delta_path", metavar="DELTA", type=click.Path(dir_okay=False))
+@click.argument("delta_path", metavar="DELTA_OR_CHECKPOINT", type=click.Path())
 @json_option
 @one_line_errors
 def inspect_cmd(delta_path, as_json):
-    """Show what a delta holds: its tensors, base model, layer, config and loss history."""
+    """Show what a delta holds (tensors, base model, layer, config, loss history), or which deltas a
+    checkpoint folder has applied, in order."""
     import os
 
     from dinm import Delta
+
+    if os.path.isdir(delta_path):
+        from dinm.checkpoint import chain
+
+        applied = chain(delta_path)
+        lines = [f"{delta_path}: {len(applied)} delta(s) applied, oldest first"]
+        lines += [f"  {i + 1}. delta {c['id']} (instance {c.get('instance_id') or '?'}): {', '.join(c['tensors'])} "
+                  f"in {c['shard']}" for i, c in enumerate(applied)]
+        emit({"checkpoint": delta_path, "chain": applied}, as_json, "\n".join(lines))
+        return
 
     summary = Delta.load(delta_path).summary()
     summary["file_bytes"] = os.path.getsize(delta_path)

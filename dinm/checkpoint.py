@@ -235,3 +235,14 @@ def _in_place_sharded(folder: str, index: str, weight_map: dict, shards: dict) -
     for old in renamed:
         os.remove(os.path.join(folder, old))
         _step("remove old shard")
+
+
+def chain(folder: str) -> list[dict]:
+    """The deltas applied to the checkpoint in `folder`, per rewritten shard, oldest first."""
+    weight_map, _ = layout(folder)
+    out = []
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(os.path.join(folder, shard), framework="pt") as f:
+            for entry in json.loads((f.metadata() or {}).get(CHAIN, "[]")):
+                out.append({"shard": shard, **entry})
+    return out

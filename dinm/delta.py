@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -44,6 +45,16 @@ def fingerprint(tensor: torch.Tensor) -> str:
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view of a float tensor, for bit-exact comparison (-0.0 != 0.0, NaN == same NaN)."""
     return t.reshape(-1).view(_INT_VIEW[t.element_size()])
+
+
+def _digest(tensors: dict[str, torch.Tensor], name: str) -> str:
+    """sha256 over the stored bytes of everything a delta keeps for parameter `name` (update, row mask, fixups)."""
+    h = hashlib.sha256()
+    for key in (name, name + _ROWS, name + _INDEX, name + _VALUE):
+        if key in tensors:
+            h.update(key.encode() + str(tensors[key].dtype).encode() + str(list(tensors[key].shape)).encode())
+            h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -95,7 +106,7 @@ class Delta:
                 tensors[name + _INDEX] = off.cpu()
                 tensors[name + _VALUE] = base.reshape(-1)[off].cpu()
             described[name] = {"shape": list(base.shape), "dtype": _dtype_name(base.dtype),
-                               "form": "dense" if rows is None else "rows",
+                               "form": "dense" if rows is None else "rows", "delta_sha256": _digest(tensors, name),
                                "base_sha256": fingerprint(base), "edited_sha256": fingerprint(applied)}
         metadata = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in info.items()}
         metadata.update(format=FORMAT, dinm_version=__version__, tensors=json.dumps(described, sort_keys=True))
@@ -204,8 +215,17 @@ class Delta:
             described = self.described
         except (KeyError, json.JSONDecodeError):
             raise DeltaError(f"delta {where} has no valid 'tensors' metadata") from None
+        if not isinstance(described, dict) or not described:
+            raise DeltaError(f"delta {where} has no valid 'tensors' metadata")
         expected = set()
         for name, desc in described.items():
+            if not (isinstance(desc, dict) and isinstance(desc.get("shape"), list)
+                    and all(isinstance(n, int) and n >= 0 for n in desc["shape"]) and isinstance(desc.get("dtype"), str)
+                    and all(isinstance(desc.get(k), str) and re.fullmatch(r"[0-9a-f]{64}", desc[k])
+                            for k in ("base_sha256", "edited_sha256", "delta_sha256"))
+                    and desc.get("form", "dense") in ("dense", "rows")):
+                raise DeltaError(f"delta {where}: the metadata of tensor {name!r} is malformed (needs shape, dtype, "
+                                 f"base_sha256, edited_sha256, delta_sha256)")
             expected.add(name)
             if name not in self.tensors:
                 raise DeltaError(f"delta {where} describes tensor {name!r} but does not hold it")
@@ -230,6 +250,9 @@ class Delta:
                         or val.dtype != t.dtype or (idx.numel() and (idx.min() < 0 or idx.max() >= math.prod(
                             desc["shape"])))):
                     raise DeltaError(f"delta {where}: the revert index of {name!r} is malformed")
+            if _digest(self.tensors, name) != desc["delta_sha256"]:
+                raise DeltaError(f"delta {where} is corrupt: the stored update of {name!r} does not match its "
+                                 f"checksum; use an intact copy")
         extra = set(self.tensors) - expected
         if extra:
             raise DeltaError(f"delta {where} holds tensors its metadata does not describe: {sorted(extra)}")

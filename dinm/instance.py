@@ -52,6 +52,9 @@ class Instance:
 
 
 def _where(source: str, index: int | None, record_id: Any) -> str:
+    if record_id not in (None, "") and (not isinstance(record_id, (str, int))
+                                        or (isinstance(record_id, str) and not record_id.isprintable())):
+        record_id = repr(record_id)[:40]  # one line, whatever the id holds
     parts = [f"`{source}`"]
     if index is not None:
         parts.append(f"record {index}" + (f" (id {record_id})" if record_id not in (None, "") else ""))

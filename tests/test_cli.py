@@ -140,3 +140,37 @@ def test_evaluate_bad_input_is_one_line_and_writes_nothing(tiny_folder, tmp_path
     result = run("evaluate", tiny_folder, "--data", EXAMPLE, "--edit", "--delta", tmp_path / "d.safetensors")
     assert result.exit_code == 2 and "not both" in result.output
     assert not out.exists()
+
+
+def test_in_place_apply_inspect_chain_and_revert(tiny_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_folder, folder)
+    original = (folder / "model.safetensors").read_bytes()
+    delta_path = tmp_path / "d.safetensors"
+    assert run("edit", folder, "--instance", EXAMPLE, "-o", delta_path, "--steps", 2).exit_code == 0
+    result = run("apply", delta_path, folder, "--in-place")
+    assert result.exit_code == 0, result.output
+    shown = run("inspect", folder, "--json")
+    assert shown.exit_code == 0 and len(json.loads(shown.output)["chain"]) == 1
+    assert "1 delta(s) applied" in run("inspect", folder).output
+    assert run("revert", delta_path, folder, "--in-place").exit_code == 0
+    from safetensors.torch import load
+
+    assert load(original).keys() == load((folder / "model.safetensors").read_bytes()).keys()
+    assert all(torch.equal(load(original)[k], load((folder / "model.safetensors").read_bytes())[k])
+               for k in load(original))
+    # a corrupt delta is one line and the folder stays as it is
+    bad = tmp_path / "bad.safetensors"
+    data = bytearray(delta_path.read_bytes())
+    data[-3] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    before = (folder / "model.safetensors").read_bytes()
+    one_line_error(run("apply", bad, folder, "--in-place"), "bad.safetensors")
+    assert (folder / "model.safetensors").read_bytes() == before
+    result = run("apply", delta_path, folder)
+    assert result.exit_code == 2 and "--in-place" in result.output
+    (folder / "model.safetensors").rename(folder / "x")
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    one_line_error(run("apply", delta_path, folder, "--in-place"), "pickle")
