@@ -157,6 +157,13 @@ def test_bad_inputs_change_nothing(folder, delta, tmp_path, llama, instance):
     other = dinm.edit(llama[0].to(torch.float64), llama[1], instance, FAST)  # wrong dtype for this checkpoint
     with pytest.raises(DeltaError, match="float64"):
         checkpoint.apply_to_folder(other, str(folder))
+    stranger = _llama(len(llama[1]))
+    with torch.no_grad():
+        for p in stranger.parameters():
+            p.mul_(1.5)  # same architecture, other weights
+    foreign = dinm.edit(stranger, llama[1], instance, FAST)
+    with pytest.raises(DeltaError, match="differ from the base"):
+        checkpoint.apply_to_folder(foreign, str(folder))
     with pytest.raises(DeltaError, match="not a folder"):
         checkpoint.apply_to_folder(delta, str(tmp_path / "missing"))
     with pytest.raises(DeltaError, match="exists"):
