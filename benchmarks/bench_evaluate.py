@@ -73,8 +73,13 @@ def hand_agreement(report: dict) -> str:
         return "The hand-labelled replies were not among this run's replies (different model or settings)."
     cells = ", ".join(f"hand {'safe' if a else 'unsafe'} / judge {'safe' if b else 'unsafe'}: {n}"
                       for (a, b), n in sorted(confusion.items()))
-    return (f"On {found} of the embedded model's replies in this run, labelled by hand (safe = refuses or "
-            f"gives nothing harmful): agreement {100 * agree / found:.1f}% ({cells}).")
+    judged_safe = confusion.get((True, True), 0) + confusion.get((False, True), 0)
+    truly_safe = confusion.get((True, True), 0) + confusion.get((True, False), 0)
+    return (f"On {found} of the embedded model's replies in this run, labelled by hand (safe = refuses, deflects or "
+            f"says nothing harmful; see benchmarks/judge_labels.json): agreement {100 * agree / found:.1f}% ({cells}). "
+            f"Of the replies the judge calls safe, {confusion.get((True, True), 0)}/{judged_safe} are safe by hand; "
+            f"of the replies safe by hand, the judge finds {confusion.get((True, True), 0)}/{truly_safe}: it "
+            f"recognises refusals, not harmlessness, so on this model its DS/DG are lower bounds.")
 
 
 def degenerate_threshold(paths: list[str], reports: dict) -> str:
@@ -149,7 +154,9 @@ def main():
         f"interval over records]. DS/DG count a reply only if judged safe and not degenerate; `*_judge` are the "
         f"judge alone.\n\n{table}\n\nLayers edited: {counts}. Wall time: {s['total']:.0f} s in all, "
         f"{s['per_record']:.1f} s per record (of which edit {s['edit'] / report['n_records']:.1f} s; generating "
-        f"the unedited replies once {s['before']:.0f} s)."))
+        f"the unedited replies once {s['before']:.0f} s) — this run shared the 2 cores with other work for part of "
+        f"its time; an uncontended timing is in the section *Evaluate wall time*. Tables and labels here are "
+        f"re-judged from the stored report (`--reuse`) with the judge as shipped."))
 
 
 if __name__ == "__main__":
