@@ -19,8 +19,7 @@ from _results import record
 # "paper": EasyEdit's locate rule, no chat template for the edit, and no KL gradient — a KL term without
 # gradient changes nothing in the update, which is what kl_weight=0 gives.
 VARIANTS = {
-    "paper (locate `paper`, no chat template, KL without gradient)": EditConfig(distance="paper", kl_weight=0.0,
-                                                                             chat_template=False),
+    "paper (`EditConfig.paper()`: locate `paper`, no chat template, KL without gradient)": EditConfig.paper(),
     "dinm default (cosine, KL weight 1, 10 steps, lr 5e-4)": EditConfig(),
     "lr 2e-3": EditConfig(lr=2e-3),
     "20 steps": EditConfig(steps=20),

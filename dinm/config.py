@@ -74,6 +74,14 @@ class EditConfig:
         if self.master_dtype not in MASTER_DTYPES:
             raise ConfigError(f"master_dtype must be one of {MASTER_DTYPES}, got {self.master_dtype!r}")
 
+    @classmethod
+    def paper(cls, **changes) -> "EditConfig":
+        """The setting of the paper's code (EasyEdit), as far as it is a choice rather than a bug: its locate rule
+        (bare responses, padded, unmasked: `distance="paper"`), raw prompts without the chat template, 10 Adam
+        steps at lr 5e-4, and no constraint from the KL term (EasyEdit computes it without gradient, which is what
+        `kl_weight=0` does to the update). For comparing against dinm's defaults."""
+        return cls(**{**dict(distance="paper", chat_template=False, steps=10, lr=5e-4, kl_weight=0.0), **changes})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -34,3 +34,10 @@ def test_replace_validates():
     assert EditConfig().replace(steps=3).steps == 3
     with pytest.raises(ConfigError):
         EditConfig().replace(steps=-1)
+
+
+def test_paper_preset():
+    paper = EditConfig.paper()
+    assert (paper.distance, paper.chat_template, paper.kl_weight, paper.steps, paper.lr) == ("paper", False, 0.0, 10, 5e-4)
+    assert EditConfig.paper(steps=3).steps == 3
+    assert EditConfig.from_json(paper.to_json()) == paper
