@@ -51,6 +51,16 @@ def load(model: str, dtype: str, trust_remote_code: bool):
     return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
+def read_config(path: str | None):
+    """The EditConfig in the JSON file `path` (the default config when None)."""
+    from dinm import EditConfig
+
+    if not path:
+        return EditConfig()
+    with open(path, encoding="utf-8") as f:
+        return EditConfig.from_json(f.read())
+
+
 def emit(data: dict, as_json: bool, human: str) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else human)
 

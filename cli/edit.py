@@ -3,7 +3,7 @@
 import click
 
 from ._common import (check_new_file, dtype_option, emit, json_option, load, model_argument, one_line_errors,
-                      trust_option)
+                      read_config, trust_option)
 
 
 @click.command("edit")
@@ -30,14 +30,11 @@ def edit_cmd(model, instance_path, index, output, config_path, layer, distance, 
     import os
     import time
 
-    from dinm import EditConfig, edit, load_instance
+    from dinm import edit, load_instance
 
     check_new_file(output, overwrite, "output")
     instance = load_instance(instance_path, index)  # bad input fails before the model is loaded
-    config = EditConfig()
-    if config_path:
-        with open(config_path, encoding="utf-8") as f:
-            config = EditConfig.from_json(f.read())
+    config = read_config(config_path)
     overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight)
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     net, tokenizer = load(model, dtype, trust_remote_code)

@@ -2,7 +2,8 @@
 
 import click
 
-from ._common import check_new_file, dtype_option, load, model_argument, one_line_errors, trust_option
+from ._common import (check_new_file, dtype_option, load, model_argument, one_line_errors, read_config,
+                      trust_option)
 
 
 @click.command("evaluate")
@@ -34,7 +35,7 @@ def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path
     import json
     import os
 
-    from dinm import Delta, EditConfig, evaluate, load_instances
+    from dinm import Delta, evaluate, load_instances
     from dinm.evaluate import load_benign, markdown_table
     from dinm.judge import load_judge
 
@@ -54,10 +55,7 @@ def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path
     instances = instances[:limit] if limit else instances
     if not instances:
         raise click.UsageError(f"--offset {offset} skips every record of `{data_path}`")
-    config = EditConfig()
-    if config_path:
-        with open(config_path, encoding="utf-8") as f:
-            config = EditConfig.from_json(f.read())
+    config = read_config(config_path)
     benign = load_benign(benign_path) if benign_path else None
     delta = Delta.load(delta_path) if delta_path else None
     judge_kwargs = {} if judge == "refusal" else {"safe_label": judge_safe_label,

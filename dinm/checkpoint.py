@@ -16,6 +16,7 @@ revert out of order is refused with the delta to revert first.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,8 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import ops
-from .delta import Delta, fingerprint
+from .delta import Delta, _dtype_name, fingerprint, mismatch
 from .errors import DeltaError
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -85,8 +85,6 @@ def _read_shard(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _delta_id(delta: Delta) -> str:
-    import hashlib
-
     return hashlib.sha256(delta.metadata["tensors"].encode()).hexdigest()[:12]
 
 
@@ -105,24 +103,20 @@ def _plan(delta: Delta, folder: str, revert: bool, force: bool):
             shards[shard] = _read_shard(os.path.join(folder, shard))
         tensors, meta = shards[shard]
         t = tensors[name]
-        if list(t.shape) != desc["shape"] or str(t.dtype).removeprefix("torch.") != desc["dtype"]:
-            raise DeltaError(f"tensor {name!r} is {str(t.dtype).removeprefix('torch.')}{list(t.shape)} in "
+        if list(t.shape) != desc["shape"] or _dtype_name(t.dtype) != desc["dtype"]:
+            raise DeltaError(f"tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)} in "
                              f"`{folder}` but {desc['dtype']}{desc['shape']} in the delta")
         chain = json.loads(meta.get(CHAIN, "[]"))
         touching = [c for c in chain if name in c["tensors"]]
         if revert and touching and touching[-1]["id"] != me and not force:
             raise DeltaError(f"refusing to revert: delta {touching[-1]['id']} was applied to {name!r} after this "
                              f"one ({me}); revert {touching[-1]['id']} first")
-        if not force and fingerprint(t) != desc[f"{want}_sha256"]:
-            if not revert and fingerprint(t) == desc["edited_sha256"]:
-                why = "the delta is already applied"
-            elif revert and fingerprint(t) == desc["base_sha256"]:
-                why = "the delta is not applied"
-            elif not revert and touching:
+        found = None if force else fingerprint(t)
+        why = None if force else mismatch(desc, found, want)
+        if why:
+            if not revert and touching and found != desc["edited_sha256"]:
                 why = (f"delta {touching[-1]['id']} changed it since this delta's base; revert it first, or "
                        f"make this delta on the edited model")
-            else:
-                why = f"the weights differ from the {want} this delta was made for"
             raise DeltaError(f"refusing to {'revert' if revert else 'apply'}: tensor {name!r} in `{folder}` does not "
                              f"match: {why}; pass --force to override")
     for shard, (tensors, meta) in shards.items():
@@ -200,8 +194,6 @@ def _write_new_folder(folder: str, output: str, shards: dict) -> None:
 
 
 def _in_place_sharded(folder: str, index: str, weight_map: dict, shards: dict) -> None:
-    import hashlib
-
     with open(index, encoding="utf-8") as f:
         index_data = json.load(f)
     renamed, written = {}, []

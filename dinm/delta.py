@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import ops
-from .errors import DeltaError
+from .errors import DeltaError, first_line
 
 FORMAT = "dinm.delta.v1"
 _INDEX, _VALUE, _ROWS = ":revert_index", ":revert_value", ":rows"
@@ -55,6 +55,18 @@ def _digest(tensors: dict[str, torch.Tensor], name: str) -> str:
             h.update(key.encode() + str(tensors[key].dtype).encode() + str(list(tensors[key].shape)).encode())
             h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def mismatch(desc: dict, found: str, want: str, made_for: str = "") -> str | None:
+    """Why a tensor with fingerprint `found` is not the `want` ("base" or "edited") that a delta's tensor
+    description `desc` expects, or None when it is."""
+    if found == desc[f"{want}_sha256"]:
+        return None
+    if want == "base" and found == desc["edited_sha256"]:
+        return "the delta is already applied"
+    if want == "edited" and found == desc["base_sha256"]:
+        return "the delta is not applied"
+    return f"the weights differ from the {want} this delta was made for{made_for}"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -200,8 +212,7 @@ class Delta:
                 metadata = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DeltaError(f"delta file `{path}` is not a readable safetensors file ({reason})") from None
+            raise DeltaError(f"delta file `{path}` is not a readable safetensors file ({first_line(e)})") from None
         delta = cls.__new__(cls)
         delta.tensors, delta.metadata = tensors, metadata
         delta._validate(f"`{path}`")
@@ -271,17 +282,10 @@ class Delta:
             if list(param.shape) != desc["shape"] or _dtype_name(param.dtype) != desc["dtype"]:
                 raise DeltaError(f"parameter {name!r} is {_dtype_name(param.dtype)}{list(param.shape)} in the model "
                                  f"but {desc['dtype']}{desc['shape']} in the delta; load the model in {desc['dtype']}")
-            if not force:
-                found = fingerprint(param)
-                if found != desc[f"{want}_sha256"]:
-                    if want == "base" and found == desc["edited_sha256"]:
-                        why = "the delta is already applied"
-                    elif want == "edited" and found == desc["base_sha256"]:
-                        why = "the delta is not applied"
-                    else:
-                        why = f"the weights differ from the {want} this delta was made for ({model_id})"
-                    raise DeltaError(f"refusing to {'apply' if want == 'base' else 'revert'}: parameter {name!r} "
-                                     f"does not match: {why}; pass force=True (--force) to override")
+            why = None if force else mismatch(desc, fingerprint(param), want, f" ({model_id})")
+            if why:
+                raise DeltaError(f"refusing to {'apply' if want == 'base' else 'revert'}: parameter {name!r} "
+                                 f"does not match: {why}; pass force=True (--force) to override")
             targets.append((name, param))
         return targets
 

@@ -138,7 +138,7 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
             target.record(model, below)
             ref_logp = F.log_softmax(benign.record(model, below).float(), dim=-1)
         master = weight.detach().to(master_dtype).clone().requires_grad_(True)
-        start = master.detach().clone()
+        start = master.detach().clone() if config.rows < 1 else None  # to put back the rows outside the mask
         keep = None  # rows that may change (config.rows < 1), chosen at the first step
         optimizer = torch.optim.Adam([master], lr=config.lr, weight_decay=config.weight_decay)
         for step in tqdm(range(config.steps), desc=f"dinm edit (layer {layer})",

@@ -30,3 +30,9 @@ class DeltaError(DinmError, ValueError):
 
 class ModelLoadError(DinmError, ValueError):
     """A model argument does not name a loadable model."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

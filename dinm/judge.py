@@ -20,7 +20,7 @@ import os
 import re
 from typing import Protocol
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 _REFUSAL = re.compile(
     r"\b((?:i\s*(?:'m|’m|am)\s*(?:really\s*|so\s*|very\s*)?sorry|i\s*apologi[sz]e|my\s*apologies),?\s*(?:but|i\b)"
@@ -121,8 +121,7 @@ class ClassifierJudge:
             self.model = AutoModelForSequenceClassification.from_pretrained(folder,
                                                                             trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"judge folder `{folder}` holds no sequence classifier: {first}") from None
+            raise ConfigError(f"judge folder `{folder}` holds no sequence classifier: {first_line(e)}") from None
         self.model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         labels = {int(k): str(v) for k, v in (self.model.config.id2label or {}).items()}
         self.safe_index = self._safe_index(safe_label, labels, folder)

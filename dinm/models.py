@@ -7,7 +7,7 @@ import importlib.util
 import logging
 import os
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,7 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load model `{name}`: {first}") from None
+        raise ModelLoadError(f"cannot load model `{name}`: {first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if name == EMBEDDED:
