@@ -45,7 +45,7 @@ def edit_cmd(model, instance_path, index, output, config_path, layer, distance, 
     history = delta.history
     data = {"output": output, "bytes": os.path.getsize(output), "layer": delta.layer, "tensors": delta.names,
             "seconds": round(seconds, 3), "nll_first": history[0]["nll"], "nll_last": history[-1]["nll"],
-            "kl_last": history[-1]["kl"]}
+            "kl_last": history[-1].get("kl")}
     emit(data, as_json, f"edited layer {delta.layer} ({', '.join(delta.names)}) in {seconds:.1f}s; "
                         f"safe-response NLL {history[0]['nll']:.3f} -> {history[-1]['nll']:.3f}\n"
                         f"wrote {output} ({data['bytes'] / 1e6:.2f} MB)")

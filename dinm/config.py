@@ -12,6 +12,7 @@ from typing import Any, Optional
 from .errors import ConfigError
 
 MASTER_DTYPES = ("float32", "model")
+KL_TEXTS = ("answer", "self")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,19 @@ class EditConfig:
         rows: share of the edited matrix's rows (dim 0 as stored: output features of an nn.Linear) that may
             change, chosen by the norm of the first step's gradient; the others keep every bit, and the delta
             is stored in masked form when that is smaller. 1.0: every row.
+        kl_text: what the KL term reads after each benign prompt: "answer", the instance's benign answer (the
+            paper), or "self", the unedited model's own greedy reply (generated once, before the first step),
+            which is the reply a user sees and the edit should keep.
+        kl_prompts: more benign prompts for the KL term, beside the instance's (read with `kl_text`'s rule; with
+            "answer" they need answers, so they take "self"); the KL is the mean over all of them.
+        kl_reply_tokens: length of the self replies (`kl_text="self"`, `kl_prompts`).
+        stop_nll: stop early once the safe response's mean NLL per token is below this (None: all `steps`).
+        max_update: bound on the update's Frobenius norm relative to the original matrix's (None: no bound);
+            a larger update is scaled back onto the bound after each step.
+        protect: keep the update off the directions that carry this share (e.g. 0.99) of the energy of the edited
+            matrix's inputs on the KL term's benign sequences: after each step the update is projected onto the
+            orthogonal complement of those directions, so those benign inputs map as before (cf. AlphaEdit's
+            null-space projection). None: no projection.
     """
 
     layer: Optional[int] = None
@@ -53,6 +67,12 @@ class EditConfig:
     seed: int = 0
     cache: bool = True
     rows: float = 1.0
+    kl_text: str = "answer"
+    kl_prompts: tuple[str, ...] = ()
+    kl_reply_tokens: int = 64
+    stop_nll: Optional[float] = None
+    max_update: Optional[float] = None
+    protect: Optional[float] = None
 
     def __post_init__(self):
         from .locate import check_distance
@@ -60,7 +80,7 @@ class EditConfig:
         check_distance(self.distance)
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
             raise ConfigError(f"layer must be a non-negative integer or None, got {self.layer!r}")
-        for name in ("steps", "max_prompt_tokens", "max_response_tokens"):
+        for name in ("steps", "max_prompt_tokens", "max_response_tokens", "kl_reply_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -71,6 +91,20 @@ class EditConfig:
                 raise ConfigError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
         if not isinstance(self.rows, (int, float)) or isinstance(self.rows, bool) or not 0 < self.rows <= 1:
             raise ConfigError(f"rows must be a share in (0, 1], got {self.rows!r}")
+        for name in ("stop_nll", "max_update"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"{name} must be a finite number > 0 or None, got {value!r}")
+        if self.protect is not None and (not isinstance(self.protect, (int, float)) or isinstance(self.protect, bool)
+                                         or not 0 < self.protect < 1):
+            raise ConfigError(f"protect must be a share in (0, 1) or None, got {self.protect!r}")
+        if self.kl_text not in KL_TEXTS:
+            raise ConfigError(f"kl_text must be one of {KL_TEXTS}, got {self.kl_text!r}")
+        if isinstance(self.kl_prompts, str) or not isinstance(self.kl_prompts, (list, tuple)) or not all(
+                isinstance(p, str) and p.strip() for p in self.kl_prompts):
+            raise ConfigError("kl_prompts must be a list of non-empty strings")
+        object.__setattr__(self, "kl_prompts", tuple(self.kl_prompts))  # hashable, like the rest
         if self.master_dtype not in MASTER_DTYPES:
             raise ConfigError(f"master_dtype must be one of {MASTER_DTYPES}, got {self.master_dtype!r}")
 

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .arch import accepts_logits_to_keep, decoder_layers, mlp_out_name, num_layers
+from .arch import accepts_logits_to_keep, arch_spec, as_out_in, decoder_layers, mlp_out_name, num_layers
 from .config import EditConfig
 from .delta import Delta
 from .errors import ConfigError, EditError
 from .instance import Instance
 from .locate import locate
-from .text import encode_pair
+from .generate import generate_ids
+from .text import Encoded, encode_pair
 from .trace import record_outputs, replay_outputs
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,44 @@ class _Sequence:
             return self._select(functional_call(model, override, args=(), kwargs=self.kwargs).logits)
 
 
+@contextlib.contextmanager
+def _inputs_of(module):
+    """Collect the (tokens, features) inputs of `module` during the forwards run inside the block."""
+    keys: list = []
+    handle = module.register_forward_pre_hook(
+        lambda _m, args: keys.append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+    try:
+        yield keys
+    finally:
+        handle.remove()
+
+
+def _protected_basis(keys: list, share: float) -> torch.Tensor:
+    """(features, r) orthonormal basis of the fewest input directions that hold `share` of the keys' energy."""
+    k = torch.cat(keys).double()
+    values, vectors = torch.linalg.eigh(k.T @ k)  # ascending
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    r = int((values.cumsum(0) / values.sum() < share).sum()) + 1
+    logger.info("protecting %d of %d input directions (%.3f of the benign keys' energy)", r, len(values), share)
+    return vectors[:, :r].float()
+
+
+def _kl_texts(model, tokenizer, instance: Instance, config: EditConfig) -> list:
+    """The encoded benign sequences of the KL term: the instance's benign prompt and `config.kl_prompts`, each
+    followed by the instance's answer or the unedited model's own greedy reply (see `EditConfig.kl_text`)."""
+    encode = dict(chat_template=config.chat_template, max_prompt_tokens=config.max_prompt_tokens,
+                  max_response_tokens=config.max_response_tokens)
+    texts = [] if config.kl_text == "self" else [encode_pair(tokenizer, instance.benign_prompt,
+                                                             instance.benign_answer, **encode)]
+    prompts = ([instance.benign_prompt] if config.kl_text == "self" else []) + list(config.kl_prompts)
+    if prompts:
+        prompts_ids = [encode_pair(tokenizer, p, "", add_end=False, **encode).ids for p in prompts]
+        with torch.no_grad():
+            replies = generate_ids(model, tokenizer, prompts_ids, max_new_tokens=config.kl_reply_tokens)
+        texts += [Encoded(p + r, len(p)) for p, r in zip(prompts_ids, replies) if r]
+    return texts
+
+
 def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None, *, progress: bool | None = None
          ) -> Delta:
     """Edit `model` so that it answers `instance.prompt` with `instance.safe`; return the edit as a `Delta`.
@@ -118,35 +157,41 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     locate_s = time.perf_counter() - started
 
     name = mlp_out_name(model, layer)
+    spec = arch_spec(model)
     weight = model.get_parameter(name)
     device = weight.device
     encode = dict(chat_template=config.chat_template, max_prompt_tokens=config.max_prompt_tokens,
                   max_response_tokens=config.max_response_tokens)
-    # Tokenise once; the two sequences run separately, so neither is padded to the other's length.
+    # Tokenise once; the sequences run separately, so none is padded to another's length.
     target = _Sequence(encode_pair(tokenizer, instance.prompt, instance.safe, **encode), model, device, config.cache)
-    benign = _Sequence(encode_pair(tokenizer, instance.benign_prompt, instance.benign_answer, **encode), model,
-                       device, config.cache)
     below = list(decoder_layers(model))[:layer] if config.cache else []
 
     master_dtype = torch.float32 if config.master_dtype == "float32" else weight.dtype
     history = []
     with _frozen(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
+        anchors = [_Sequence(e, model, device, config.cache) for e in _kl_texts(model, tokenizer, instance, config)]
         with torch.no_grad():
             # One pass of the unedited model per sequence: it records the edited layer's input (the output of
-            # the layers below, which cannot change) and gives the KL reference distribution, once.
+            # the layers below, which cannot change) and gives the KL reference distributions, once.
             target.record(model, below)
-            ref_logp = F.log_softmax(benign.record(model, below).float(), dim=-1)
+            with _inputs_of(model.get_submodule(name.rsplit(".", 1)[0])) as keys:
+                ref_logps = [F.log_softmax(a.record(model, below).float(), dim=-1) for a in anchors]
+            basis = _protected_basis(keys, config.protect) if config.protect else None
         master = weight.detach().to(master_dtype).clone().requires_grad_(True)
-        start = master.detach().clone() if config.rows < 1 else None  # to put back the rows outside the mask
+        start = master.detach().clone() if config.rows < 1 or config.max_update or config.protect else None
+        limit = config.max_update * start.float().norm() if config.max_update else None
         keep = None  # rows that may change (config.rows < 1), chosen at the first step
         optimizer = torch.optim.Adam([master], lr=config.lr, weight_decay=config.weight_decay)
         for step in tqdm(range(config.steps), desc=f"dinm edit (layer {layer})",
                          disable=None if progress is None else not progress, leave=False):
             override = {name: master.to(weight.dtype)}
             nll = F.cross_entropy(target.logits(model, below, override).float(), target.labels)
-            logp = F.log_softmax(benign.logits(model, below, override).float(), dim=-1)
-            kl = F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
+            if config.stop_nll is not None and nll.item() < config.stop_nll:
+                history.append({"step": step, "nll": nll.item(), "stopped": True})
+                break  # the safe response is likely enough: no further change
+            kl = sum(F.kl_div(F.log_softmax(a.logits(model, below, override).float(), dim=-1), ref, log_target=True,
+                              reduction="batchmean") for a, ref in zip(anchors, ref_logps)) / len(anchors)
             loss = nll + config.kl_weight * kl
             history.append({"step": step, "nll": nll.item(), "kl": kl.item(), "loss": loss.item()})
             if not torch.isfinite(loss):
@@ -160,13 +205,23 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
             if keep is not None:
                 master.grad[~keep] = 0
             optimizer.step()
-            if keep is not None:
-                with torch.no_grad():  # weight decay moves rows without gradient too: put them back
+            with torch.no_grad():
+                if keep is not None:  # weight decay moves rows without gradient too: put them back
                     master[~keep] = start[~keep]
+                if basis is not None:  # the update leaves the protected input directions alone
+                    update = as_out_in(spec, master - start)
+                    update -= (update.float() @ basis @ basis.T).to(update.dtype)
+                    master.copy_(start + as_out_in(spec, update))
+                if limit is not None:  # project the update back onto the norm bound
+                    norm = (master - start).float().norm()
+                    if norm > limit:
+                        master.copy_(start + (master - start) * (limit / norm).to(master.dtype))
             edited = master.detach().to(weight.dtype)
             if not torch.isfinite(edited).all():
                 raise EditError(f"edit diverged at step {step}: the weights hold NaN/inf; the model is unchanged. "
                                 f"Lower lr (now {config.lr})")
+    if not any("kl" in h for h in history):  # stopped before the first step: nothing to change
+        edited = weight.detach().clone()
     edit_s = time.perf_counter() - started - locate_s
     logger.info("edited %s in %.2fs (locate %.2fs): nll %.3f -> %.3f", name, edit_s, locate_s,
                 history[0]["nll"], history[-1]["nll"])
@@ -179,6 +234,7 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
         "distances": distances,
         "config": config.to_json(),
         "history": history,
+        "steps_run": str(sum("kl" in h for h in history)),
         "instance_id": instance.id,
         "seconds": {"locate": round(locate_s, 3), "edit": round(edit_s, 3)},
     })

@@ -159,7 +159,7 @@ def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | 
              edit: bool | EditConfig = False, benign: list[BenignPrompt] | None = None,
              judge: str | Judge = "refusal", max_new_tokens: int = 64, batch_size: int = 8,
              chat_template: bool = True, degeneracy: Degeneracy = Degeneracy(), seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate `model` on SafeEdit records; with `delta` or `edit`, before and after.
 
     Args:
@@ -172,6 +172,9 @@ def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | 
         max_new_tokens, batch_size, chat_template: generation settings, the same in every state.
         degeneracy: when a reply counts as degenerate (not safe whatever the judge says).
         seed: of the bootstrap.
+        before: a report of an earlier `evaluate` of the unedited model on the same records, benign prompts,
+            generation settings and judge: its "before" replies are reused instead of generated again
+            (comparing edit settings costs one unedited pass, not one per setting).
 
     Returns:
         A JSON-ready report: every prompt, reply and label per record and state, and the metrics.
@@ -189,7 +192,10 @@ def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | 
     started = time.perf_counter()
 
     everything = _State(instances, benign)
-    before, benign_before = everything.run(model, tokenizer, judge, degeneracy, "before", **gen)
+    if before is not None:
+        before, benign_before = _reuse_before(before, everything, judge, degeneracy, gen)
+    else:
+        before, benign_before = everything.run(model, tokenizer, judge, degeneracy, "before", **gen)
     seconds = {"before": time.perf_counter() - started}
 
     after = None
@@ -216,7 +222,7 @@ def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | 
             finally:
                 d.revert(model)
             rec["edit"] = {"layer": d.layer, "seconds": edit_seconds[-1], "nll_first": d.history[0]["nll"],
-                           "nll_last": d.history[-1]["nll"], "kl_last": d.history[-1]["kl"]}
+                           "nll_last": d.history[-1]["nll"], "kl_last": d.history[-1].get("kl")}
             rec["benign_list"] = replies
             after.append(rec)
         seconds["edit"] = sum(edit_seconds)
@@ -256,6 +262,34 @@ def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | 
                            for i, (b, r) in enumerate(zip(benign, benign_before))],
         "records": records,
     }
+
+
+def _reuse_before(report: dict[str, Any], state: _State, judge: Judge, degeneracy: Degeneracy,
+                  gen: dict) -> tuple[list[dict], list[str]]:
+    """The before-state of an earlier report, after checking that it answered exactly these prompts, the same
+    way, judged the same way."""
+    def refuse(what: str):
+        raise ConfigError(f"the `before` report differs from this evaluation in its {what}; evaluate without "
+                          f"`before` (or with the report of the same records, benign prompts and settings)")
+
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        refuse(f"format (want {REPORT_FORMAT})")
+    records = [rec.get("before") for rec in report.get("records", [])]
+    if len(records) != len(state.instances) or any(not isinstance(r, dict) for r in records):
+        refuse("records")
+    prompts = [(r, name, rec[name]["prompt"]) for r, rec in enumerate(records) for name in rec
+               if isinstance(rec.get(name), dict) and "prompt" in rec[name]]
+    want = [(r, name, prompt) for (r, name), prompt in zip(state.keys, state.prompts) if r >= 0]
+    if sorted(prompts) != sorted(want):
+        refuse("records' prompts")
+    listed = report.get("benign_prompts", [])
+    if [b.get("prompt") for b in listed] != [b.prompt for b in state.benign]:
+        refuse("benign prompts")
+    if any(report.get("generation", {}).get(k) != gen[k] for k in ("max_new_tokens", "batch_size", "chat_template")):
+        refuse("generation settings")
+    if report.get("judge") != judge.describe() or report.get("degeneracy") != dataclasses.asdict(degeneracy):
+        refuse("judge or degeneracy thresholds (re-judge it with dinm.evaluate.rescore)")
+    return copy.deepcopy(records), [b["before"] for b in listed]
 
 
 def rescore(report: dict[str, Any], judge: str | Judge = "refusal", degeneracy: Degeneracy = Degeneracy(),

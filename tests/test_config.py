@@ -41,3 +41,23 @@ def test_paper_preset():
     assert (paper.distance, paper.chat_template, paper.kl_weight, paper.steps, paper.lr) == ("paper", False, 0.0, 10, 5e-4)
     assert EditConfig.paper(steps=3).steps == 3
     assert EditConfig.from_json(paper.to_json()) == paper
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("kl_text", "mine", "kl_text must be one of"),
+    ("kl_prompts", "one prompt", "kl_prompts must be a list"),
+    ("kl_prompts", ["ok", " "], "kl_prompts must be a list"),
+    ("stop_nll", 0, "stop_nll must be"),
+    ("max_update", float("inf"), "max_update must be"),
+    ("protect", 1.0, "protect must be a share"),
+    ("kl_reply_tokens", 0, "kl_reply_tokens must be"),
+])
+def test_new_fields_are_checked(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        EditConfig(**{field: value})
+
+
+def test_kl_prompts_round_trip_through_json():
+    config = EditConfig(kl_prompts=["a", "b"], protect=0.95, stop_nll=0.5)
+    assert config.kl_prompts == ("a", "b")
+    assert EditConfig.from_json(config.to_json()) == config

@@ -135,3 +135,63 @@ def test_row_restricted_edit_changes_only_its_rows(tiny, instance):
     assert int(changed.sum()) <= summary["rows_changed"]
     delta.revert(model)
     assert same_state(model, before)
+
+
+def _keys(model, layer, tok, instance, config):
+    """Inputs of the edited matrix on the KL sequences, as edit sees them."""
+    from dinm.edit import _inputs_of, _kl_texts
+
+    module = model.get_submodule(mlp_out_name(model, layer).rsplit(".", 1)[0])
+    with _inputs_of(module) as keys, torch.no_grad():
+        for e in _kl_texts(model, tok, instance, config):
+            model(input_ids=torch.tensor([e.ids]))
+    return torch.cat(keys)
+
+
+def test_protect_keeps_the_update_off_the_benign_inputs(llama, instance):
+    """With `protect` the update maps the KL sequences' inputs (almost) as before; without it, it does not."""
+    model, tok = llama
+    config = EditConfig(steps=4, lr=3e-2, layer=1, kl_text="self", kl_reply_tokens=8, kl_prompts=("Hi there",))
+    keys = _keys(model, 1, tok, instance, config)
+    moved = {}
+    for protect in (None, 0.999):
+        delta = dinm.edit(model, tok, instance, config.replace(protect=protect))
+        update = delta.dense(delta.names[0]).float()
+        moved[protect] = ((keys @ update.T).norm() / (keys.norm() * update.norm())).item()
+        assert update.abs().sum() > 0  # still an edit
+    assert moved[0.999] < 0.1 * moved[None]
+
+
+def test_max_update_bounds_the_norm(llama, instance):
+    model, tok = llama
+    config = EditConfig(steps=4, lr=3e-2, layer=1)
+    weight = model.get_parameter(mlp_out_name(model, 1)).detach()
+    free = dinm.edit(model, tok, instance, config)
+    held = dinm.edit(model, tok, instance, config.replace(max_update=0.01))
+    norm = lambda d: d.dense(d.names[0]).float().norm().item() / weight.norm().item()  # noqa: E731
+    assert norm(free) > 0.01 and norm(held) <= 0.01 * (1 + 1e-4)
+
+
+def test_stop_nll_stops_once_the_safe_response_is_likely(llama, instance):
+    model, tok = llama
+    config = EditConfig(steps=8, lr=3e-2, layer=1)
+    full = dinm.edit(model, tok, instance, config).history
+    threshold = (full[1]["nll"] + full[2]["nll"]) / 2  # reached after two steps
+    early = dinm.edit(model, tok, instance, config.replace(stop_nll=threshold))
+    assert early.history[-1].get("stopped") and len(early.history) == 3
+    assert dinm.edit(model, tok, instance, config.replace(stop_nll=full[0]["nll"] + 1)).dense(
+        mlp_out_name(model, 1)).abs().sum() == 0  # likely already: no change at all
+
+
+def test_kl_text_self_reads_the_models_own_reply(llama, instance):
+    from dinm.edit import _kl_texts
+
+    model, tok = llama
+    answer = _kl_texts(model, tok, instance, EditConfig())
+    own = _kl_texts(model, tok, instance, EditConfig(kl_text="self", kl_reply_tokens=5, kl_prompts=("Hello",)))
+    assert len(answer) == 1 and len(own) == 2
+    assert own[0].ids[:own[0].n_prompt] == answer[0].ids[:answer[0].n_prompt]  # same prompt, other reply
+    prompt = torch.tensor([own[0].ids[:own[0].n_prompt]])
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False,
+                               pad_token_id=tok.pad_token_id)[0].tolist()
+    assert own[0].ids == generated[:len(own[0].ids)]

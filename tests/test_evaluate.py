@@ -139,3 +139,26 @@ def test_rescore_judges_stored_replies_again(monkeypatch, instance, llama):
     lenient = evaluate_module.rescore(report, degeneracy=Degeneracy(max_repetition=1.0))
     assert lenient["metrics"]["before"]["DS"]["mean"] == 1.0
     assert report["records"][0]["before"]["DS"]["degenerate"] == "repetition"  # the input is not modified
+
+
+def test_before_report_is_reused_only_when_it_matches(monkeypatch, instance, other_instance, llama):
+    model, tok = llama
+    benign = [BenignPrompt("What is 2+2?", "4")]
+    calls = []
+
+    def fake(model, tok, prompts, **kw):
+        calls.append(list(prompts))
+        return [f"I can't help with that. {p[:10]}" for p in prompts]
+
+    monkeypatch.setattr(evaluate_module, "generate", fake)
+    delta = dinm.edit(model, tok, instance, EditConfig(steps=1))
+    first = dinm.evaluate(model, tok, [instance], delta=delta, benign=benign, progress=False)
+    calls.clear()
+    again = dinm.evaluate(model, tok, [instance], delta=delta, benign=benign, progress=False, before=first)
+    assert len(calls) == 1  # only the "after" pass ran
+    assert again["metrics"] == first["metrics"] and again["records"] == first["records"]
+    for kwargs, what in [(dict(records=[other_instance]), "records' prompts"), (dict(benign=[]), "benign prompts"),
+                         (dict(max_new_tokens=8), "generation settings")]:
+        args = {"records": [instance], "benign": benign, **kwargs}
+        with pytest.raises(ConfigError, match=what):
+            dinm.evaluate(model, tok, args.pop("records"), delta=delta, progress=False, before=first, **args)
