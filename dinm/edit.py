@@ -81,6 +81,11 @@ class _Sequence:
             return self._select(functional_call(model, override, args=(), kwargs=self.kwargs).logits)
 
 
+def _encoding(config: EditConfig) -> dict:
+    return dict(chat_template=config.chat_template, max_prompt_tokens=config.max_prompt_tokens,
+                max_response_tokens=config.max_response_tokens)
+
+
 @contextlib.contextmanager
 def _inputs_of(module):
     """Collect the (tokens, features) inputs of `module` during the forwards run inside the block."""
@@ -106,8 +111,7 @@ def _protected_basis(keys: list, share: float) -> torch.Tensor:
 def _kl_texts(model, tokenizer, instance: Instance, config: EditConfig) -> list:
     """The encoded benign sequences of the KL term: the instance's benign prompt and `config.kl_prompts`, each
     followed by the instance's answer or the unedited model's own greedy reply (see `EditConfig.kl_text`)."""
-    encode = dict(chat_template=config.chat_template, max_prompt_tokens=config.max_prompt_tokens,
-                  max_response_tokens=config.max_response_tokens)
+    encode = _encoding(config)
     texts = [] if config.kl_text == "self" else [encode_pair(tokenizer, instance.benign_prompt,
                                                              instance.benign_answer, **encode)]
     prompts = ([instance.benign_prompt] if config.kl_text == "self" else []) + list(config.kl_prompts)
@@ -160,8 +164,7 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     spec = arch_spec(model)
     weight = model.get_parameter(name)
     device = weight.device
-    encode = dict(chat_template=config.chat_template, max_prompt_tokens=config.max_prompt_tokens,
-                  max_response_tokens=config.max_response_tokens)
+    encode = _encoding(config)
     # Tokenise once; the sequences run separately, so none is padded to another's length.
     target = _Sequence(encode_pair(tokenizer, instance.prompt, instance.safe, **encode), model, device, config.cache)
     below = list(decoder_layers(model))[:layer] if config.cache else []
