@@ -178,7 +178,9 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
             # One pass of the unedited model per sequence: it records the edited layer's input (the output of
             # the layers below, which cannot change) and gives the KL reference distributions, once.
             target.record(model, below)
-            with _inputs_of(model.get_submodule(name.rsplit(".", 1)[0])) as keys:
+            collect = _inputs_of(model.get_submodule(name.rsplit(".", 1)[0])) if config.protect else \
+                contextlib.nullcontext()
+            with collect as keys:
                 ref_logps = [F.log_softmax(a.record(model, below).float(), dim=-1) for a in anchors]
             basis = _protected_basis(keys, config.protect) if config.protect else None
         master = weight.detach().to(master_dtype).clone().requires_grad_(True)
@@ -211,19 +213,20 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
             with torch.no_grad():
                 if keep is not None:  # weight decay moves rows without gradient too: put them back
                     master[~keep] = start[~keep]
-                if basis is not None:  # the update leaves the protected input directions alone
+                if basis is not None or limit is not None:
                     update = as_out_in(spec, master - start)
-                    update -= (update.float() @ basis @ basis.T).to(update.dtype)
+                    if basis is not None:  # the update leaves the protected input directions alone
+                        update -= (update.float() @ basis @ basis.T).to(update.dtype)
+                    norm = update.float().norm() if limit is not None else None
+                    if norm is not None and norm > limit:  # back onto the norm bound
+                        update *= (limit / norm).to(update.dtype)
                     master.copy_(start + as_out_in(spec, update))
-                if limit is not None:  # project the update back onto the norm bound
-                    norm = (master - start).float().norm()
-                    if norm > limit:
-                        master.copy_(start + (master - start) * (limit / norm).to(master.dtype))
             edited = master.detach().to(weight.dtype)
             if not torch.isfinite(edited).all():
                 raise EditError(f"edit diverged at step {step}: the weights hold NaN/inf; the model is unchanged. "
                                 f"Lower lr (now {config.lr})")
-    if not any("kl" in h for h in history):  # stopped before the first step: nothing to change
+    steps_run = sum("kl" in h for h in history)
+    if not steps_run:  # stopped before the first step: nothing to change
         edited = weight.detach().clone()
     edit_s = time.perf_counter() - started - locate_s
     logger.info("edited %s in %.2fs (locate %.2fs): nll %.3f -> %.3f", name, edit_s, locate_s,
@@ -237,7 +240,7 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
         "distances": distances,
         "config": config.to_json(),
         "history": history,
-        "steps_run": str(sum("kl" in h for h in history)),
+        "steps_run": str(steps_run),
         "instance_id": instance.id,
         "seconds": {"locate": round(locate_s, 3), "edit": round(edit_s, 3)},
     })

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .text import pad_batch, pad_id, prompt_ids
+from .text import end_of_reply_id, pad_batch, pad_id, prompt_ids
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 8,
@@ -28,7 +28,7 @@ def generate_ids(model, tokenizer, seqs: list[list[int]], *, max_new_tokens: int
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     replies: list[list[int]] = [[] for _ in seqs]
     pad = pad_id(tokenizer)
-    end = tokenizer.eos_token_id
+    end = end_of_reply_id(tokenizer)
     with tqdm(total=len(seqs), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
