@@ -12,6 +12,7 @@ from typing import Any, Optional
 from .errors import ConfigError
 
 MASTER_DTYPES = ("float32", "model")
+COMPUTE_DTYPES = ("model", "bfloat16")
 KL_TEXTS = ("answer", "self")
 
 
@@ -32,6 +33,12 @@ class EditConfig:
         max_response_tokens: longer responses are cut.
         master_dtype: "float32" trains an fp32 copy of the edited matrix whatever the model's dtype;
             "model" trains in the model's dtype.
+        compute_dtype: "model" runs the forward and backward passes in the model's dtype (load it in bf16 for bf16
+            compute, in fp32 for fp32); "bfloat16" runs them in bf16 whatever the model's dtype (autocast, with bf16
+            copies of the matrices above the edited layer made once per edit: about half their fp32 size in
+            extra memory), which is faster where bf16 matrix products are (GPUs, CPUs with AMX). The master copy,
+            the loss and the update keep `master_dtype`, and the edit enters the passes as a separate term
+            `x @ D.T`, so no update is rounded away in a bf16 `W + D`.
         seed: seeds torch's RNG inside the edit (the global RNG is left as it was).
         cache: run the frozen layers below the edited one once and replay their output at every step, and
             compute logits only where the loss needs them. False runs the whole model at every step (the
@@ -64,6 +71,7 @@ class EditConfig:
     max_prompt_tokens: int = 1024
     max_response_tokens: int = 256
     master_dtype: str = "float32"
+    compute_dtype: str = "model"
     seed: int = 0
     cache: bool = True
     rows: float = 1.0
@@ -105,6 +113,8 @@ class EditConfig:
                 isinstance(p, str) and p.strip() for p in self.kl_prompts):
             raise ConfigError("kl_prompts must be a list of non-empty strings")
         object.__setattr__(self, "kl_prompts", tuple(self.kl_prompts))  # hashable, like the rest
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.master_dtype not in MASTER_DTYPES:
             raise ConfigError(f"master_dtype must be one of {MASTER_DTYPES}, got {self.master_dtype!r}")
 

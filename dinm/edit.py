@@ -3,8 +3,9 @@
 Loss = NLL of the safe response to the adversarial prompt
      + kl_weight * KL(unedited || edited) over the benign prompt's answer positions.
 
-The model is never written to: the edited matrix is passed through `torch.func.functional_call`, so the
-model stays bit-identical whatever happens (divergence, an interrupt), and the result is a `Delta`.
+The model is never written to: the update enters the forward passes as a separate term, `x @ D.T` added to the
+edited module's output by a hook removed after each step, so the model stays bit-identical whatever happens
+(divergence, an interrupt), a bf16 model does not round small updates away, and the result is a `Delta`.
 """
 
 from __future__ import annotations
@@ -76,9 +77,35 @@ class _Sequence:
         return self._select(logits)
 
     def logits(self, model, below: list, override: dict) -> torch.Tensor:
-        """Logits with the parameters in `override` swapped in; the layers in `below` replay their output."""
+        """Logits with the tensors in `override` swapped in; the layers in `below` replay their output."""
         with replay_outputs(below, self.cached):
-            return self._select(functional_call(model, override, args=(), kwargs=self.kwargs).logits)
+            return self._select(functional_call(model, override, args=(), kwargs=self.kwargs, tie_weights=False
+                                                ).logits)
+
+
+@contextlib.contextmanager
+def _adding(module, update: torch.Tensor):
+    """Inside the block `module` (the edited Linear or GPT-2 Conv1D) returns its output plus `x @ update.T`
+    (`update` as (out, in)). The edit is a separate term rather than a changed weight, so that a small update is
+    not rounded away: in bf16, `W + D` loses every element of `D` below half of `W`'s spacing there."""
+    handle = module.register_forward_hook(lambda _m, args, out: out + F.linear(args[0], update.to(args[0].dtype)))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _low_precision_copies(model, first_layer: int, dtype: torch.dtype) -> dict:
+    """`dtype` copies of the matrices that run at every step (every Linear / Conv1D of the layers from
+    `first_layer` up, and the LM head), made once per edit so that autocast does not cast them at every forward."""
+    running = {id(m) for layer in list(decoder_layers(model))[first_layer:] for m in layer.modules()}
+    head = model.get_output_embeddings()
+    copies = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if (id(module) in running or module is head) and (
+                isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
+            copies[f"{name}.weight"] = module.weight.detach().to(dtype)
+    return copies
 
 
 def _encoding(config: EditConfig) -> dict:
@@ -163,6 +190,7 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     name = mlp_out_name(model, layer)
     spec = arch_spec(model)
     weight = model.get_parameter(name)
+    module = model.get_submodule(name.rsplit(".", 1)[0])
     device = weight.device
     encode = _encoding(config)
     # Tokenise once; the sequences run separately, so none is padded to another's length.
@@ -170,33 +198,41 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     below = list(decoder_layers(model))[:layer] if config.cache else []
 
     master_dtype = torch.float32 if config.master_dtype == "float32" else weight.dtype
+    # compute_dtype="bfloat16" on a model in another dtype: the passes run under autocast, the matrices that run
+    # at every step as bf16 copies made once; the master, the loss and the update stay in `master_dtype`.
+    low = config.compute_dtype == "bfloat16" and weight.dtype != torch.bfloat16
+
+    def computing():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)
+
     history = []
     with _frozen(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         anchors = [_Sequence(e, model, device, config.cache) for e in _kl_texts(model, tokenizer, instance, config)]
-        with torch.no_grad():
+        with torch.no_grad(), computing():
             # One pass of the unedited model per sequence: it records the edited layer's input (the output of
             # the layers below, which cannot change) and gives the KL reference distributions, once.
             target.record(model, below)
-            collect = _inputs_of(model.get_submodule(name.rsplit(".", 1)[0])) if config.protect else \
-                contextlib.nullcontext()
+            collect = _inputs_of(module) if config.protect else contextlib.nullcontext()
             with collect as keys:
                 ref_logps = [F.log_softmax(a.record(model, below).float(), dim=-1) for a in anchors]
             basis = _protected_basis(keys, config.protect) if config.protect else None
         master = weight.detach().to(master_dtype).clone().requires_grad_(True)
-        start = master.detach().clone() if config.rows < 1 or config.max_update or config.protect else None
+        start = master.detach().clone()
+        override = _low_precision_copies(model, layer, torch.bfloat16) if low else {}
         limit = config.max_update * start.float().norm() if config.max_update else None
         keep = None  # rows that may change (config.rows < 1), chosen at the first step
         optimizer = torch.optim.Adam([master], lr=config.lr, weight_decay=config.weight_decay)
         for step in tqdm(range(config.steps), desc=f"dinm edit (layer {layer})",
                          disable=None if progress is None else not progress, leave=False):
-            override = {name: master.to(weight.dtype)}
-            nll = F.cross_entropy(target.logits(model, below, override).float(), target.labels)
-            if config.stop_nll is not None and nll.item() < config.stop_nll:
-                history.append({"step": step, "nll": nll.item(), "stopped": True})
-                break  # the safe response is likely enough: no further change
-            kl = sum(F.kl_div(F.log_softmax(a.logits(model, below, override).float(), dim=-1), ref, log_target=True,
-                              reduction="batchmean") for a, ref in zip(anchors, ref_logps)) / len(anchors)
+            with _adding(module, as_out_in(spec, master - start)), computing():
+                nll = F.cross_entropy(target.logits(model, below, override).float(), target.labels)
+                if config.stop_nll is not None and nll.item() < config.stop_nll:
+                    history.append({"step": step, "nll": nll.item(), "stopped": True})
+                    break  # the safe response is likely enough: no further change
+                kl = sum(F.kl_div(F.log_softmax(a.logits(model, below, override).float(), dim=-1), ref,
+                                  log_target=True, reduction="batchmean")
+                         for a, ref in zip(anchors, ref_logps)) / len(anchors)
             loss = nll + config.kl_weight * kl
             history.append({"step": step, "nll": nll.item(), "kl": kl.item(), "loss": loss.item()})
             if not torch.isfinite(loss):
