@@ -39,16 +39,20 @@ def one_line_errors(fn):
 model_argument = click.argument("model", metavar="MODEL")
 dtype_option = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                             default="auto", show_default=True, help="Load the model in this dtype.")
+device_map_option = click.option(
+    "--device-map", type=click.Choice(["auto"]), default=None,
+    help="Spread a model that does not fit one device over GPUs, CPU memory and disk (accelerate); layers "
+         "offloaded to disk can be edited, but a delta for one is applied to the checkpoint (dinm apply).")
 trust_option = click.option("--trust-remote-code", is_flag=True,
                             help="Run the model folder's own Python code (off by default).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
-def load(model: str, dtype: str, trust_remote_code: bool):
+def load(model: str, dtype: str, trust_remote_code: bool, device_map: str | None = None):
     from dinm.models import load_model
 
     click.echo(f"loading {model} ...", err=True)
-    return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
 
 
 def read_config(path: str | None):

@@ -2,7 +2,7 @@
 
 import click
 
-from ._common import (check_new_file, dtype_option, emit, json_option, load, model_argument, one_line_errors,
+from ._common import (check_new_file, device_map_option, dtype_option, emit, json_option, load, model_argument, one_line_errors,
                       read_config, trust_option)
 
 
@@ -21,11 +21,12 @@ from ._common import (check_new_file, dtype_option, emit, json_option, load, mod
 @click.option("--kl-weight", type=float, help="Weight of the KL term on the benign prompt.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @dtype_option
+@device_map_option
 @trust_option
 @json_option
 @one_line_errors
 def edit_cmd(model, instance_path, index, output, config_path, layer, distance, steps, lr, kl_weight, overwrite,
-             dtype, trust_remote_code, as_json):
+             dtype, device_map, trust_remote_code, as_json):
     """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
     import os
     import time
@@ -37,7 +38,7 @@ def edit_cmd(model, instance_path, index, output, config_path, layer, distance, 
     config = read_config(config_path)
     overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight)
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    net, tokenizer = load(model, dtype, trust_remote_code)
+    net, tokenizer = load(model, dtype, trust_remote_code, device_map)
     started = time.perf_counter()
     delta = edit(net, tokenizer, instance, config, progress=not as_json)
     seconds = time.perf_counter() - started

@@ -2,7 +2,7 @@
 
 import click
 
-from ._common import (check_new_file, dtype_option, load, model_argument, one_line_errors, read_config,
+from ._common import (check_new_file, device_map_option, dtype_option, load, model_argument, one_line_errors, read_config,
                       trust_option)
 
 
@@ -27,10 +27,11 @@ from ._common import (check_new_file, dtype_option, load, model_argument, one_li
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the full JSON report here.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @dtype_option
+@device_map_option
 @trust_option
 @one_line_errors
 def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path, judge, judge_safe_label, limit,
-                 offset, max_new_tokens, batch_size, output, overwrite, dtype, trust_remote_code):
+                 offset, max_new_tokens, batch_size, output, overwrite, dtype, device_map, trust_remote_code):
     """Measure DS, DG, fluency and benign retention on SafeEdit records, before and after an edit."""
     import json
     import os
@@ -62,7 +63,7 @@ def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path
                                                   "trust_remote_code": trust_remote_code}
     the_judge = load_judge(judge, **judge_kwargs)
 
-    net, tokenizer = load(model, dtype, trust_remote_code)
+    net, tokenizer = load(model, dtype, trust_remote_code, device_map)
     report = evaluate(net, tokenizer, instances, delta=delta, edit=config if do_edit else False, benign=benign,
                       judge=the_judge, max_new_tokens=max_new_tokens, batch_size=batch_size)
     report["data"] = {"path": data_path, "offset": offset, "limit": limit, "benign": benign_path}

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import ops
+from . import ops, placement
 from .errors import DeltaError, first_line
 
 FORMAT = "dinm.delta.v1"
@@ -100,7 +100,7 @@ class Delta:
         tensors, described = {}, {}
         for name, (base, edited) in edits.items():
             base = base.detach().contiguous()
-            d = (edited.detach().to(base.dtype) - base).contiguous()
+            d = (edited.detach().to(device=base.device, dtype=base.dtype) - base).contiguous()
             rows = None
             if d.dim() == 2:
                 changed = (d.abs() > tolerance).any(dim=1)
@@ -269,16 +269,18 @@ class Delta:
             raise DeltaError(f"delta {where} holds tensors its metadata does not describe: {sorted(extra)}")
 
     # ---------------------------------------------------------------- model surgery
-    def _targets(self, model, want: str, force: bool) -> list[tuple[str, torch.nn.Parameter]]:
-        """Check every parameter before anything is changed; `want` is "base" or "edited"."""
+    def _targets(self, model, want: str, force: bool) -> list[tuple[str, torch.Tensor]]:
+        """Check every parameter before anything is changed; `want` is "base" or "edited". Returns the tensors
+        to change in place (for a parameter accelerate offloaded, the one its hook loads from)."""
         targets = []
         model_id = self.metadata.get("base_model", "?")
         for name, desc in self.described.items():
             try:
-                param = model.get_parameter(name)
+                model.get_parameter(name)
             except AttributeError:
                 raise DeltaError(f"the model has no parameter {name!r}; this delta is for a "
                                  f"{self.metadata.get('model_type', '?')} model ({model_id})") from None
+            param = placement.writable(model, name, "apply" if want == "base" else "revert")
             if list(param.shape) != desc["shape"] or _dtype_name(param.dtype) != desc["dtype"]:
                 raise DeltaError(f"parameter {name!r} is {_dtype_name(param.dtype)}{list(param.shape)} in the model "
                                  f"but {desc['dtype']}{desc['shape']} in the delta; load the model in {desc['dtype']}")
@@ -303,12 +305,12 @@ class Delta:
     def apply(self, model, force: bool = False) -> None:
         """Add the delta to `model`'s weights, in place. Refused (model untouched) when the weights are not the
         base the delta was made for, unless `force`."""
-        for name, param in self._targets(model, "base", force):
-            self.update_tensor(name, param.data)
+        for name, tensor in self._targets(model, "base", force):
+            self.update_tensor(name, tensor)
 
     @torch.no_grad()
     def revert(self, model, force: bool = False) -> None:
         """Undo `apply`, in place, restoring every bit. Refused (model untouched) when the model does not hold
         exactly the edited weights, unless `force`."""
-        for name, param in self._targets(model, "edited", force):
-            self.update_tensor(name, param.data, revert=True)
+        for name, tensor in self._targets(model, "edited", force):
+            self.update_tensor(name, tensor, revert=True)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from . import placement
 from .arch import accepts_logits_to_keep, arch_spec, as_out_in, decoder_layers, mlp_out_name, num_layers
 from .config import EditConfig
 from .delta import Delta
@@ -104,7 +105,8 @@ def _low_precision_copies(model, first_layer: int, dtype: torch.dtype) -> dict:
     for name, module in model.named_modules(remove_duplicate=False):
         if (id(module) in running or module is head) and (
                 isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
-            copies[f"{name}.weight"] = module.weight.detach().to(dtype)
+            if module.weight.device.type != "meta":  # offloaded ones are loaded by their hook at each forward
+                copies[f"{name}.weight"] = module.weight.detach().to(dtype)
     return copies
 
 
@@ -189,9 +191,9 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
 
     name = mlp_out_name(model, layer)
     spec = arch_spec(model)
-    weight = model.get_parameter(name)
+    weight, _ = placement.stored(model, name)  # an offloaded layer's values come from accelerate's weights map
     module = model.get_submodule(name.rsplit(".", 1)[0])
-    device = weight.device
+    device = placement.execution_device(model, name)
     encode = _encoding(config)
     # Tokenise once; the sequences run separately, so none is padded to another's length.
     target = _Sequence(encode_pair(tokenizer, instance.prompt, instance.safe, **encode), model, device, config.cache)
@@ -217,7 +219,7 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
             with collect as keys:
                 ref_logps = [F.log_softmax(a.record(model, below).float(), dim=-1) for a in anchors]
             basis = _protected_basis(keys, config.protect) if config.protect else None
-        master = weight.detach().to(master_dtype).clone().requires_grad_(True)
+        master = weight.detach().to(device=device, dtype=master_dtype).clone().requires_grad_(True)
         start = master.detach().clone()
         override = _low_precision_copies(model, layer, torch.bfloat16) if low else {}
         limit = config.max_update * start.float().norm() if config.max_update else None

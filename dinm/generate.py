@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from . import placement
 from .text import end_of_reply_id, pad_batch, pad_id, prompt_ids
 
 
@@ -24,7 +25,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
 def generate_ids(model, tokenizer, seqs: list[list[int]], *, max_new_tokens: int = 64, batch_size: int = 8,
                  progress: bool = False, desc: str = "generate") -> list[list[int]]:
     """The greedy continuation of each id sequence: its new ids, up to and including the end token."""
-    device = model.get_input_embeddings().weight.device
+    device = placement.module_device(model.get_input_embeddings())
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     replies: list[list[int]] = [[] for _ in seqs]
     pad = pad_id(tokenizer)

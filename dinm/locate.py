@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import ops
+from . import ops, placement
 from .arch import accepts_logits_to_keep, decoder_layers
 from .errors import ConfigError
 from .instance import Instance
@@ -94,7 +94,7 @@ def locate(
     kind, mode = DISTANCES[distance]
     ids, attn, mask_a, mask_b = _encode(tokenizer, instance, mode, chat_template, max_prompt_tokens,
                                         max_response_tokens)
-    device = model.get_input_embeddings().weight.device
+    device = placement.module_device(model.get_input_embeddings())
     layers = list(decoder_layers(model))
     # Only hidden states are needed: skip the LM head where the model allows (most of a small model's cost).
     skip_head = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}

