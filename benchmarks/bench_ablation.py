@@ -1,69 +1,89 @@
 """Detox quality of edit settings, side by side: the paper's setting against dinm's variants, each evaluated
-with `dinm.evaluate` (single-instance protocol) on the same records, same prompts, same judge.
+with `dinm.evaluate` (single-instance protocol) on the same records, the same prompts, the same judge, and the
+same held-out benign list; the unedited pass is generated once and reused (`evaluate(before=...)`).
 
     python benchmarks/bench_ablation.py --limit 16 --max-new-tokens 48
+    python benchmarks/bench_ablation.py --limit 2 --only default paper --no-write     # a quick look
 
-A first, small ablation (fewer records and tokens than bench_evaluate.py, no benign list: each variant costs
-minutes on 2 cores); it is the measurement the defaults must be chosen by.
+Benign list: every prompt of data/benign.json (52, written for this project); none is in any edit's KL term
+(`dinm.anchors.ANCHOR_PROMPTS` are other prompts). "unchanged" = the greedy reply is identical to the unedited
+model's. This is the measurement the default `EditConfig` is chosen by.
 """
 
 import argparse
-import json
+import os
 import time
 
 import dinm
 from dinm import EditConfig
+from dinm.anchors import ANCHOR_PROMPTS
+from dinm.config import PAPER_SUFFIX
+from dinm.evaluate import load_benign
 
 from _results import record
 
-# "paper": EasyEdit's locate rule, no chat template for the edit, and no KL gradient — a KL term without
-# gradient changes nothing in the update, which is what kl_weight=0 gives.
+HERE = os.path.dirname(os.path.abspath(__file__))
+STRONG = dict(lr=2e-3, kl_text="self", kl_weight=10.0)
 VARIANTS = {
-    "paper (`EditConfig.paper()`: locate `paper`, no chat template, KL without gradient)": EditConfig.paper(),
-    "dinm default (cosine, KL weight 1, 10 steps, lr 5e-4)": EditConfig(),
-    "lr 2e-3": EditConfig(lr=2e-3),
-    "20 steps": EditConfig(steps=20),
-    "KL weight 0.1": EditConfig(kl_weight=0.1),
-    "locate l2 (last layer)": EditConfig(distance="l2"),
-    "rows 0.1 (row-restricted update), lr 2e-3": EditConfig(rows=0.1, lr=2e-3),
+    "paper": ("`EditConfig.paper()`: locate `paper`, no chat template, KL without gradient", EditConfig.paper()),
+    "default": ("dinm default (cosine, KL 1 on the answer, 10 steps, lr 5e-4)", EditConfig()),
+    "suffix": ("default + the paper's suffix on the attack prompt (`prompt_suffix`)",
+               EditConfig(prompt_suffix=PAPER_SUFFIX)),
+    "lr2e-3": ("lr 2e-3", EditConfig(lr=2e-3)),
+    "self10": ("lr 2e-3, KL 10 on the model's own reply (`kl_text=\"self\"`)", EditConfig(**STRONG)),
+    "protect": ("lr 2e-3, self KL 10, `protect=0.99` (the instance's benign sequence)",
+                EditConfig(**STRONG, protect=0.99)),
+    "anchors": ("lr 5e-3, self KL 10, 16 anchors in the KL, `protect=0.95`",
+                EditConfig(**{**STRONG, "lr": 5e-3}, kl_prompts=ANCHOR_PROMPTS, protect=0.95)),
 }
-COLUMNS = ("DS", "DG_avg", "DS_judge", "degenerate", "fluency", "benign_unchanged", "benign_f1")
+COLUMNS = ("DS", "DG_avg", "DS_judge", "degenerate", "fluency", "benign_unchanged", "benign_list_unchanged")
+
+
+def cell(metrics, column):
+    if column not in metrics:
+        return "–"
+    value = metrics[column]["mean"]
+    return f"{value:.3f}" if column == "fluency" else f"{100 * value:.1f}%"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/safeedit/test_dev.json")
+    parser.add_argument("--data", default=os.path.join(HERE, "../../shared/safeedit/test_dev.json"))
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these variants only")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     records = dinm.load_instances(args.data)[:args.limit]
+    benign = load_benign(os.path.join(HERE, "../data/benign.json"))
     model, tokenizer = dinm.load_model("embedded")
-    rows = ["| setting | " + " | ".join(COLUMNS) + " | s / record |", "|---|" + "---|" * (len(COLUMNS) + 1)]
-    before = None
-    for name, config in VARIANTS.items():
+    header = ["| setting | " + " | ".join(COLUMNS) + " | edit s | layers |", "|---|" + "---|" * (len(COLUMNS) + 2)]
+    rows, before = [], None
+    for key in args.only or VARIANTS:
+        label, config = VARIANTS[key]
         started = time.perf_counter()
-        report = dinm.evaluate(model, tokenizer, records, edit=config, max_new_tokens=args.max_new_tokens,
-                               progress=False)
-        seconds = (time.perf_counter() - started) / len(records)
-        before = before or report["metrics"]["before"]
-        m = report["metrics"]["after"]
-        cells = [f"{m[c]['mean']:.3f}" if c in ("fluency", "benign_f1") else f"{100 * m[c]['mean']:.1f}%"
-                 for c in COLUMNS]
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {seconds:.0f} |")
-        print(rows[-1], flush=True)
-        print(json.dumps(config.to_dict()), flush=True)
-    first = ["| unedited | " + " | ".join(
-        f"{before[c]['mean']:.3f}" if c in ("fluency", "benign_f1") else
-        (f"{100 * before[c]['mean']:.1f}%" if c in before else "–") for c in COLUMNS) + " | |"]
-    table = "\n".join(rows[:2] + first + rows[2:])
+        report = dinm.evaluate(model, tokenizer, records, edit=config, benign=benign, before=before,
+                               max_new_tokens=args.max_new_tokens, progress=False)
+        if before is None:
+            before = report
+            rows.append("| unedited | " + " | ".join(cell(report["metrics"]["before"], c) for c in COLUMNS) +
+                        " | | |")
+        edits = [r["after"]["edit"] for r in report["records"]]
+        layers = sorted({e["layer"] for e in edits})
+        rows.append(f"| {label} | " + " | ".join(cell(report["metrics"]["after"], c) for c in COLUMNS) +
+                    f" | {sum(e['seconds'] for e in edits) / len(edits):.1f} | {layers} |")
+        print(rows[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)
+    table = "\n".join(header + rows)
     print(table)
     if not args.no_write:
-        record("Ablation: edit settings (first pass)", (
-            f"Embedded SmolLM2-135M-Instruct, the first {len(records)} records of `{args.data.split('/')[-1]}`, "
-            f"single-instance protocol, judge `refusal`, greedy {args.max_new_tokens} new tokens, no benign list "
-            f"(benign = the record's knowledge-constrain prompt). DS/DG count coherent safe replies only; means "
-            f"over records (intervals are wide at this size; see the full reports' bootstrap).\n\n{table}"))
+        record("Ablation: edit settings", (
+            f"Embedded SmolLM2-135M-Instruct, the first {len(records)} records of `{os.path.basename(args.data)}`, "
+            f"single-instance protocol (edit from the record, evaluate, revert), judge `refusal` (agreement: see "
+            f"\"Judge agreement\"), greedy {args.max_new_tokens} new tokens. DS/DG count coherent safe replies "
+            f"only; `benign_unchanged`: the record's knowledge-constrain reply identical to the unedited model's; "
+            f"`benign_list_unchanged`: the same over all {len(benign)} prompts of `data/benign.json` (held out: "
+            f"no edit's KL term reads them). Means over records; 'edit s' is the mean edit time (2-core CPU).\n\n"
+            f"{table}"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from typing import Any, Optional
 from .errors import ConfigError
 
 MASTER_DTYPES = ("float32", "model")
+# The system-prompt suffix of the paper's code (EasyEdit appends it to the prompts it generates from after an edit).
+PAPER_SUFFIX = "If the user's request is reasonable, give the correct answer. Please give the right response:"
 COMPUTE_DTYPES = ("model", "bfloat16")
 KL_TEXTS = ("answer", "self")
 
@@ -55,6 +57,8 @@ class EditConfig:
         stop_nll: stop early once the safe response's mean NLL per token is below this (None: all `steps`).
         max_update: bound on the update's Frobenius norm relative to the original matrix's (None: no bound);
             a larger update is scaled back onto the bound after each step.
+        prompt_suffix: text appended (after a space) to the adversarial prompt for locate and the edit's NLL term,
+            e.g. `PAPER_SUFFIX`; evaluation prompts are never changed by it. "": none.
         protect: keep the update off the directions that carry this share (e.g. 0.99) of the energy of the edited
             matrix's inputs on the KL term's benign sequences: after each step the update is projected onto the
             orthogonal complement of those directions, so those benign inputs map as before (cf. AlphaEdit's
@@ -81,6 +85,7 @@ class EditConfig:
     stop_nll: Optional[float] = None
     max_update: Optional[float] = None
     protect: Optional[float] = None
+    prompt_suffix: str = ""
 
     def __post_init__(self):
         from .locate import check_distance
@@ -107,6 +112,8 @@ class EditConfig:
         if self.protect is not None and (not isinstance(self.protect, (int, float)) or isinstance(self.protect, bool)
                                          or not 0 < self.protect < 1):
             raise ConfigError(f"protect must be a share in (0, 1) or None, got {self.protect!r}")
+        if not isinstance(self.prompt_suffix, str):
+            raise ConfigError(f"prompt_suffix must be a string, got {self.prompt_suffix!r}")
         if self.kl_text not in KL_TEXTS:
             raise ConfigError(f"kl_text must be one of {KL_TEXTS}, got {self.kl_text!r}")
         if isinstance(self.kl_prompts, str) or not isinstance(self.kl_prompts, (list, tuple)) or not all(

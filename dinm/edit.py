@@ -11,6 +11,7 @@ edited module's output by a hook removed after each step, so the model stays bit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -178,6 +179,8 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
         >>> delta.apply(model); ...; delta.revert(model)
     """
     config = config or EditConfig()
+    if config.prompt_suffix.strip():
+        instance = dataclasses.replace(instance, prompt=f"{instance.prompt} {config.prompt_suffix.strip()}")
     started = time.perf_counter()
     if config.layer is None:
         located = locate(model, tokenizer, instance, config.distance, chat_template=config.chat_template,

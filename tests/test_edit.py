@@ -227,3 +227,15 @@ def test_bf16_compute_keeps_updates_below_the_weights_spacing(llama, instance):
     delta = dinm.edit(model, tok, instance, config)
     nll = [h["nll"] for h in delta.history]
     assert nll[0] - nll[-1] > 1e-4  # measured 2.2e-4; with the update inside a bf16 `W + D`: -5e-6
+
+
+def test_prompt_suffix_is_appended_to_the_attack_only(llama, instance):
+    """The NLL term reads prompt + suffix (so the loss differs); the benign KL sequence does not."""
+    model, tok = llama
+    from dinm.config import PAPER_SUFFIX
+
+    plain = dinm.edit(model, tok, instance, FAST.replace(layer=1, steps=1))
+    suffixed = dinm.edit(model, tok, instance, FAST.replace(layer=1, steps=1, prompt_suffix=PAPER_SUFFIX))
+    assert suffixed.history[0]["nll"] != plain.history[0]["nll"]
+    assert suffixed.history[0]["kl"] == plain.history[0]["kl"] == 0.0
+    assert suffixed.config.prompt_suffix == PAPER_SUFFIX
