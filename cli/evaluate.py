@@ -2,8 +2,8 @@
 
 import click
 
-from ._common import (check_new_file, device_map_option, dtype_option, load, model_argument, one_line_errors, read_config,
-                      trust_option)
+from ._common import (check_new_file, device_map_option, dtype_option, load, model_argument, one_line_errors,
+                      read_config, trust_option)
 
 
 @click.command("evaluate")
