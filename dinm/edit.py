@@ -194,9 +194,9 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
 
     name = mlp_out_name(model, layer)
     spec = arch_spec(model)
-    weight, _ = placement.stored(model, name)  # an offloaded layer's values come from accelerate's weights map
+    weight = placement.stored(model, name)  # an offloaded layer's values come from accelerate's weights map
     module = model.get_submodule(name.rsplit(".", 1)[0])
-    device = placement.execution_device(model, name)
+    device = placement.module_device(module)
     encode = _encoding(config)
     # Tokenise once; the sequences run separately, so none is padded to another's length.
     target = _Sequence(encode_pair(tokenizer, instance.prompt, instance.safe, **encode), model, device, config.cache)

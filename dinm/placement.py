@@ -34,33 +34,26 @@ def module_device(module) -> torch.device:
     return next(module.parameters()).device
 
 
-def execution_device(model, name: str) -> torch.device:
-    """The device parameter `name`'s module computes on."""
-    return module_device(_split(model, name)[0])
-
-
-def stored(model, name: str) -> tuple[torch.Tensor, bool]:
-    """(the tensor holding parameter `name`'s values, whether writing it in place changes the model).
-
-    An offloaded parameter is read from its hook's weights map: in memory (CPU offload) that tensor is the one
-    the hook loads from, so it can be written; read from disk each time, it cannot.
-    """
+def stored(model, name: str) -> torch.Tensor:
+    """The tensor holding parameter `name`'s values: the parameter's own, or for an offloaded one (on "meta") the
+    one its accelerate hook loads before each forward, read from the hook's weights map."""
     module, leaf = _split(model, name)
     param = getattr(module, leaf)
     if param.device.type != "meta":
-        return param.data, True
+        return param.data
     weights = getattr(_hook(module), "weights_map", None)
     if weights is None:
         raise DeltaError(f"parameter {name!r} is on the meta device and no accelerate hook holds its values; "
                          f"load the model with its weights")
-    first, second = weights[leaf], weights[leaf]
-    return first, first.data_ptr() == second.data_ptr()
+    return weights[leaf]
 
 
 def writable(model, name: str, action: str) -> torch.Tensor:
-    """The tensor to change in place for parameter `name`, or a DeltaError saying why it cannot be."""
-    tensor, can_write = stored(model, name)
-    if not can_write:
+    """The tensor to change in place for parameter `name`, or a DeltaError saying why it cannot be. An offloaded
+    parameter kept in memory (CPU offload) is the same tensor at every read, so writing it changes what the hook
+    loads; one read from disk is a new tensor each time and cannot be written."""
+    tensor = stored(model, name)
+    if model.get_parameter(name).is_meta and stored(model, name).data_ptr() != tensor.data_ptr():
         raise DeltaError(f"cannot {action} in place: parameter {name!r} is offloaded to disk by accelerate; "
                          f"{action} the delta to the checkpoint folder instead (`dinm {action} DELTA FOLDER -o NEW`) "
                          f"and load that, or keep its layer in memory (device_map / max_memory)")

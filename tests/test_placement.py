@@ -57,10 +57,10 @@ def test_edit_on_disk_offloaded_model_equals_in_memory(on_disk, plain, tokenizer
 def test_delta_on_disk_offloaded_layer_is_refused_and_nothing_changes(on_disk, tokenizer, instance):
     delta = dinm.edit(on_disk, tokenizer, instance, CONFIG.replace(layer=2))
     name = delta.names[0]
-    before = stored(on_disk, name)[0].clone()
+    before = stored(on_disk, name).clone()
     with pytest.raises(DeltaError, match=f"{name}.*offloaded to disk.*dinm apply"):
         delta.apply(on_disk)
-    assert torch.equal(stored(on_disk, name)[0], before)
+    assert torch.equal(stored(on_disk, name), before)
 
 
 def test_cpu_offloaded_model_edit_apply_revert(cpu_offloaded, plain, tokenizer, instance):
@@ -81,10 +81,10 @@ def test_cpu_offloaded_model_edit_apply_revert(cpu_offloaded, plain, tokenizer, 
 def test_evaluate_with_delta_on_cpu_offloaded_model(cpu_offloaded, tokenizer, instance):
     delta = dinm.edit(cpu_offloaded, tokenizer, instance, CONFIG.replace(layer=1))
     name = delta.names[0]
-    base = stored(cpu_offloaded, name)[0].clone()
+    base = stored(cpu_offloaded, name).clone()
     report = dinm.evaluate(cpu_offloaded, tokenizer, [instance], delta=delta, max_new_tokens=4, progress=False)
     assert report["records"][0]["after"]["DS"]["reply"] is not None
-    assert torch.equal(stored(cpu_offloaded, name)[0], base)  # reverted after the evaluation
+    assert torch.equal(stored(cpu_offloaded, name), base)  # reverted after the evaluation
 
 
 def test_load_model_and_cli_with_device_map(tiny_folder, tmp_path):
