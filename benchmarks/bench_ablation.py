@@ -23,18 +23,21 @@ from dinm.evaluate import load_benign
 from _results import record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STRONG = dict(lr=2e-3, kl_text="self", kl_weight=10.0)
+STRONG = dict(lr=2e-3, kl_text="self", kl_weight=10.0, preserve_weight=0.0)
 VARIANTS = {
     "paper": ("`EditConfig.paper()`: locate `paper`, no chat template, KL without gradient", EditConfig.paper()),
-    "default": ("dinm default (cosine, KL 1 on the answer, 10 steps, lr 5e-4)", EditConfig()),
-    "suffix": ("default + the paper's suffix on the attack prompt (`prompt_suffix`)",
-               EditConfig(prompt_suffix=PAPER_SUFFIX)),
-    "lr2e-3": ("lr 2e-3", EditConfig(lr=2e-3)),
+    "v0": ("`EditConfig.v0()`, the first default (cosine, KL 1 on the answer, 10 steps, lr 5e-4)", EditConfig.v0()),
+    "suffix": ("v0 + the paper's suffix on the attack prompt (`prompt_suffix`)",
+               EditConfig.v0(prompt_suffix=PAPER_SUFFIX)),
+    "lr2e-3": ("v0 at lr 2e-3", EditConfig.v0(lr=2e-3)),
     "self10": ("lr 2e-3, KL 10 on the model's own reply (`kl_text=\"self\"`)", EditConfig(**STRONG)),
     "protect": ("lr 2e-3, self KL 10, `protect=0.99` (the instance's benign sequence)",
                 EditConfig(**STRONG, protect=0.99)),
     "anchors": ("lr 5e-3, self KL 10, 16 anchors in the KL, `protect=0.95`",
                 EditConfig(**{**STRONG, "lr": 5e-3}, kl_prompts=ANCHOR_PROMPTS, protect=0.95)),
+    "preserve": ("**default**: lr 2e-3, self KL 10, `preserve_weight=1000` (benign-key penalty, `dinm.keys`)",
+                 EditConfig()),
+    "preserve_nokl": ("lr 2e-3, no KL, `preserve_weight=1000`", EditConfig(kl_weight=0.0)),
 }
 COLUMNS = ("DS", "DG_avg", "DS_judge", "degenerate", "fluency", "benign_unchanged", "benign_list_unchanged")
 
@@ -52,6 +55,7 @@ def main():
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these variants only")
+    parser.add_argument("--section", default="Ablation: edit settings", help="RESULTS.md section to (re)write")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     records = dinm.load_instances(args.data)[:args.limit]
@@ -76,7 +80,7 @@ def main():
     table = "\n".join(header + rows)
     print(table)
     if not args.no_write:
-        record("Ablation: edit settings", (
+        record(args.section, (
             f"Embedded SmolLM2-135M-Instruct, the first {len(records)} records of `{os.path.basename(args.data)}`, "
             f"single-instance protocol (edit from the record, evaluate, revert), judge `refusal` (agreement: see "
             f"\"Judge agreement\"), greedy {args.max_new_tokens} new tokens. DS/DG count coherent safe replies "

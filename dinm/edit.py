@@ -29,6 +29,7 @@ from .errors import ConfigError, EditError
 from .instance import Instance
 from .locate import locate
 from .generate import generate_ids
+from .keys import key_moment
 from .text import Encoded, encode_pair
 from .trace import record_outputs, replay_outputs
 
@@ -138,6 +139,12 @@ def _protected_basis(keys: list, share: float) -> torch.Tensor:
     return vectors[:, :r].float()
 
 
+def _output_energy(matrix: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """Mean ||M k||^2 over the keys k whose second moment is `moment`: tr(M E[k k^T] M^T)."""
+    m = matrix.float()
+    return ((m @ moment) * m).sum()
+
+
 def _kl_texts(model, tokenizer, instance: Instance, config: EditConfig) -> list:
     """The encoded benign sequences of the KL term: the instance's benign prompt and `config.kl_prompts`, each
     followed by the instance's answer or the unedited model's own greedy reply (see `EditConfig.kl_text`)."""
@@ -222,6 +229,10 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
             with collect as keys:
                 ref_logps = [F.log_softmax(a.record(model, below).float(), dim=-1) for a in anchors]
             basis = _protected_basis(keys, config.protect) if config.protect else None
+            # E[k k^T] of the edited matrix's inputs on benign text, and the layer's output energy there
+            moment = key_moment(model, tokenizer, layer, chat_template=config.chat_template).to(device) \
+                if config.preserve_weight else None
+            energy = _output_energy(as_out_in(spec, weight.detach().to(device)), moment) if moment is not None else None
         master = weight.detach().to(device=device, dtype=master_dtype).clone().requires_grad_(True)
         start = master.detach().clone()
         override = _low_precision_copies(model, layer, torch.bfloat16) if low else {}
@@ -239,7 +250,12 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
                                   log_target=True, reduction="batchmean")
                          for a, ref in zip(anchors, ref_logps)) / len(anchors)
             loss = nll + config.kl_weight * kl
-            history.append({"step": step, "nll": nll.item(), "kl": kl.item(), "loss": loss.item()})
+            moved = {}
+            if moment is not None:  # mean ||D k||^2 over benign inputs, relative to the layer's own output there
+                share = _output_energy(as_out_in(spec, master - start), moment) / energy
+                loss = loss + config.preserve_weight * share
+                moved = {"moved": share.item()}
+            history.append({"step": step, "nll": nll.item(), "kl": kl.item(), **moved, "loss": loss.item()})
             if not torch.isfinite(loss):
                 raise EditError(f"edit diverged at step {step}: loss is {history[-1]['loss']}; the model is "
                                 f"unchanged. Lower lr (now {config.lr})")

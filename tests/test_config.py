@@ -24,7 +24,7 @@ def test_unknown_field_suggests():
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("lr", float("nan")), ("kl_weight", -1.0),
                                           ("distance", "manhattan"), ("master_dtype", "float64"), ("layer", -1),
-                                          ("compute_dtype", "float16"),
+                                          ("compute_dtype", "float16"), ("preserve_weight", -1.0),
                                           ("max_prompt_tokens", 2.5)])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field if field != "distance" else "distance"):
@@ -41,7 +41,15 @@ def test_paper_preset():
     paper = EditConfig.paper()
     assert (paper.distance, paper.chat_template, paper.kl_weight, paper.steps, paper.lr) == ("paper", False, 0.0, 10, 5e-4)
     assert EditConfig.paper(steps=3).steps == 3
+    assert (paper.kl_text, paper.preserve_weight) == ("answer", 0.0)  # the paper has neither
     assert EditConfig.from_json(paper.to_json()) == paper
+
+
+def test_default_and_first_default():
+    # the default chosen by the ablation (README, "Choosing the default edit"); v0 kept for comparison
+    default, v0 = EditConfig(), EditConfig.v0()
+    assert (default.lr, default.kl_text, default.kl_weight, default.preserve_weight) == (2e-3, "self", 10.0, 1000.0)
+    assert (v0.lr, v0.kl_text, v0.kl_weight, v0.preserve_weight) == (5e-4, "answer", 1.0, 0.0)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -9,7 +9,7 @@ from dinm.errors import ConfigError, EditError
 
 from conftest import same_state, state
 
-FAST = EditConfig(steps=4, lr=1e-2)
+FAST = EditConfig.v0(steps=4, lr=1e-2)
 
 
 def test_edit_leaves_the_model_bit_identical(tiny, instance):
@@ -49,7 +49,7 @@ def test_kl_term_has_a_gradient(llama, instance):
     """With the KL weighted heavily the benign distribution moves less than without it: the KL
     constrains the edit (in the reference implementation it has no gradient and would not)."""
     model, tok = llama
-    config = EditConfig(steps=8, lr=3e-2, layer=2)
+    config = EditConfig.v0(steps=8, lr=3e-2, layer=2)
     free = dinm.edit(model, tok, instance, config.replace(kl_weight=0.0)).history[-1]["kl"]
     held = dinm.edit(model, tok, instance, config.replace(kl_weight=100.0)).history[-1]["kl"]
     assert held < 0.5 * free
@@ -61,7 +61,7 @@ def test_nan_aborts_and_leaves_the_model(llama, instance):
         model.lm_head.weight[5, 3] = float("nan")  # a broken checkpoint: the loss is NaN
     before = state(model)
     with pytest.raises(EditError, match="diverged at step 0: loss is nan; the model is unchanged"):
-        dinm.edit(model, tok, instance, EditConfig(steps=3, layer=0))
+        dinm.edit(model, tok, instance, EditConfig.v0(steps=3, layer=0))
     assert same_state(model, before)
 
 
@@ -94,7 +94,7 @@ def test_cached_path_equals_full_forwards(tiny, instance, layer):
     """Replaying the frozen layers' outputs and keeping only the needed logits gives the same loss
     trajectory and the same delta as running the whole model at every step (fp32, atol 1e-5)."""
     model, tok = tiny
-    config = EditConfig(steps=5, lr=1e-2, layer=layer)
+    config = EditConfig.v0(steps=5, lr=1e-2, layer=layer)
     fast = dinm.edit(model, tok, instance, config)
     slow = dinm.edit(model, tok, instance, config.replace(cache=False))
     for a, b in zip(fast.history, slow.history):
@@ -109,10 +109,10 @@ def test_frozen_layers_below_run_once(llama, instance):
     calls = []
     handle = model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
     try:
-        dinm.edit(model, tok, instance, EditConfig(steps=4, layer=2))
+        dinm.edit(model, tok, instance, EditConfig.v0(steps=4, layer=2))
         cached = len(calls)
         calls.clear()
-        dinm.edit(model, tok, instance, EditConfig(steps=4, layer=2, cache=False))
+        dinm.edit(model, tok, instance, EditConfig.v0(steps=4, layer=2, cache=False))
     finally:
         handle.remove()
     assert cached == 2  # one recording pass per sequence (attack + safe, benign), none per step
@@ -123,7 +123,7 @@ def test_frozen_layers_below_run_once(llama, instance):
 def test_row_restricted_edit_changes_only_its_rows(tiny, instance):
     model, tok = tiny
     before = state(model)
-    delta = dinm.edit(model, tok, instance, EditConfig(steps=4, lr=1e-2, rows=0.25, weight_decay=0.1))
+    delta = dinm.edit(model, tok, instance, EditConfig.v0(steps=4, lr=1e-2, rows=0.25, weight_decay=0.1))
     name = delta.names[0]
     rows = model.get_parameter(name).shape[0]
     summary = delta.summary()["tensors"][name]
@@ -151,7 +151,7 @@ def _keys(model, layer, tok, instance, config):
 def test_protect_keeps_the_update_off_the_benign_inputs(llama, instance):
     """With `protect` the update maps the KL sequences' inputs (almost) as before; without it, it does not."""
     model, tok = llama
-    config = EditConfig(steps=4, lr=3e-2, layer=1, kl_text="self", kl_reply_tokens=8, kl_prompts=("Hi there",))
+    config = EditConfig.v0(steps=4, lr=3e-2, layer=1, kl_text="self", kl_reply_tokens=8, kl_prompts=("Hi there",))
     keys = _keys(model, 1, tok, instance, config)
     moved = {}
     for protect in (None, 0.999):
@@ -164,7 +164,7 @@ def test_protect_keeps_the_update_off_the_benign_inputs(llama, instance):
 
 def test_max_update_bounds_the_norm(llama, instance):
     model, tok = llama
-    config = EditConfig(steps=4, lr=3e-2, layer=1)
+    config = EditConfig.v0(steps=4, lr=3e-2, layer=1)
     weight = model.get_parameter(mlp_out_name(model, 1)).detach()
     free = dinm.edit(model, tok, instance, config)
     held = dinm.edit(model, tok, instance, config.replace(max_update=0.01))
@@ -174,7 +174,7 @@ def test_max_update_bounds_the_norm(llama, instance):
 
 def test_stop_nll_stops_once_the_safe_response_is_likely(llama, instance):
     model, tok = llama
-    config = EditConfig(steps=8, lr=3e-2, layer=1)
+    config = EditConfig.v0(steps=8, lr=3e-2, layer=1)
     full = dinm.edit(model, tok, instance, config).history
     threshold = (full[1]["nll"] + full[2]["nll"]) / 2  # reached after two steps
     early = dinm.edit(model, tok, instance, config.replace(stop_nll=threshold))
@@ -187,8 +187,8 @@ def test_kl_text_self_reads_the_models_own_reply(llama, instance):
     from dinm.edit import _kl_texts
 
     model, tok = llama
-    answer = _kl_texts(model, tok, instance, EditConfig())
-    own = _kl_texts(model, tok, instance, EditConfig(kl_text="self", kl_reply_tokens=5, kl_prompts=("Hello",)))
+    answer = _kl_texts(model, tok, instance, EditConfig.v0())
+    own = _kl_texts(model, tok, instance, EditConfig.v0(kl_text="self", kl_reply_tokens=5, kl_prompts=("Hello",)))
     assert len(answer) == 1 and len(own) == 2
     assert own[0].ids[:own[0].n_prompt] == answer[0].ids[:answer[0].n_prompt]  # same prompt, other reply
     prompt = torch.tensor([own[0].ids[:own[0].n_prompt]])
@@ -202,7 +202,7 @@ def test_bf16_compute_tracks_fp32(tiny, instance, layer):
     """compute_dtype="bfloat16" on an fp32 model: the loss trajectory and the update stay close to fp32's (bf16
     rounding of the passes only), and the model is untouched."""
     model, tok = tiny
-    config = EditConfig(steps=5, lr=1e-2, layer=layer)
+    config = EditConfig.v0(steps=5, lr=1e-2, layer=layer)
     before = state(model)
     fp32 = dinm.edit(model, tok, instance, config)
     bf16 = dinm.edit(model, tok, instance, config.replace(compute_dtype="bfloat16"))
@@ -223,7 +223,7 @@ def test_bf16_compute_keeps_updates_below_the_weights_spacing(llama, instance):
     name = mlp_out_name(model, 0)
     with torch.no_grad():
         model.get_parameter(name).mul_(64).add_(torch.sign(model.get_parameter(name)))  # |w| >= 1: spacing >= 2^-7
-    config = EditConfig(steps=3, lr=1e-3, layer=0, kl_weight=0.0, compute_dtype="bfloat16")  # Adam steps ~1e-3
+    config = EditConfig.v0(steps=3, lr=1e-3, layer=0, kl_weight=0.0, compute_dtype="bfloat16")  # Adam steps ~1e-3
     delta = dinm.edit(model, tok, instance, config)
     nll = [h["nll"] for h in delta.history]
     assert nll[0] - nll[-1] > 1e-4  # measured 2.2e-4; with the update inside a bf16 `W + D`: -5e-6

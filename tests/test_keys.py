@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+import dinm
+from dinm import EditConfig, keys
+from dinm.arch import as_out_in, arch_spec, mlp_out_name
+from dinm.text import encode_pair
+
+
+def _straight_moment(model, tok, layer):
+    """E[k k^T] the plain way: every corpus sequence alone, the whole model, every input of the matrix kept."""
+    module = model.get_submodule(mlp_out_name(model, layer).rsplit(".", 1)[0])
+    seen = []
+    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            for prompt, reply in keys.benign_corpus():
+                model(input_ids=torch.tensor([encode_pair(tok, prompt, reply, max_response_tokens=64).ids]))
+    finally:
+        handle.remove()
+    k = torch.cat(seen).double()
+    return (k.T @ k / len(k)).float()
+
+
+def test_corpus_is_held_apart_from_the_evaluation_list():
+    import json
+    import os
+
+    from conftest import DATA
+    from dinm.anchors import ANCHOR_PROMPTS
+
+    with open(os.path.join(DATA, "benign.json"), encoding="utf-8") as f:
+        held_out = {item["prompt"] for item in json.load(f)}
+    prompts = {p for p, _ in keys.benign_corpus()}
+    assert len(prompts) >= 100 and all(r.strip() for _, r in keys.benign_corpus())
+    assert not prompts & held_out and not prompts & set(ANCHOR_PROMPTS)
+
+
+def test_key_moment_equals_the_straightforward_computation(tiny):
+    """Batched with right padding, stopped at the edited matrix: the same statistic as one sequence at a time."""
+    model, tok = tiny
+    keys._CACHE.clear()
+    for layer in (0, 2):
+        fast = keys.key_moment(model, tok, layer)
+        torch.testing.assert_close(fast, _straight_moment(model, tok, layer), rtol=1e-4, atol=1e-6)
+
+
+def test_key_moment_is_kept_until_the_weights_below_change(llama):
+    model, tok = llama
+    keys._CACHE.clear()
+    calls = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        first = keys.key_moment(model, tok, 1)
+        runs = len(calls)
+        assert keys.key_moment(model, tok, 1) is first and len(calls) == runs  # kept
+        with torch.no_grad():
+            model.get_parameter(mlp_out_name(model, 0)).mul_(1.5)  # below the edited matrix: its inputs change
+        again = keys.key_moment(model, tok, 1)
+        assert len(calls) > runs and not torch.equal(again, first)
+    finally:
+        handle.remove()
+
+
+def test_preserve_weight_keeps_the_update_off_benign_inputs(tiny, instance):
+    """The penalty is what it says: the edited layer's output on the corpus moves less than without it (the
+    share recorded in the history is that measure), and it is still an edit."""
+    model, tok = tiny
+    config = EditConfig.v0(steps=6, lr=3e-3, layer=1)
+    moment = keys.key_moment(model, tok, 1)
+    weight = as_out_in(arch_spec(model), model.get_parameter(mlp_out_name(model, 1)).detach()).float()
+    base = (weight @ moment * weight).sum()
+    moved = {}
+    for w in (0.0, 10.0):
+        delta = dinm.edit(model, tok, instance, config.replace(preserve_weight=w))
+        update = as_out_in(arch_spec(model), delta.dense(delta.names[0])).float()
+        moved[w] = ((update @ moment * update).sum() / base).item()
+        assert update.abs().sum() > 0
+    assert moved[10.0] < 0.2 * moved[0.0]
+    history = delta.history  # the penalised edit's: each step's share is of the update before that step
+    assert history[0]["moved"] == 0 and history[-1]["moved"] > 0
+    assert history[-1]["loss"] == pytest.approx(history[-1]["nll"] + history[-1]["kl"] + 10.0 * history[-1]["moved"],
+                                                rel=1e-5)
