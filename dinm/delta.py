@@ -73,6 +73,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# What an edit did before these EditConfig fields existed (their defaults since differ).
+_BEFORE_FIELD = {"kl_text": "answer", "preserve_weight": 0.0}
+
+
 class Delta:
     """The update of one or more parameters, with what is needed to check and undo it.
 
@@ -150,7 +154,12 @@ class Delta:
     def config(self):
         from .config import EditConfig
 
-        return EditConfig.from_json(self.metadata["config"]) if "config" in self.metadata else None
+        if "config" not in self.metadata:
+            return None
+        EditConfig.from_json(self.metadata["config"])  # a one-line ConfigError unless it is a valid config
+        given = json.loads(self.metadata["config"])
+        # A field the delta's dinm did not have yet: what that dinm did, not today's default.
+        return EditConfig.from_dict({**_BEFORE_FIELD, **given})
 
     def dense(self, name: str) -> torch.Tensor:
         """The update of parameter `name` as a full tensor of the parameter's shape (zeros where unchanged)."""

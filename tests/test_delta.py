@@ -34,6 +34,15 @@ def test_apply_changes_only_the_edited_tensor_and_revert_is_bit_exact(edited):
     assert same_state(model, before)
 
 
+def test_config_of_an_older_delta_reads_as_that_edit_ran(edited):
+    """A delta made before `preserve_weight` / `kl_text` existed ran without the penalty, on the answer."""
+    _, delta = edited
+    old = {k: v for k, v in json.loads(delta.metadata["config"]).items() if k not in ("preserve_weight", "kl_text")}
+    older = Delta(delta.tensors, {**delta.metadata, "config": json.dumps(old)})
+    assert (older.config.preserve_weight, older.config.kl_text) == (0.0, "answer")
+    assert older.config.replace(preserve_weight=FAST.preserve_weight, kl_text=FAST.kl_text) == FAST
+
+
 def test_save_load_round_trip(edited, tmp_path):
     model, delta = edited
     path = tmp_path / "d.safetensors"
