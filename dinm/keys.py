@@ -46,13 +46,14 @@ class _Stop(Exception):
 
 def _fingerprint(model, layer: int) -> tuple:
     """Changes when any weight the edited matrix's input depends on changes (the embeddings and the decoder
-    layers up to `layer`, e.g. after another delta was applied there). Sums in float64: cheap, and equal only
+    layers up to `layer`, the matrix itself excepted, e.g. after another delta was applied there). Sums in float64: cheap, and equal only
     for equal weights in practice; a stale statistic would only weaken a regulariser, never change a result
     silently beyond that."""
     params = list(model.get_input_embeddings().parameters())
     for block in list(decoder_layers(model))[:layer + 1]:
         params += list(block.parameters())
-    values = [p.detach().double().sum() for p in params if p.device.type != "meta"]
+    own = model.get_submodule(mlp_out_name(model, layer).rsplit(".", 1)[0]).weight  # reads them; they are not its
+    values = [p.detach().double().sum() for p in params if p.device.type != "meta" and p is not own]
     return tuple(torch.stack(values).tolist()) if values else ()
 
 

@@ -55,6 +55,9 @@ def test_key_moment_is_kept_until_the_weights_below_change(llama):
         runs = len(calls)
         assert keys.key_moment(model, tok, 1) is first and len(calls) == runs  # kept
         with torch.no_grad():
+            model.get_parameter(mlp_out_name(model, 1)).mul_(1.5)  # the matrix itself: its inputs stay
+        assert keys.key_moment(model, tok, 1) is first and len(calls) == runs
+        with torch.no_grad():
             model.get_parameter(mlp_out_name(model, 0)).mul_(1.5)  # below the edited matrix: its inputs change
         again = keys.key_moment(model, tok, 1)
         assert len(calls) > runs and not torch.equal(again, first)
