@@ -7,8 +7,9 @@ records, same CPU, on the embedded model.
     step, a full fp32 forward + backward of the whole model every step, a second full no-grad forward of the
     benign text every step for its KL term, Adam on the layer's weight in place. Locate: the bare responses as
     one padded batch, all hidden states and logits, `torch.dist` per layer in a Python loop.
-(b) `dinm.edit` with `EditConfig.v0()` (the first default; same steps, lr and one KL sequence as the reference): tokenised once, the frozen layers below the edited one run once and
-    are replayed, logits only where the loss reads them, KL reference computed once.
+(b) `dinm.edit` with `EditConfig.v0()` (the first default; the same steps, lr and single KL sequence as the
+    reference): tokenised once, the frozen layers below the edited one run once and are replayed, logits only
+    where the loss reads them, KL reference computed once.
 (c) the same with `compute_dtype="bfloat16"`: the passes in bf16 (autocast, bf16 copies of the matrices that run,
     made once), master, loss and update in fp32 — on a CPU with AMX the matrix products are several times faster.
 All run 10 steps on the layer dinm locates, so the per-step cost is compared like for like; the last column

@@ -164,12 +164,13 @@ class EditConfig:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "EditConfig":
+    def from_json(cls, text: str, absent: dict[str, Any] | None = None) -> "EditConfig":
+        """The config in `text`; a field it lacks takes its value from `absent` when there, else its default."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"EditConfig JSON is invalid: {e.msg} at line {e.lineno}") from None
-        return cls.from_dict(data)
+        return cls.from_dict({**(absent or {}), **data} if isinstance(data, dict) else data)
 
     def replace(self, **changes) -> "EditConfig":
         return self.from_dict({**self.to_dict(), **changes})

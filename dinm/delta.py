@@ -156,10 +156,8 @@ class Delta:
 
         if "config" not in self.metadata:
             return None
-        EditConfig.from_json(self.metadata["config"])  # a one-line ConfigError unless it is a valid config
-        given = json.loads(self.metadata["config"])
         # A field the delta's dinm did not have yet: what that dinm did, not today's default.
-        return EditConfig.from_dict({**_BEFORE_FIELD, **given})
+        return EditConfig.from_json(self.metadata["config"], absent=_BEFORE_FIELD)
 
     def dense(self, name: str) -> torch.Tensor:
         """The update of parameter `name` as a full tensor of the parameter's shape (zeros where unchanged)."""

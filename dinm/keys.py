@@ -45,14 +45,14 @@ class _Stop(Exception):
 
 
 def _fingerprint(model, layer: int) -> tuple:
-    """Changes when any weight the edited matrix's input depends on changes (the embeddings and the decoder
-    layers up to `layer`, the matrix itself excepted, e.g. after another delta was applied there). Sums in float64: cheap, and equal only
-    for equal weights in practice; a stale statistic would only weaken a regulariser, never change a result
-    silently beyond that."""
+    """Changes when any weight the edited matrix's input depends on changes: the embeddings and the decoder layers
+    up to `layer` (e.g. after another delta was applied there), the matrix itself excepted, since it does not
+    change its own inputs. Sums in float64: cheap, and equal only for equal weights in practice; a stale statistic
+    would only weaken a regulariser, never change a result silently beyond that."""
     params = list(model.get_input_embeddings().parameters())
     for block in list(decoder_layers(model))[:layer + 1]:
         params += list(block.parameters())
-    own = model.get_submodule(mlp_out_name(model, layer).rsplit(".", 1)[0]).weight  # reads them; they are not its
+    own = model.get_parameter(mlp_out_name(model, layer))
     values = [p.detach().double().sum() for p in params if p.device.type != "meta" and p is not own]
     return tuple(torch.stack(values).tolist()) if values else ()
 
@@ -61,7 +61,8 @@ def _fingerprint(model, layer: int) -> tuple:
 def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batch_size: int = 8,
                max_response_tokens: int = 64) -> torch.Tensor:
     """E[k k^T] (in, in), float32, over the tokens of the benign corpus, of the inputs of `layer`'s MLP output
-    matrix; runs the model only up to that matrix, and keeps the result for the same model, layer and weights."""
+    matrix; runs the model only up to that matrix, in the model's dtype whatever autocast the caller runs under,
+    and keeps the result for the same model, layer and weights."""
     key = (id(model), layer, chat_template)
     fingerprint = _fingerprint(model, layer)
     hit = _CACHE.get(key)
@@ -73,13 +74,12 @@ def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batc
             for p, r in benign_corpus()]
     seqs.sort(key=len)  # batches of similar length pad little
     device = placement.module_device(model.get_input_embeddings())
-    total, count = None, 0
-    mask_now: list = []
+    total, count, real = None, 0, None
 
     def read(_module, args):
         nonlocal total, count
         k = args[0].detach()
-        k = k.reshape(-1, k.shape[-1])[mask_now[0].reshape(-1)].double()  # real tokens only
+        k = k.reshape(-1, k.shape[-1])[real.reshape(-1)].double()  # real tokens only
         total = k.T @ k if total is None else total + k.T @ k
         count += k.shape[0]
         raise _Stop
@@ -87,12 +87,15 @@ def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batc
     handle = module.register_forward_pre_hook(read)
     was_training = model.training
     model.eval()
+    module_at = placement.module_device(module)
     try:
+        # The statistic is the model's own, cached for any caller: not that of a caller's autocast dtype.
         for start in range(0, len(seqs), batch_size):
             ids, mask = pad_batch(seqs[start:start + batch_size], pad_id(tokenizer), "right")
-            mask_now[:] = [mask.bool().to(placement.module_device(module))]
+            real = mask.bool().to(module_at)
             try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                with torch.autocast(device.type, enabled=False):
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             except _Stop:
                 pass
     finally:

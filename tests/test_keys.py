@@ -45,6 +45,16 @@ def test_key_moment_equals_the_straightforward_computation(tiny):
         torch.testing.assert_close(fast, _straight_moment(model, tok, layer), rtol=1e-4, atol=1e-6)
 
 
+def test_key_moment_is_the_models_own_under_a_callers_autocast(llama):
+    """An edit with compute_dtype="bfloat16" asks under autocast; the cached statistic must not depend on that."""
+    model, tok = llama
+    keys._CACHE.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = keys.key_moment(model, tok, 1)
+    keys._CACHE.clear()
+    assert torch.equal(under, keys.key_moment(model, tok, 1))
+
+
 def test_key_moment_is_kept_until_the_weights_below_change(llama):
     model, tok = llama
     keys._CACHE.clear()
