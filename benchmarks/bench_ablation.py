@@ -23,7 +23,8 @@ from dinm.evaluate import load_benign
 from _results import record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STRONG = dict(lr=2e-3, kl_text="self", kl_weight=10.0, preserve_weight=0.0)
+STRONG = dict(distance="cosine", steps=10, lr=2e-3, kl_text="self", kl_weight=10.0, preserve_weight=0.0)
+PENALTY = dict(distance="cosine", steps=10)  # the default before the locate rule and step count changed
 VARIANTS = {
     "paper": ("`EditConfig.paper()`: locate `paper`, no chat template, KL without gradient", EditConfig.paper()),
     "v0": ("`EditConfig.v0()`, the first default (cosine, KL 1 on the answer, 10 steps, lr 5e-4)", EditConfig.v0()),
@@ -35,9 +36,18 @@ VARIANTS = {
                 EditConfig(**STRONG, protect=0.99)),
     "anchors": ("lr 5e-3, self KL 10, 16 anchors in the KL, `protect=0.95`",
                 EditConfig(**{**STRONG, "lr": 5e-3}, kl_prompts=ANCHOR_PROMPTS, protect=0.95)),
-    "preserve": ("**default**: lr 2e-3, self KL 10, `preserve_weight=1000` (benign-key penalty, `dinm.keys`)",
-                 EditConfig()),
-    "preserve_nokl": ("lr 2e-3, no KL, `preserve_weight=1000`", EditConfig(kl_weight=0.0)),
+    "preserve": ("lr 2e-3, self KL 10, `preserve_weight=1000` (benign-key penalty, `dinm.keys`)",
+                 EditConfig(**PENALTY)),
+    "preserve_nokl": ("lr 2e-3, no KL, `preserve_weight=1000`", EditConfig(**PENALTY, kl_weight=0.0)),
+    "inner": ("lr 2e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner` (neither first nor last layer)",
+              EditConfig(distance="cosine_inner", steps=10)),
+    "steps30": ("lr 2e-3, self KL 10, `preserve_weight=1000`, 30 steps", EditConfig(distance="cosine", steps=30)),
+    "inner_steps30": ("lr 2e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner`, 30 steps",
+                      EditConfig(steps=30)),
+    "inner_steps50": ("**default**: lr 2e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner`, 50 steps",
+                      EditConfig()),
+    "inner_steps30_lr4e-3": ("lr 4e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner`, 30 steps",
+                             EditConfig(steps=30, lr=4e-3)),
 }
 COLUMNS = ("DS", "DG_avg", "DS_judge", "degenerate", "fluency", "benign_unchanged", "benign_list_unchanged")
 

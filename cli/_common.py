@@ -9,6 +9,9 @@ import sys
 
 import click
 
+# dinm.locate.DISTANCES' names, here so that `--help` does not import torch (a test keeps the two equal).
+DISTANCE_NAMES = ("cosine", "cosine_inner", "l2", "l2_tokens", "paper")
+
 
 def one_line_errors(fn):
     """Turn any error into one line on stderr and exit code 1 (2 for usage errors, click's own).

@@ -2,8 +2,8 @@
 
 import click
 
-from ._common import (check_new_file, device_map_option, dtype_option, emit, json_option, load, model_argument,
-                      one_line_errors, read_config, trust_option)
+from ._common import (DISTANCE_NAMES, check_new_file, device_map_option, dtype_option, emit, json_option, load,
+                      model_argument, one_line_errors, read_config, trust_option)
 
 
 @click.command("edit")
@@ -15,7 +15,7 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="EditConfig JSON; the options below override it.")
 @click.option("--layer", type=int, help="Edit this layer instead of locating one.")
-@click.option("--distance", type=click.Choice(["cosine", "l2", "l2_tokens", "paper"]), help="Locate rule.")
+@click.option("--distance", type=click.Choice(DISTANCE_NAMES), help="Locate rule.")
 @click.option("--steps", type=int, help="Optimiser steps.")
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--kl-weight", type=float, help="Weight of the KL term on the benign prompt.")

@@ -2,8 +2,8 @@
 
 import click
 
-from ._common import dtype_option, emit, format_distances, json_option, load, model_argument, one_line_errors, \
-    trust_option
+from ._common import (DISTANCE_NAMES, dtype_option, emit, format_distances, json_option, load, model_argument,
+                      one_line_errors, trust_option)
 
 
 @click.command("locate")
@@ -11,8 +11,7 @@ from ._common import dtype_option, emit, format_distances, json_option, load, mo
 @click.option("--instance", "instance_path", required=True, type=click.Path(dir_okay=False),
               help="JSON file: a SafeEdit record, the short form, or a list of them.")
 @click.option("--index", default=0, show_default=True, help="Which record of the file to use.")
-@click.option("--distance", type=click.Choice(["cosine", "l2", "l2_tokens", "paper"]), default="cosine",
-              show_default=True, help="Locate rule.")
+@click.option("--distance", type=click.Choice(DISTANCE_NAMES), help="Locate rule (default: the default edit's).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also save a PNG of the distances.")
 @dtype_option
 @trust_option
@@ -25,6 +24,7 @@ def locate_cmd(model, instance_path, index, distance, plot_path, dtype, trust_re
     instance = load_instance(instance_path, index)
     net, tokenizer = load(model, dtype, trust_remote_code)
     result = locate(net, tokenizer, instance, distance)
+    distance = result.distance
     if plot_path:
         from dinm.plot import plot_distances
 

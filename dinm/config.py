@@ -24,7 +24,8 @@ class EditConfig:
 
     Attributes:
         layer: edit this layer instead of locating one (None: locate per instance).
-        distance: the locate rule (see `dinm.locate.DISTANCES`).
+        distance: the locate rule (see `dinm.locate.DISTANCES`); the default, "cosine_inner", never picks the
+            first or the last layer, where an edit moves every reply (README, "Choosing the default edit").
         steps: optimiser steps on the edited matrix.
         lr: Adam learning rate.
         kl_weight: weight of KL(unedited || edited) on the benign prompt's answer tokens; the KL has a
@@ -70,8 +71,8 @@ class EditConfig:
     """
 
     layer: Optional[int] = None
-    distance: str = "cosine"
-    steps: int = 10
+    distance: str = "cosine_inner"
+    steps: int = 50
     lr: float = 2e-3
     kl_weight: float = 10.0
     weight_decay: float = 0.0
@@ -132,9 +133,10 @@ class EditConfig:
 
     @classmethod
     def v0(cls, **changes) -> "EditConfig":
-        """dinm's first default (0.1.0 before the benign-key penalty): cosine locate, chat template, 10 steps at
-        lr 5e-4, KL weight 1 on the instance's benign answer. The speed benchmark's setting."""
-        return cls(**{**dict(lr=5e-4, kl_weight=1.0, kl_text="answer", preserve_weight=0.0), **changes})
+        """dinm's first default (0.1.0 before the benign-key penalty): cosine locate over every layer, chat template,
+        10 steps at lr 5e-4, KL weight 1 on the instance's benign answer. The speed benchmark's setting."""
+        return cls(**{**dict(distance="cosine", steps=10, lr=5e-4, kl_weight=1.0, kl_text="answer",
+                             preserve_weight=0.0), **changes})
 
     @classmethod
     def paper(cls, **changes) -> "EditConfig":

@@ -11,16 +11,25 @@ The corpus (`dinm/benign_corpus.json`) was written for dinm: 120 everyday reques
 the held-out list evaluations measure retention on, nor in `dinm.anchors`), each with the embedded model's
 greedy 64-token reply, so the statistic covers assistant text as well as prompts. Conversations are formatted
 with the edited model's own chat template.
+
+The statistic is kept in memory for the next edit in the process and, unless `DINM_CACHE=off`, on disk for the
+next process (`dinm edit` runs one per call): a `.safetensors` file per model, layer and token sequence under
+`$DINM_CACHE`, else `$XDG_CACHE_HOME/dinm`, else `~/.cache/dinm`. Its name is a hash of everything the
+statistic depends on (the corpus's token ids, the weights' fingerprint, the layer and the dtype), so a changed
+model or tokenizer misses rather than reads a stale file; an unreadable file is computed again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from functools import lru_cache
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from . import placement
 from .arch import decoder_layers, mlp_out_name
@@ -38,6 +47,48 @@ def benign_corpus() -> tuple[tuple[str, str], ...]:
     """The (prompt, reply) pairs of `dinm/benign_corpus.json`."""
     with open(CORPUS, encoding="utf-8") as f:
         return tuple((item["prompt"], item["reply"]) for item in json.load(f))
+
+
+def cache_dir() -> str | None:
+    """Where key statistics are kept between processes; None when `DINM_CACHE` is "off" (or "0", "")."""
+    chosen = os.environ.get("DINM_CACHE")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "0", "off", "false", "no") else os.path.expanduser(chosen)
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "dinm")
+
+
+def _cache_file(model, seqs: list, fingerprint: tuple, layer: int, dtype: torch.dtype) -> str | None:
+    folder = cache_dir()
+    if folder is None:
+        return None
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    digest = hashlib.sha256(json.dumps([seqs, fingerprint, layer, str(dtype), config], sort_keys=True, default=str
+                                       ).encode()).hexdigest()[:32]
+    return os.path.join(folder, f"keys-{digest}.safetensors")
+
+
+def _read(path: str | None) -> torch.Tensor | None:
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        return load_file(path)["moment"]
+    except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as e:  # a torn or foreign file: compute again, overwrite it
+        logger.warning("ignoring the unreadable key statistic %s (%s); computing it again", path, e)
+        return None
+
+
+def _write(path: str | None, moment: torch.Tensor, meta: dict) -> None:
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.part"  # written whole, then renamed: a reader never sees half a file
+        save_file({"moment": moment.detach().cpu().contiguous()}, partial, metadata=meta)
+        os.replace(partial, path)
+    except OSError as e:  # a read-only or full disk costs the next process the computation, nothing more
+        logger.warning("could not keep the key statistic in %s (%s); set DINM_CACHE to a writable folder, or "
+                       "to off", path, e)
 
 
 class _Stop(Exception):
@@ -62,7 +113,7 @@ def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batc
                max_response_tokens: int = 64) -> torch.Tensor:
     """E[k k^T] (in, in), float32, over the tokens of the benign corpus, of the inputs of `layer`'s MLP output
     matrix; runs the model only up to that matrix, in the model's dtype whatever autocast the caller runs under,
-    and keeps the result for the same model, layer and weights."""
+    and keeps the result for the same model, layer and weights (in memory, and on disk: see the module's text)."""
     key = (id(model), layer, chat_template)
     fingerprint = _fingerprint(model, layer)
     hit = _CACHE.get(key)
@@ -73,6 +124,23 @@ def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batc
     seqs = [encode_pair(tokenizer, p, r, chat_template=chat_template, max_response_tokens=max_response_tokens).ids
             for p, r in benign_corpus()]
     seqs.sort(key=len)  # batches of similar length pad little
+    path = _cache_file(model, seqs, fingerprint, layer, placement.stored(model, name).dtype)
+    moment = _read(path)
+    if moment is not None:
+        moment = moment.to(placement.module_device(module))
+        logger.info("key statistic of %s read from %s", name, path)
+    else:
+        moment = _compute(model, tokenizer, module, seqs, batch_size)
+        _write(path, moment, {"layer": str(layer), "matrix": name, "model_type": str(model.config.model_type)})
+        logger.info("key statistic of %s: %d benign sequences", name, len(seqs))
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = (fingerprint, moment)
+    return moment
+
+
+def _compute(model, tokenizer, module, seqs: list, batch_size: int) -> torch.Tensor:
+    """E[k k^T] of `module`'s inputs over the real tokens of `seqs`, running the model only up to `module`."""
     device = placement.module_device(model.get_input_embeddings())
     total, count, real = None, 0, None
 
@@ -101,9 +169,4 @@ def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batc
     finally:
         handle.remove()
         model.train(was_training)
-    moment = (total / count).float()
-    logger.info("key statistic of %s: %d benign tokens", name, count)
-    if len(_CACHE) >= _CACHE_SIZE:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = (fingerprint, moment)
-    return moment
+    return (total / count).float()

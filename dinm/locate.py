@@ -14,15 +14,19 @@ from .instance import Instance
 from .text import encode_pair, pad_batch, pad_id
 from .trace import record_outputs
 
-# name -> (distance kind, how the responses are encoded).
+# name -> (distance kind, how the responses are encoded, which layers may be chosen).
 #   "prompt": each response follows the chat-formatted adversarial prompt; only response tokens count.
 #   "paper":  EasyEdit's rule, kept to reproduce it: the bare responses as one right-padded batch, every
 #             position counted, padding and the first token included (which dominate it, see README).
+#   "all": any layer; "inner": neither the first nor the last. The first layer's output is mostly the tokens'
+#   embeddings, which differ wherever two texts do, and the last layer's is the next-token prediction, which
+#   differs wherever they will; an edit there moves every reply (see README, "Choosing the default edit").
 DISTANCES = {
-    "cosine": ("cosine", "prompt"),
-    "l2": ("l2", "prompt"),
-    "l2_tokens": ("l2_tokens", "prompt"),
-    "paper": ("l2_tokens", "paper"),
+    "cosine": ("cosine", "prompt", "all"),
+    "cosine_inner": ("cosine", "prompt", "inner"),
+    "l2": ("l2", "prompt", "all"),
+    "l2_tokens": ("l2_tokens", "prompt", "all"),
+    "paper": ("l2_tokens", "paper", "all"),
 }
 
 
@@ -67,7 +71,7 @@ def locate(
     model,
     tokenizer,
     instance: Instance,
-    distance: str = "cosine",
+    distance: str | None = None,
     *,
     chat_template: bool = True,
     max_prompt_tokens: int = 1024,
@@ -79,19 +83,25 @@ def locate(
         model: a causal LM whose `model_type` is in `dinm.arch.ARCHITECTURES`.
         tokenizer: its tokenizer.
         instance: the edit request.
-        distance: "cosine" (default: 1 - cosine of the mean response states, scale-free across depth),
-            "l2" (L2 of the mean states), "l2_tokens" (position-wise L2 over real response tokens) or
-            "paper" (EasyEdit's unmasked rule). See `DISTANCES`.
+        distance: None (the default edit's, `EditConfig().distance`), "cosine" (1 - cosine of the mean response states, scale-free across depth),
+            "cosine_inner" (the same, choosing neither the first nor the last layer), "l2" (L2 of the mean
+            states), "l2_tokens" (position-wise L2 over real response tokens) or "paper" (EasyEdit's unmasked
+            rule). See `DISTANCES`.
 
     Returns:
-        A `LocateResult` with the layer of largest distance and the per-layer distances.
+        A `LocateResult` with the layer of largest distance (among those the rule allows) and the distances of
+        all layers.
 
     Example:
         >>> result = dinm.locate(model, tokenizer, dinm.load_instance("data/example.json"))
         >>> result.layer, len(result.distances)
     """
+    if distance is None:
+        from .config import EditConfig
+
+        distance = EditConfig().distance
     check_distance(distance)
-    kind, mode = DISTANCES[distance]
+    kind, mode, allowed = DISTANCES[distance]
     ids, attn, mask_a, mask_b = _encode(tokenizer, instance, mode, chat_template, max_prompt_tokens,
                                         max_response_tokens)
     device = placement.module_device(model.get_input_embeddings())
@@ -102,4 +112,6 @@ def locate(
         model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False, **skip_head)
     hidden = [o.to(device) for o in outputs]  # per layer (2, tokens, hidden), not stacked: no copy
     dist = ops.layer_distances(hidden, mask_a.to(device), mask_b.to(device), kind)[:, 0]  # (layers,)
-    return LocateResult(layer=int(dist.argmax()), distances=[float(d) for d in dist], distance=distance)
+    first, last = (1, len(layers) - 2) if allowed == "inner" and len(layers) > 2 else (0, len(layers) - 1)
+    layer = first + int(dist[first:last + 1].argmax())
+    return LocateResult(layer=layer, distances=[float(d) for d in dist], distance=distance)

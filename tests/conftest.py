@@ -49,6 +49,13 @@ def _gpt2(vocab: int):
 BUILDERS = {"llama": _llama, "gpt2": _gpt2}
 
 
+@pytest.fixture(autouse=True)
+def _no_disk_cache(monkeypatch):
+    """Key statistics are computed in each test rather than read from an earlier run's files (and no test writes
+    to the user's cache); tests of the disk cache point DINM_CACHE at a folder of their own."""
+    monkeypatch.setenv("DINM_CACHE", "off")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return _tokenizer()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from dinm import EditConfig
 from dinm_cli import main
 
 from conftest import DATA
@@ -34,6 +35,13 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "edit" in out.stdout and "revert" in out.stdout
+
+
+def test_cli_offers_every_locate_rule():
+    from dinm_cli._common import DISTANCE_NAMES
+    from dinm.locate import DISTANCES
+
+    assert DISTANCE_NAMES == tuple(DISTANCES)
 
 
 def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
@@ -77,7 +85,7 @@ def test_locate_prints_every_layer(tiny_folder, tmp_path):
     result = run("locate", tiny_folder, "--instance", EXAMPLE, "--json", "--plot", plot)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output[result.output.index("{"):])
-    assert len(data["distances"]) == 3 and data["distance"] == "cosine"
+    assert len(data["distances"]) == 3 and data["distance"] == EditConfig().distance
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -48,8 +48,10 @@ def test_paper_preset():
 def test_default_and_first_default():
     # the default chosen by the ablation (README, "Choosing the default edit"); v0 kept for comparison
     default, v0 = EditConfig(), EditConfig.v0()
-    assert (default.lr, default.kl_text, default.kl_weight, default.preserve_weight) == (2e-3, "self", 10.0, 1000.0)
-    assert (v0.lr, v0.kl_text, v0.kl_weight, v0.preserve_weight) == (5e-4, "answer", 1.0, 0.0)
+    assert (default.distance, default.steps, default.lr, default.kl_text, default.kl_weight, default.preserve_weight
+            ) == ("cosine_inner", 50, 2e-3, "self", 10.0, 1000.0)
+    assert (v0.distance, v0.steps, v0.lr, v0.kl_text, v0.kl_weight, v0.preserve_weight
+            ) == ("cosine", 10, 5e-4, "answer", 1.0, 0.0)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -33,7 +33,7 @@ def test_edit_lowers_the_safe_nll_and_only_touches_one_tensor(tiny, instance):
     h = delta.history
     assert len(h) == 4 and h[-1]["nll"] < h[0]["nll"]
     assert len(delta.names) == 1 and delta.tensors[delta.names[0]].abs().sum() > 0
-    assert delta.layer == dinm.locate(model, tok, instance).layer
+    assert delta.layer == dinm.locate(model, tok, instance, FAST.distance).layer
     assert delta.distances == dinm.locate(model, tok, instance).distances
 
 

@@ -94,3 +94,70 @@ def test_preserve_weight_keeps_the_update_off_benign_inputs(tiny, instance):
     assert history[0]["moved"] == 0 and history[-1]["moved"] > 0
     assert history[-1]["loss"] == pytest.approx(history[-1]["nll"] + history[-1]["kl"] + 10.0 * history[-1]["moved"],
                                                 rel=1e-5)
+
+
+def _counting_forwards(model):
+    calls = []
+    return calls, model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+
+
+def test_key_moment_is_kept_on_disk_for_the_next_process(llama, tmp_path, monkeypatch):
+    model, tok = llama
+    monkeypatch.setenv("DINM_CACHE", str(tmp_path / "cache"))
+    keys._CACHE.clear()
+    calls, handle = _counting_forwards(model)
+    try:
+        first = keys.key_moment(model, tok, 1)
+        runs = len(calls)
+        assert runs > 0 and len(list((tmp_path / "cache").glob("keys-*.safetensors"))) == 1
+        keys._CACHE.clear()  # as in a new process
+        assert torch.equal(keys.key_moment(model, tok, 1), first) and len(calls) == runs  # read, not computed
+        keys._CACHE.clear()
+        keys.key_moment(model, tok, 1, chat_template=False)  # other token ids: another file
+        assert len(calls) > runs and len(list((tmp_path / "cache").glob("keys-*.safetensors"))) == 2
+        runs = len(calls)
+        with torch.no_grad():
+            model.get_parameter(mlp_out_name(model, 0)).mul_(1.5)  # weights below changed: a miss, not a stale read
+        keys._CACHE.clear()
+        assert not torch.equal(keys.key_moment(model, tok, 1), first) and len(calls) > runs
+    finally:
+        handle.remove()
+
+
+def test_an_unreadable_cache_file_is_computed_again(llama, tmp_path, monkeypatch, caplog):
+    model, tok = llama
+    monkeypatch.setenv("DINM_CACHE", str(tmp_path))
+    keys._CACHE.clear()
+    first = keys.key_moment(model, tok, 1)
+    (path,) = tmp_path.glob("keys-*.safetensors")
+    path.write_bytes(b"not a safetensors file")
+    keys._CACHE.clear()
+    calls, handle = _counting_forwards(model)
+    try:
+        assert torch.equal(keys.key_moment(model, tok, 1), first) and calls
+    finally:
+        handle.remove()
+    assert "unreadable key statistic" in caplog.text
+    keys._CACHE.clear()
+    assert torch.equal(keys.key_moment(model, tok, 1), first)  # the file was written again, whole
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_an_unwritable_cache_costs_only_the_next_computation(llama, tmp_path, monkeypatch, caplog):
+    model, tok = llama
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DINM_CACHE", str(blocker / "cache"))  # under a file: cannot be made
+    keys._CACHE.clear()
+    moment = keys.key_moment(model, tok, 1)
+    assert moment.shape[0] == moment.shape[1] and "could not keep the key statistic" in caplog.text
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("DINM_CACHE", "off")
+    assert keys.cache_dir() is None
+    monkeypatch.setenv("DINM_CACHE", str(tmp_path))
+    assert keys.cache_dir() == str(tmp_path)
+    monkeypatch.delenv("DINM_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert keys.cache_dir() == str(tmp_path / "xdg" / "dinm")

@@ -36,8 +36,22 @@ def test_locate_returns_argmax_of_every_layer(tiny, instance):
     for distance in DISTANCES:
         result = dinm.locate(model, tok, instance, distance)
         assert len(result.distances) == 3
-        assert result.layer == max(range(3), key=lambda i: result.distances[i])
+        allowed = [1] if DISTANCES[distance][2] == "inner" else range(3)
+        assert result.layer == max(allowed, key=lambda i: result.distances[i])
         assert all(d >= 0 for d in result.distances)
+
+
+def test_inner_rule_chooses_neither_the_first_nor_the_last_layer(llama, instance, monkeypatch):
+    """Same distances as "cosine"; only the layers it may choose differ."""
+    from dinm import ops
+
+    model, tok = llama
+    assert dinm.locate(model, tok, instance, "cosine_inner").distances == dinm.locate(model, tok, instance,
+                                                                                        "cosine").distances
+    for planted, everywhere, inner in (([5.0, 1.0, 9.0], 2, 1), ([9.0, 1.0, 5.0], 0, 1)):
+        monkeypatch.setattr(ops, "layer_distances", lambda *_a, planted=planted: torch.tensor(planted)[:, None])
+        assert dinm.locate(model, tok, instance, "cosine").layer == everywhere
+        assert dinm.locate(model, tok, instance, "cosine_inner").layer == inner
 
 
 def test_locate_is_per_instance(llama, instance, other_instance):
