@@ -86,6 +86,11 @@ def mlp_out_name(model: nn.Module, layer: int) -> str:
     return arch_spec(model).mlp_out.format(layer) + ".weight"
 
 
+def mlp_out_module(model: nn.Module, layer: int) -> nn.Module:
+    """The module (an nn.Linear, or GPT-2's Conv1D) that owns `mlp_out_name(model, layer)`."""
+    return model.get_submodule(mlp_out_name(model, layer).rpartition(".")[0])
+
+
 def as_out_in(spec: ArchSpec, weight: torch.Tensor) -> torch.Tensor:
     """View an MLP output weight as (out_features, in_features), whatever its storage layout.
 

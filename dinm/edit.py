@@ -22,7 +22,8 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from . import placement
-from .arch import accepts_logits_to_keep, arch_spec, as_out_in, decoder_layers, mlp_out_name, num_layers
+from .arch import (accepts_logits_to_keep, arch_spec, as_out_in, decoder_layers, mlp_out_module, mlp_out_name,
+                   num_layers)
 from .config import EditConfig
 from .delta import Delta
 from .errors import ConfigError, EditError
@@ -202,7 +203,7 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     name = mlp_out_name(model, layer)
     spec = arch_spec(model)
     weight = placement.stored(model, name)  # an offloaded layer's values come from accelerate's weights map
-    module = model.get_submodule(name.rsplit(".", 1)[0])
+    module = mlp_out_module(model, layer)
     device = placement.module_device(module)
     encode = _encoding(config)
     # Tokenise once; the sequences run separately, so none is padded to another's length.

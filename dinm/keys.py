@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import placement
-from .arch import decoder_layers, mlp_out_name
+from .arch import decoder_layers, mlp_out_module, mlp_out_name
 from .text import encode_pair, pad_batch, pad_id
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _read(path: str | None) -> torch.Tensor | None:
         return None
     try:
         return load_file(path)["moment"]
-    except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as e:  # a torn or foreign file: compute again, overwrite it
+    except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as e:  # torn or foreign: recompute
         logger.warning("ignoring the unreadable key statistic %s (%s); computing it again", path, e)
         return None
 
@@ -120,7 +120,7 @@ def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batc
     if hit is not None and hit[0] == fingerprint:
         return hit[1]
     name = mlp_out_name(model, layer)
-    module = model.get_submodule(name.rsplit(".", 1)[0])
+    module = mlp_out_module(model, layer)
     seqs = [encode_pair(tokenizer, p, r, chat_template=chat_template, max_response_tokens=max_response_tokens).ids
             for p, r in benign_corpus()]
     seqs.sort(key=len)  # batches of similar length pad little

@@ -83,10 +83,10 @@ def locate(
         model: a causal LM whose `model_type` is in `dinm.arch.ARCHITECTURES`.
         tokenizer: its tokenizer.
         instance: the edit request.
-        distance: None (the default edit's, `EditConfig().distance`), "cosine" (1 - cosine of the mean response states, scale-free across depth),
-            "cosine_inner" (the same, choosing neither the first nor the last layer), "l2" (L2 of the mean
-            states), "l2_tokens" (position-wise L2 over real response tokens) or "paper" (EasyEdit's unmasked
-            rule). See `DISTANCES`.
+        distance: None (the default edit's, `EditConfig().distance`), "cosine" (1 - cosine of the mean
+            response states, scale-free across depth), "cosine_inner" (the same, choosing neither the first nor
+            the last layer), "l2" (L2 of the mean states), "l2_tokens" (position-wise L2 over real response
+            tokens) or "paper" (EasyEdit's unmasked rule). See `DISTANCES`.
 
     Returns:
         A `LocateResult` with the layer of largest distance (among those the rule allows) and the distances of
