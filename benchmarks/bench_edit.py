@@ -3,13 +3,14 @@ records, same CPU, on the embedded model.
 
     python benchmarks/bench_edit.py --data ../shared/safeedit/test_dev.json --limit 8
 
-(a) reference loop, as EasyEdit's `execute_dinm` runs it: raw prompt (no chat template), re-tokenised every
-    step, a full fp32 forward + backward of the whole model every step, a second full no-grad forward of the
-    benign text every step for its KL term, Adam on the layer's weight in place. Locate: the bare responses as
-    one padded batch, all hidden states and logits, `torch.dist` per layer in a Python loop.
+(a) reference loop, computing what EasyEdit's `execute_dinm` computes (`reference_loop`): raw prompt (no chat
+    template), re-tokenised every step, a full fp32 forward + backward of the whole model every step with the NLL
+    taken from an fp32 copy of all logits, a second full no-grad forward of the benign text every step for its KL
+    term (softmax and log-softmaxes of the fp32 logits), Adam on the layer's weight in place. Locate: the bare
+    responses as one padded batch, all hidden states and logits, `torch.dist` per layer in a Python loop.
 (b) `dinm.edit` with `EditConfig.v0()` (the first default; the same steps, lr and single KL sequence as the
     reference): tokenised once, the frozen layers below the edited one run once and are replayed, logits only
-    where the loss reads them, KL reference computed once.
+    where the loss reads them, the LM head fused with the loss (`dinm.losses.Head`), KL reference computed once.
 (c) the same with `compute_dtype="bfloat16"`: the passes in bf16 (autocast, bf16 copies of the matrices that run,
     made once), master, loss and update in fp32 — on a CPU with AMX the matrix products are several times faster.
 All run 10 steps on the layer dinm locates, so the per-step cost is compared like for like; the last column
@@ -40,7 +41,12 @@ def reference_locate(model, tok, inst):
 
 
 def reference_loop(model, tok, inst, layer, steps=10, lr=5e-4, kl_factor=0.1):
-    """EasyEdit-style DINM edit; returns the trained weight (the model is restored afterwards)."""
+    """EasyEdit-style DINM edit, computing what `execute_dinm` computes; returns the trained weight (the model is
+    restored afterwards). Before the loop, one full forward of the benign prompt + answer with the edited weight
+    requiring grad (the KL reference, its graph kept alive, as there). Each step: the edit text re-tokenised; a full
+    forward; the NLL from an fp32 copy of all the logits, log-softmax over the response positions; a second full
+    forward of the benign text without gradient; the KL over the answer positions from softmax and two
+    log-softmaxes of the fp32 logits; `kl_factor * nll + kl` backward; Adam on the weight in place."""
     weight = model.get_parameter(mlp_out_name(model, layer))
     original = weight.detach().clone()
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -48,20 +54,27 @@ def reference_loop(model, tok, inst, layer, steps=10, lr=5e-4, kl_factor=0.1):
         p.requires_grad_(False)
     weight.requires_grad_(True)
     optimizer = torch.optim.Adam([weight], lr=lr)
+    benign = tok([inst.benign_prompt + " " + inst.benign_answer], return_tensors="pt", padding=True)
+    answer_mask = tok([inst.benign_answer], return_tensors="pt", padding=True)["attention_mask"]
+    n_answer = answer_mask.shape[1]
+    target = tok(" " + inst.safe, return_tensors="pt")["input_ids"]
+    base = model(**benign).logits[:, -n_answer:]  # (with a graph: the weight requires grad here)
     try:
         for _ in range(steps):
-            # re-tokenised every step, raw text
-            full = tok(inst.prompt + " " + inst.safe, return_tensors="pt")
-            n_prompt = len(tok(inst.prompt)["input_ids"])
-            benign = tok(inst.benign_prompt + " " + inst.benign_answer, return_tensors="pt")
-            with torch.no_grad():  # the KL text: a second full forward each step, no gradient
-                post = model(**benign).logits
-            logits = model(**full).logits
-            labels = full["input_ids"][0, n_prompt:]
-            nll = F.cross_entropy(logits[0, n_prompt - 1:-1].float(), labels)
-            kl = F.kl_div(F.log_softmax(post, -1), F.softmax(post, -1), reduction="batchmean")  # constant
-            loss = kl_factor * nll + kl
+            # re-tokenised every step; the target carries a leading space and is joined with another, as there
+            full = tok([inst.prompt + " " + " " + inst.safe], return_tensors="pt", padding=True)
             optimizer.zero_grad()
+            logits = model(**full).logits
+            pred = logits.float().clone()[:, :-1][:, -target.shape[1]:]
+            nll = -pred.log_softmax(-1).gather(-1, target[..., None]).mean()
+            with torch.no_grad():
+                post = model(**benign).logits[:, -n_answer:]
+            pre = base.detach().float().contiguous().view(-1, base.shape[-1])
+            post = post.float().contiguous().view(-1, base.shape[-1])
+            kl_rows = (pre.softmax(-1) * (pre.log_softmax(-1) - post.log_softmax(-1))).sum(-1)
+            mask = answer_mask.view(-1).float()
+            kl = (kl_rows * mask).sum() / mask.sum()  # no gradient: `post` came from a no-grad forward
+            loss = kl_factor * nll + kl
             loss.backward()
             optimizer.step()
         return weight.detach().clone()

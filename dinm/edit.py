@@ -29,10 +29,11 @@ from .delta import Delta
 from .errors import ConfigError, EditError
 from .instance import Instance
 from .locate import locate
+from .losses import Head, Reference, kl_to
 from .generate import generate_ids
 from .keys import key_moment
 from .text import Encoded, encode_pair
-from .trace import record_outputs, replay_outputs
+from .trace import passthrough, record_outputs, replay_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -56,35 +57,65 @@ def _frozen(model):
 
 class _Sequence:
     """One prompt + response, ready for repeated forwards: the ids, the positions whose logits predict the
-    response, and (with caching) the recorded outputs of the frozen layers below the edited one."""
+    response, and (with caching) the recorded outputs of the frozen layers below the edited one.
 
-    def __init__(self, encoded, model, device, cache: bool):
+    With a fused `head` the model runs with its LM head passed through, and `head` turns the final hidden states
+    into the loss and its gradient (`dinm.losses.Head`); without one, the model's own logits feed the loss."""
+
+    def __init__(self, encoded, model, device, cache: bool, head: Head | None = None):
         self.ids = torch.tensor([encoded.ids], device=device)  # (1, tokens)
         # logits at position t predict token t + 1
         self.positions = torch.arange(encoded.n_prompt - 1, len(encoded.ids) - 1, device=device)
-        self.labels = self.ids[0, self.positions + 1]
+        self.head = head
+        self.labels = self.ids[0, self.positions + 1].to(head.weight.device if head is not None else device)
         self.cached: list = []
         # Logits only where the loss reads them, when the model can (`logits_to_keep`): the LM head over a
         # 49k vocabulary at every prompt position is most of a small model's cost.
         keep = cache and accepts_logits_to_keep(model)
         self.kwargs = dict(input_ids=self.ids, use_cache=False, **({"logits_to_keep": self.positions} if keep else {}))
 
-    def _select(self, logits: torch.Tensor) -> torch.Tensor:
-        kept = "logits_to_keep" in self.kwargs
-        return logits[0] if kept else logits[0, self.positions]  # (response tokens, vocab)
+    def _outputs(self, model, call) -> torch.Tensor:
+        """(response tokens, vocab) logits, or (response tokens, hidden) final states with a fused head."""
+        with passthrough(model.get_output_embeddings()) if self.head is not None else contextlib.nullcontext():
+            out = call().logits
+        return out[0] if "logits_to_keep" in self.kwargs else out[0, self.positions]
 
     def record(self, model, below: list) -> torch.Tensor:
         """Run the unedited model once, recording the outputs of `below`; return its logits."""
         with record_outputs(below, whole=True) as outputs:
-            logits = model(**self.kwargs).logits
+            out = self._outputs(model, lambda: model(**self.kwargs))
         self.cached = outputs
-        return self._select(logits)
+        return out if self.head is None else self.head.logits(out)
 
-    def logits(self, model, below: list, override: dict) -> torch.Tensor:
-        """Logits with the tensors in `override` swapped in; the layers in `below` replay their output."""
-        with replay_outputs(below, self.cached):
-            return self._select(functional_call(model, override, args=(), kwargs=self.kwargs, tie_weights=False
-                                                ).logits)
+    def loss(self, model, below: list, override: dict, reference: Reference | None = None) -> torch.Tensor:
+        """Mean NLL of the response, or KL(reference || model) over its positions, with the tensors in `override`
+        swapped in. The layers in `below` replay their output, recorded by the first call (or by `record`)."""
+        first = below and not self.cached
+        with record_outputs(below, whole=True) if first else replay_outputs(below, self.cached) as recorded:
+            out = self._outputs(model, lambda: functional_call(model, override, args=(), kwargs=self.kwargs,
+                                                               tie_weights=False))
+        if first:
+            self.cached = recorded
+        target = self.labels if reference is None else reference
+        if self.head is not None:
+            return self.head.loss(out, target)
+        return F.cross_entropy(out.float(), target) if reference is None else kl_to(out, reference)
+
+
+def _fused_head(model, override: dict, dtype: torch.dtype | None) -> Head | None:
+    """A `Head` on the model's LM head, or None where the head is not a plain Linear whose output is the logits (a
+    final soft-capping). Its weight is the bf16 copy in `override` if there is one, else the stored values (an
+    offloaded head's, from accelerate's weights map), in `dtype` when given."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or getattr(model.config, "final_logit_softcapping", None) is not None:
+        return None
+    name = next(n for n, m in model.named_modules(remove_duplicate=False) if m is head)
+    device = placement.module_device(head)
+    weight = override.get(f"{name}.weight")
+    if weight is None:
+        weight = placement.stored(model, f"{name}.weight").to(device=device, dtype=dtype)
+    bias = None if head.bias is None else placement.stored(model, f"{name}.bias").to(device)
+    return Head(weight, bias)
 
 
 @contextlib.contextmanager
@@ -206,8 +237,6 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     module = mlp_out_module(model, layer)
     device = placement.module_device(module)
     encode = _encoding(config)
-    # Tokenise once; the sequences run separately, so none is padded to another's length.
-    target = _Sequence(encode_pair(tokenizer, instance.prompt, instance.safe, **encode), model, device, config.cache)
     below = list(decoder_layers(model))[:layer] if config.cache else []
 
     master_dtype = torch.float32 if config.master_dtype == "float32" else weight.dtype
@@ -221,14 +250,20 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     history = []
     with _frozen(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
-        anchors = [_Sequence(e, model, device, config.cache) for e in _kl_texts(model, tokenizer, instance, config)]
+        override = _low_precision_copies(model, layer, torch.bfloat16) if low else {}
+        head = _fused_head(model, override, torch.bfloat16 if low else None) if config.cache else None
+        # Tokenise once; the sequences run separately, so none is padded to another's length.
+        target = _Sequence(encode_pair(tokenizer, instance.prompt, instance.safe, **encode), model, device,
+                           config.cache, head)
+        anchors = [_Sequence(e, model, device, config.cache, head)
+                   for e in _kl_texts(model, tokenizer, instance, config)]
         with torch.no_grad(), computing():
-            # One pass of the unedited model per sequence: it records the edited layer's input (the output of
-            # the layers below, which cannot change) and gives the KL reference distributions, once.
-            target.record(model, below)
+            # One pass of the unedited model per KL sequence: it records the edited layer's input (the output of
+            # the layers below, which cannot change) and gives the KL reference distributions, once. (The attack's
+            # first step records its own: the loss never reads its unedited logits.)
             collect = _inputs_of(module) if config.protect else contextlib.nullcontext()
             with collect as keys:
-                ref_logps = [F.log_softmax(a.record(model, below).float(), dim=-1) for a in anchors]
+                references = [Reference(a.record(model, below)) for a in anchors]
             basis = _protected_basis(keys, config.protect) if config.protect else None
             # E[k k^T] of the edited matrix's inputs on benign text, and the layer's output energy there
             moment = key_moment(model, tokenizer, layer, chat_template=config.chat_template).to(device) \
@@ -236,20 +271,21 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
             energy = _output_energy(as_out_in(spec, weight.detach().to(device)), moment) if moment is not None else None
         master = weight.detach().to(device=device, dtype=master_dtype).clone().requires_grad_(True)
         start = master.detach().clone()
-        override = _low_precision_copies(model, layer, torch.bfloat16) if low else {}
         limit = config.max_update * start.float().norm() if config.max_update else None
         keep = None  # rows that may change (config.rows < 1), chosen at the first step
-        optimizer = torch.optim.Adam([master], lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.Adam([master], lr=config.lr, weight_decay=config.weight_decay,
+                                     fused=device.type in ("cpu", "cuda"))  # one kernel, no temporaries
         for step in tqdm(range(config.steps), desc=f"dinm edit (layer {layer})",
                          disable=None if progress is None else not progress, leave=False):
             with _adding(module, as_out_in(spec, master - start)), computing():
-                nll = F.cross_entropy(target.logits(model, below, override).float(), target.labels)
+                nll = target.loss(model, below, override)
                 if config.stop_nll is not None and nll.item() < config.stop_nll:
                     history.append({"step": step, "nll": nll.item(), "stopped": True})
                     break  # the safe response is likely enough: no further change
-                kl = sum(F.kl_div(F.log_softmax(a.logits(model, below, override).float(), dim=-1), ref,
-                                  log_target=True, reduction="batchmean")
-                         for a, ref in zip(anchors, ref_logps)) / len(anchors)
+                if step == 0:  # the model is still the unedited one: KL(p || p) = 0, and so is its gradient
+                    kl = torch.zeros((), device=device)
+                else:
+                    kl = sum(a.loss(model, below, override, ref) for a, ref in zip(anchors, references)) / len(anchors)
             loss = nll + config.kl_weight * kl
             moved = {}
             if moment is not None:  # mean ||D k||^2 over benign inputs, relative to the layer's own output there
@@ -279,13 +315,11 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
                     if norm is not None and norm > limit:  # back onto the norm bound
                         update *= (limit / norm).to(update.dtype)
                     master.copy_(start + as_out_in(spec, update))
-            edited = master.detach().to(weight.dtype)
-            if not torch.isfinite(edited).all():
-                raise EditError(f"edit diverged at step {step}: the weights hold NaN/inf; the model is unchanged. "
-                                f"Lower lr (now {config.lr})")
     steps_run = sum("kl" in h for h in history)
-    if not steps_run:  # stopped before the first step: nothing to change
-        edited = weight.detach().clone()
+    edited = master.detach().to(weight.dtype) if steps_run else weight.detach().clone()  # no step: no change
+    if not torch.isfinite(edited).all():  # (a NaN update makes the next step's loss NaN: checked there)
+        raise EditError(f"edit diverged by step {steps_run - 1}: the weights hold NaN/inf; the model is unchanged. "
+                        f"Lower lr (now {config.lr})")
     edit_s = time.perf_counter() - started - locate_s
     logger.info("edited %s in %.2fs (locate %.2fs): nll %.3f -> %.3f", name, edit_s, locate_s,
                 history[0]["nll"], history[-1]["nll"])

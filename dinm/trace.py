@@ -38,14 +38,13 @@ def record_outputs(modules: list[nn.Module], whole: bool = False) -> Iterator[li
 
 
 @contextlib.contextmanager
-def replay_outputs(modules: list[nn.Module], outputs: list[Any]) -> Iterator[None]:
-    """Inside the block each module returns its recorded output instead of running (frozen layers below an
-    edited one need not run again: their output cannot change)."""
+def replacing_forwards(modules: list[nn.Module], forwards: list) -> Iterator[None]:
+    """Inside the block each module's forward is the matching callable (hooks still run around it)."""
     saved = []
     try:
-        for module, output in zip(modules, outputs):
+        for module, forward in zip(modules, forwards):
             saved.append((module, module.__dict__.get("forward", _MISSING)))
-            module.forward = (lambda out: lambda *args, **kwargs: out)(output)
+            module.forward = forward
         yield
     finally:
         for module, forward in saved:
@@ -53,3 +52,15 @@ def replay_outputs(modules: list[nn.Module], outputs: list[Any]) -> Iterator[Non
                 del module.forward
             else:
                 module.forward = forward
+
+
+def replay_outputs(modules: list[nn.Module], outputs: list[Any]):
+    """Inside the block each module returns its recorded output instead of running (frozen layers below an
+    edited one need not run again: their output cannot change)."""
+    return replacing_forwards(modules, [(lambda out: lambda *args, **kwargs: out)(o) for o in outputs])
+
+
+def passthrough(module: nn.Module):
+    """Inside the block `module` returns its input unchanged."""
+    return replacing_forwards([module], [lambda x, *args, **kwargs: x])
+

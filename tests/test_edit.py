@@ -104,20 +104,46 @@ def test_cached_path_equals_full_forwards(tiny, instance, layer):
     assert fast.tensors[name].abs().max() > 1e-3  # the edit did move the weights
 
 
-def test_frozen_layers_below_run_once(llama, instance):
-    model, tok = llama
+def test_cached_path_runs_the_fused_head(tiny, instance, monkeypatch):
+    """With caching the loss comes from `dinm.losses.Head` (so the equivalence test above compares it with the
+    model's own head); a head whose output is not the logits (Gemma 2's final soft-capping) keeps the model's."""
+    from dinm.edit import _fused_head
+    from dinm.losses import Head
+
+    model, tok = tiny
     calls = []
-    handle = model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+    monkeypatch.setattr(Head, "loss", lambda self, *a, original=Head.loss: calls.append(1) or original(self, *a))
+    dinm.edit(model, tok, instance, EditConfig.v0(steps=3, layer=1))
+    assert len(calls) == 3 + 2  # 3 NLL steps, 2 KL steps (none at the first)
+    calls.clear()
+    dinm.edit(model, tok, instance, EditConfig.v0(steps=3, layer=1, cache=False))
+    assert not calls
+    assert _fused_head(model, {}, None) is not None
+    model.config.final_logit_softcapping = 30.0
+    assert _fused_head(model, {}, None) is None
+
+
+def test_frozen_layers_below_run_once(llama, instance):
+    """Layer 0 (below the edited layer 1) runs once per sequence; layer 2 (above) runs at every step, but not in
+    the attack's recording pass (its unedited logits are never read), nor for the benign KL at the first step
+    (the model is still unedited there: the KL and its gradient are 0)."""
+    model, tok = llama
+    calls = {0: [], 2: []}
+    handles = [model.model.layers[i].mlp.register_forward_hook(lambda *a, i=i: calls[i].append(1)) for i in calls]
     try:
-        dinm.edit(model, tok, instance, EditConfig.v0(steps=4, layer=2))
-        cached = len(calls)
-        calls.clear()
-        dinm.edit(model, tok, instance, EditConfig.v0(steps=4, layer=2, cache=False))
+        delta = dinm.edit(model, tok, instance, EditConfig.v0(steps=4, layer=1))
+        cached = {i: len(c) for i, c in calls.items()}
+        for c in calls.values():
+            c.clear()
+        dinm.edit(model, tok, instance, EditConfig.v0(steps=4, layer=1, cache=False))
     finally:
-        handle.remove()
-    assert cached == 2  # one recording pass per sequence (attack + safe, benign), none per step
-    assert len(calls) == 2 + 2 * 4
+        for h in handles:
+            h.remove()
+    assert cached[0] == 2  # one recording pass per sequence (attack + safe, benign), none per step
+    assert cached[2] == 1 + 4 + 3  # benign recording; 4 attack steps, 3 benign ones
+    assert len(calls[0]) == len(calls[2]) == 1 + 4 + 3  # uncached: the whole model in every pass
     assert not model.model.layers[0].__dict__.get("forward")  # the replacement forward is gone
+    assert delta.history[0]["kl"] == 0.0 and delta.history[1]["kl"] != 0.0
 
 
 def test_row_restricted_edit_changes_only_its_rows(tiny, instance):
