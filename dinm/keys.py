@@ -104,7 +104,7 @@ def _fingerprint(model, layer: int) -> tuple:
     for block in list(decoder_layers(model))[:layer + 1]:
         params += list(block.parameters())
     own = model.get_parameter(mlp_out_name(model, layer))
-    values = [p.detach().double().sum() for p in params if p.device.type != "meta" and p is not own]
+    values = [p.detach().sum(dtype=torch.float64) for p in params if p.device.type != "meta" and p is not own]
     return tuple(torch.stack(values).tolist()) if values else ()
 
 
