@@ -106,10 +106,10 @@ def _fused_head(model, override: dict, dtype: torch.dtype | None) -> Head | None
     """A `Head` on the model's LM head, or None where the head is not a plain Linear whose output is the logits (a
     final soft-capping). Its weight is the bf16 copy in `override` if there is one, else the stored values (an
     offloaded head's, from accelerate's weights map), in `dtype` when given."""
-    head = model.get_output_embeddings()
+    name = arch_spec(model).lm_head
+    head = model.get_submodule(name)
     if not isinstance(head, torch.nn.Linear) or getattr(model.config, "final_logit_softcapping", None) is not None:
         return None
-    name = next(n for n, m in model.named_modules(remove_duplicate=False) if m is head)
     device = placement.module_device(head)
     weight = override.get(f"{name}.weight")
     if weight is None:

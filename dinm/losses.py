@@ -21,6 +21,16 @@ import torch.nn.functional as F
 LOG_FLOOR = -87.0
 
 
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n,) dot products of the rows of two (n, V) tensors, as (n, 1, V) @ (n, V, 1): no (n, V) product tensor."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).reshape(-1)
+
+
+def _kl_sum(log_q: torch.Tensor, reference: "Reference") -> torch.Tensor:
+    """Sum over positions of KL(p || q) = sum_v p log p - p log q."""
+    return (reference.neg_entropy - _row_dots(reference.probs, log_q)).sum()
+
+
 class Reference:
     """A fixed distribution per position, from the unedited model's logits: (positions, vocab) probabilities
     and the (positions,) sums of p log p."""
@@ -28,27 +38,27 @@ class Reference:
     def __init__(self, logits: torch.Tensor):
         log_p = F.log_softmax(logits.float(), dim=-1).clamp_min_(LOG_FLOOR)
         self.probs = log_p.exp()
-        self.neg_entropy = torch.bmm(self.probs[:, None, :], log_p[:, :, None]).reshape(-1)  # sum p log p
+        self.neg_entropy = _row_dots(self.probs, log_p)  # sum p log p
 
 
 class _KL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, probs, neg_entropy):
+    def forward(ctx, logits, reference):
         log_q = F.log_softmax(logits, dim=-1)
-        ctx.save_for_backward(log_q, probs)
-        return (neg_entropy - torch.linalg.vecdot(probs, log_q)).sum() / logits.shape[0]
+        ctx.save_for_backward(log_q, reference.probs)
+        return _kl_sum(log_q, reference) / logits.shape[0]
 
     @staticmethod
     def backward(ctx, grad):
         log_q, probs = ctx.saved_tensors
-        return log_q.clamp_min(LOG_FLOOR).exp_().sub_(probs).mul_(grad / log_q.shape[0]), None, None
+        return log_q.clamp_min(LOG_FLOOR).exp_().sub_(probs).mul_(grad / log_q.shape[0]), None
 
 
 def kl_to(logits: torch.Tensor, reference: Reference) -> torch.Tensor:
     """Mean over positions of KL(reference || softmax(logits)) — `F.kl_div(F.log_softmax(logits), log p,
     log_target=True, reduction="batchmean")` — with a gradient for `logits` (computed in the reference's dtype,
     fp32)."""
-    return _KL.apply(logits.to(reference.probs.dtype), reference.probs, reference.neg_entropy)
+    return _KL.apply(logits.to(reference.probs.dtype), reference)
 
 
 class Head:
@@ -101,8 +111,7 @@ class _HeadLoss(torch.autograd.Function):
             logits = head._buffer("logits_fp32", n, torch.float32).copy_(logits)
         log_q = torch.log_softmax(logits, -1, out=head._buffer("log_q", n, torch.float32))
         if isinstance(target, Reference):
-            # sum_v p log p - p log q, row by row, as (n, 1, V) @ (n, V, 1): no (n, V) product tensor
-            loss = (target.neg_entropy - torch.bmm(target.probs[:, None, :], log_q[:, :, None]).reshape(n)).sum()
+            loss = _kl_sum(log_q, target)
         else:
             loss = -log_q.gather(1, target[:, None]).sum()
         # d loss / d logits = softmax - p (p one-hot for the NLL), over n; then through the head to its input

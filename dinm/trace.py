@@ -63,4 +63,3 @@ def replay_outputs(modules: list[nn.Module], outputs: list[Any]):
 def passthrough(module: nn.Module):
     """Inside the block `module` returns its input unchanged."""
     return replacing_forwards([module], [lambda x, *args, **kwargs: x])
-
