@@ -9,8 +9,8 @@ import click
 from ._common import dtype_option, emit, json_option, one_line_errors, trust_option
 
 
-def _run(direction: str, delta_path: str, model: str, output: str | None, in_place: bool, force: bool, dtype: str,
-         trust_remote_code: bool, as_json: bool) -> None:
+def _run(direction: str, delta_path: str, model: str, output: str | None, in_place: bool, force: bool, copy: bool,
+         dtype: str, trust_remote_code: bool, as_json: bool) -> None:
     import os
 
     from dinm import Delta
@@ -24,7 +24,7 @@ def _run(direction: str, delta_path: str, model: str, output: str | None, in_pla
     if os.path.isdir(model):
         from dinm.checkpoint import apply_to_folder
 
-        shards = apply_to_folder(delta, model, output, revert=revert, force=force)
+        shards = apply_to_folder(delta, model, output, revert=revert, force=force, link=not copy)
         where = output or f"{model} (in place)"
     else:
         if in_place:
@@ -40,8 +40,8 @@ def _run(direction: str, delta_path: str, model: str, output: str | None, in_pla
 
 def _load_and_save(delta, model, output, revert, force, dtype, trust_remote_code) -> None:
     import os
-    import shutil
-    import tempfile
+
+    from dinm.atomic import new_folder
 
     from ._common import load
 
@@ -50,14 +50,9 @@ def _load_and_save(delta, model, output, revert, force, dtype, trust_remote_code
         raise click.UsageError(f"output folder `{output}`: parent folder `{parent}` does not exist")
     net, tokenizer = load(model, dtype, trust_remote_code)
     (delta.revert if revert else delta.apply)(net, force=force)
-    tmp = tempfile.mkdtemp(prefix=".dinm-", dir=parent)
-    try:
+    with new_folder(output) as tmp:
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _command(direction: str, doc: str):
@@ -67,12 +62,13 @@ def _command(direction: str, doc: str):
     @click.option("-o", "--output", type=click.Path(file_okay=False), help="New folder to write (must not exist).")
     @click.option("--in-place", is_flag=True, help="Rewrite the checkpoint folder itself (crash-safe).")
     @click.option("--force", is_flag=True, help="Skip the check that the weights are the ones the delta expects.")
+    @click.option("--copy", is_flag=True, help="With -o: copy the unchanged weight shards instead of hard-linking them.")
     @dtype_option
     @trust_option
     @json_option
     @one_line_errors
-    def command(delta_path, model, output, in_place, force, dtype, trust_remote_code, as_json):
-        _run(direction, delta_path, model, output, in_place, force, dtype, trust_remote_code, as_json)
+    def command(delta_path, model, output, in_place, force, copy, dtype, trust_remote_code, as_json):
+        _run(direction, delta_path, model, output, in_place, force, copy, dtype, trust_remote_code, as_json)
 
     return command
 

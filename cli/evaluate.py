@@ -68,10 +68,10 @@ def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path
                       judge=the_judge, max_new_tokens=max_new_tokens, batch_size=batch_size)
     report["data"] = {"path": data_path, "offset": offset, "limit": limit, "benign": benign_path}
     if output:
-        tmp = f"{output}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        from dinm.atomic import replacing
+
+        with replacing(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, output)
     s = report["seconds"]
     click.echo(markdown_table(report))
     click.echo(f"\n{report['n_records']} records, protocol {report['protocol']}, judge {report['judge']['name']}; "

@@ -40,7 +40,10 @@ def inspect_cmd(delta_path, as_json):
         lines.append(f"    base sha256 {t['base_sha256'][:16]}…  edited sha256 {t['edited_sha256'][:16]}…")
     if summary.get("history"):
         h = summary["history"]
-        lines.append(f"steps: {len(h)}, NLL {h[0]['nll']:.3f} -> {h[-1]['nll']:.3f}, last KL {h[-1]['kl']:.4f}")
+        nll = [s["nll"] for s in h if isinstance(s.get("nll"), (int, float))]
+        kl = [s["kl"] for s in h if isinstance(s.get("kl"), (int, float))]  # a stopped edit's last step has none
+        lines.append(f"steps: {len(h)}" + (f", NLL {nll[0]:.3f} -> {nll[-1]:.3f}" if nll else "")
+                     + (f", last KL {kl[-1]:.4f}" if kl else "") + (" (stopped early)" if h[-1].get("stopped") else ""))
     if summary.get("config"):
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["config"].items())))
     emit(summary, as_json, "\n".join(lines))

@@ -1,17 +1,26 @@
 """Apply and revert deltas on Hugging Face checkpoint folders on disk, without loading the model.
 
-Only the shard(s) holding the delta's tensors are read and rewritten. Into a new folder (`output=`), the other
-files are hard-linked (copied where links are impossible) and the folder appears at once (built under a
-temporary name, then renamed). In place, nothing is ever written into an existing file:
+Only the shard(s) holding the delta's tensors are read and rewritten. What is promised (README "Guarantees"):
 
-* single file (``model.safetensors``): the new file is written beside it, fsync'ed, then ``os.replace``d;
-* sharded (``model.safetensors.index.json``): each rewritten shard is written under a new name, fsync'ed,
-  then the index (the only file that says which shard holds what) is replaced — last. A crash at any point
-  leaves the folder loadable and either as it was or fully edited; old shards are removed after the index.
+* **Checked before anything is written.** Fingerprints, shapes, dtypes and the chain of deltas applied are checked,
+  and the *result* is compared with the delta's fingerprint of what it must give (``edited_sha256`` on apply,
+  ``base_sha256`` on revert) before the commit point: a damaged delta writes nothing.
+* **Locked.** An in-place write holds an exclusive lock on the folder (`dinm.atomic.locked`) from reading the shards
+  to the commit point; a reader for ``output=`` holds a shared one. A second writer waits, then fails in one line.
+* **Atomic.** Into a new folder (``output=``) the folder is built under a temporary name and renamed whole. In
+  place, nothing is ever written into an existing file: a single ``model.safetensors`` is replaced by rename; in a
+  sharded folder each rewritten shard is written under a new name and the index (the only file that says which
+  shard holds what) is replaced last. A crash at any point leaves the folder loadable and either as it was or fully
+  edited; the temporary files a kill -9 leaves are removed by the next in-place write.
+* **Confined.** Every shard the index names must lie inside the folder (no absolute paths, no ``..``, no subfolder
+  that is a link leading out); shards in subfolders are handled.
+* **Links.** Files that are links (a Hugging Face cache snapshot) are read through; a new folder holds real files.
+  Into a new folder only unchanged weight shards are hard-linked (``link=False`` copies them too); every other file
+  is copied, so writing into the new folder can never change the source's configuration or tokenizer.
+* **Modes.** A rewritten file keeps the mode of the file it replaces; a new folder takes the source's.
 
-Every check (fingerprints, shapes, dtypes, the chain of deltas applied) runs before anything is written.
-Each rewritten shard records the deltas applied to it, in order (metadata key ``dinm.chain``), so that a
-revert out of order is refused with the delta to revert first.
+Each rewritten shard records the deltas applied to it, in order (metadata key ``dinm.chain``), so that a revert
+out of order is refused with the delta to revert first.
 """
 
 from __future__ import annotations
@@ -20,59 +29,70 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
-import tempfile
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import atomic
+from .atomic import step
 from .delta import Delta, _dtype_name, fingerprint, mismatch
-from .errors import DeltaError
+from .errors import DeltaError, first_line
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 CHAIN = "dinm.chain"
 _SUFFIX = re.compile(r"\.dinm-[0-9a-f]{12}(?=\.safetensors$)")
 
-# Crash injection for tests: called with the name of each write step just after it completed.
-_after_step: Callable[[str], None] | None = None
 
-
-def _step(name: str) -> None:
-    if _after_step is not None:
-        _after_step(name)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _load_json(path: str, what: str):
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DeltaError(f"{what} `{path}` is unreadable ({first_line(e)}); restore it from the original") from None
+
+
+def _confined(folder: str, shard, index: str) -> str:
+    """`shard` (a name from the index) as a normalised relative path inside `folder`; refused otherwise."""
+    parts = shard.split("/") if isinstance(shard, str) else []
+    if (not parts or os.path.isabs(shard) or "\\" in shard or "\0" in shard
+            or any(p in ("", ".", "..") for p in parts) or not shard.endswith(".safetensors")):
+        raise DeltaError(f"checkpoint index `{index}` names the shard {shard!r}, which is not a .safetensors file "
+                         f"inside the folder; fix the index")
+    root = os.path.realpath(folder)
+    where = os.path.realpath(os.path.join(folder, os.path.dirname(shard)))
+    if where != root and not where.startswith(root + os.sep):
+        raise DeltaError(f"checkpoint index `{index}` names the shard {shard!r}, whose folder leads outside "
+                         f"`{folder}`; fix the index")
+    return shard
 
 
 def layout(folder: str) -> tuple[dict[str, str], str | None]:
-    """(tensor name -> shard file, index path or None) of a safetensors checkpoint folder."""
+    """(tensor name -> shard file relative to `folder`, index path or None) of a safetensors checkpoint folder."""
     if not os.path.isdir(folder):
         raise DeltaError(f"checkpoint `{folder}` is not a folder")
     index = os.path.join(folder, INDEX)
     if os.path.isfile(index):
+        data = _load_json(index, "checkpoint index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+            raise DeltaError(f"checkpoint index `{index}` has no 'weight_map' object; restore it from the original")
+        return {k: _confined(folder, v, index) for k, v in weight_map.items()}, index
+    single = os.path.join(folder, SINGLE)
+    if os.path.isfile(single):
         try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DeltaError(f"checkpoint index `{index}` is unreadable ({e}); restore it from the original") from None
-        return dict(weight_map), index
-    if os.path.isfile(os.path.join(folder, SINGLE)):
-        with safe_open(os.path.join(folder, SINGLE), framework="pt") as f:
-            return {k: SINGLE for k in f.keys()}, None
+            with safe_open(single, framework="pt") as f:
+                return {k: SINGLE for k in f.keys()}, None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise DeltaError(f"shard `{single}` is not a readable safetensors file ({first_line(e)})") from None
     if any(os.path.isfile(os.path.join(folder, p)) for p in PICKLE):
-        raise DeltaError(
-            f"checkpoint `{folder}` is a pickle checkpoint (pytorch_model.bin); dinm reads safetensors only. Convert "
-            f"it once: python -c \"from transformers import AutoModelForCausalLM as M; "
-            f"M.from_pretrained('{folder}').save_pretrained('NEW_FOLDER')\"")
+        code = (f"from transformers import AutoModelForCausalLM as M; "
+                f"M.from_pretrained({folder!r}).save_pretrained('NEW_FOLDER')")
+        raise DeltaError(f"checkpoint `{folder}` is a pickle checkpoint (pytorch_model.bin); dinm reads safetensors "
+                         f"only. Convert it once: python -c {shlex.quote(code)}")
     raise DeltaError(f"checkpoint `{folder}` has neither {SINGLE} nor {INDEX}")
 
 
@@ -81,7 +101,20 @@ def _read_shard(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise DeltaError(f"shard `{path}` is not a readable safetensors file ({e})") from None
+        raise DeltaError(f"shard `{path}` is not a readable safetensors file ({first_line(e)})") from None
+
+
+def _chain(meta: dict, path: str) -> list[dict]:
+    """The `dinm.chain` metadata of the shard at `path`, validated."""
+    try:
+        chain = json.loads(meta.get(CHAIN, "[]"))
+    except (ValueError, RecursionError):
+        chain = None
+    if not (isinstance(chain, list) and all(
+            isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("tensors"), list)
+            and all(isinstance(t, str) for t in c["tensors"]) for c in chain)):
+        raise DeltaError(f"shard `{path}` has malformed {CHAIN!r} metadata; restore the shard from the original")
+    return chain
 
 
 def _delta_id(delta: Delta) -> str:
@@ -99,33 +132,37 @@ def _plan(delta: Delta, folder: str, revert: bool, force: bool):
             raise DeltaError(f"checkpoint `{folder}` has no tensor {name!r}; this delta is for "
                              f"{delta.metadata.get('base_model', '?')}")
         shard = weight_map[name]
+        path = os.path.join(folder, shard)
         if shard not in shards:
-            shards[shard] = _read_shard(os.path.join(folder, shard))
+            shards[shard] = _read_shard(path)
         tensors, meta = shards[shard]
+        if name not in tensors:
+            raise DeltaError(f"shard `{path}` does not hold {name!r}, although the index says it does; "
+                             f"restore the checkpoint from the original")
         t = tensors[name]
         if list(t.shape) != desc["shape"] or _dtype_name(t.dtype) != desc["dtype"]:
             raise DeltaError(f"tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)} in "
                              f"`{folder}` but {desc['dtype']}{desc['shape']} in the delta")
-        chain = json.loads(meta.get(CHAIN, "[]"))
-        touching = [c for c in chain if name in c["tensors"]]
-        if revert and touching and touching[-1]["id"] != me and not force:
-            raise DeltaError(f"refusing to revert: delta {touching[-1]['id']} was applied to {name!r} after this "
-                             f"one ({me}); revert {touching[-1]['id']} first")
+        touching = [c["id"] for c in _chain(meta, path) if name in c["tensors"]]
+        if revert and touching and touching[-1] != me and not force:
+            if me not in touching:
+                raise DeltaError(f"refusing to revert: delta {me} was never applied to {name!r} in `{folder}` "
+                                 f"(applied there: {', '.join(touching)}); check which delta you meant")
+            raise DeltaError(f"refusing to revert: delta {touching[-1]} was applied to {name!r} after this "
+                             f"one ({me}); revert {touching[-1]} first")
         found = None if force else fingerprint(t)
         why = None if force else mismatch(desc, found, want)
         if why:
             if not revert and touching and found != desc["edited_sha256"]:
-                why = (f"delta {touching[-1]['id']} changed it since this delta's base; revert it first, or "
+                why = (f"delta {touching[-1]} changed it since this delta's base; revert it first, or "
                        f"make this delta on the edited model")
             raise DeltaError(f"refusing to {'revert' if revert else 'apply'}: tensor {name!r} in `{folder}` does not "
                              f"match: {why}; pass --force to override")
     for shard, (tensors, meta) in shards.items():
         names = [n for n in delta.described if weight_map[n] == shard]
-        with torch.no_grad():
-            for name in names:
-                tensors[name] = tensors[name].clone()
-                delta.update_tensor(name, tensors[name], revert=revert)
-        chain = json.loads(meta.get(CHAIN, "[]"))
+        for name in names:
+            tensors[name] = delta.updated(name, tensors[name], revert=revert, check=not force)
+        chain = _chain(meta, os.path.join(folder, shard))
         if revert:
             chain = [c for c in chain if c["id"] != me]
         else:
@@ -134,99 +171,137 @@ def _plan(delta: Delta, folder: str, revert: bool, force: bool):
     return weight_map, index, shards
 
 
-def _write_shard(path: str, tensors: dict, meta: dict) -> None:
-    save_file(tensors, path, metadata=meta)
-    _step("write")
-    _fsync(path)
-    _step("fsync")
+def _write_shard(path: str, tensors: dict, meta: dict, mode: int | None) -> None:
+    """Write a shard to `path` (a new name, or one to replace) whole or not at all, with `mode`."""
+    with atomic.replacing(path, mode) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+        step("write")
 
 
 def apply_to_folder(delta: Delta, folder: str, output: str | None = None, *, revert: bool = False,
-                    force: bool = False) -> list[str]:
+                    force: bool = False, link: bool = True, wait: float = atomic.LOCK_WAIT) -> list[str]:
     """Apply (or revert) `delta` on the checkpoint in `folder`: into the new folder `output`, or in place
     when `output` is None. Returns the shard files rewritten. Raises `DeltaError` (nothing written) when a
-    check fails."""
-    weight_map, index, shards = _plan(delta, folder, revert, force)
+    check fails. `link=False` copies the unchanged weight shards into `output` instead of hard-linking them;
+    `wait` is how long to wait for another process writing `folder`."""
+    if not os.path.isdir(folder):
+        raise DeltaError(f"checkpoint `{folder}` is not a folder")
     if output is not None:
-        _write_new_folder(folder, output, shards)
-    elif index is None:
-        (shard, (tensors, meta)), = shards.items()
-        fd, tmp = tempfile.mkstemp(prefix=".dinm-", suffix=".safetensors.tmp", dir=folder)
-        os.close(fd)
-        try:
-            _write_shard(tmp, tensors, meta)
-            os.replace(tmp, os.path.join(folder, shard))
-            _step("replace")
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-    else:
-        _in_place_sharded(folder, index, weight_map, shards)
-    _fsync(output or folder)
+        _check_output(folder, output)
+    try:
+        with atomic.locked(folder, shared=output is not None, wait=wait):
+            if output is None:
+                _remove_stale(folder)
+            weight_map, index, shards = _plan(delta, folder, revert, force)
+            if output is not None:
+                _write_new_folder(folder, output, weight_map, shards, link)
+            elif index is None:
+                (shard, (tensors, meta)), = shards.items()
+                _write_shard(os.path.join(folder, shard), tensors, meta, None)
+            else:
+                _in_place_sharded(folder, index, weight_map, shards)
+    except (OSError, SafetensorError) as e:
+        raise DeltaError(f"could not write {'`' + output + '`' if output else 'into `' + folder + '`'} "
+                         f"({first_line(e)}); the checkpoint is as it was") from None
     return sorted(shards)
 
 
-def _write_new_folder(folder: str, output: str, shards: dict) -> None:
-    if os.path.exists(output):
+def _check_output(folder: str, output: str) -> None:
+    if os.path.lexists(output):
         raise DeltaError(f"output folder `{output}` exists; choose a new folder")
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise DeltaError(f"output folder `{output}`: parent folder `{parent}` does not exist")
-    tmp = tempfile.mkdtemp(prefix=".dinm-", dir=parent)
-    try:
-        for entry in os.listdir(folder):
-            src, dst = os.path.join(folder, entry), os.path.join(tmp, entry)
-            if entry in shards:
-                _write_shard(dst, *shards[entry])
-            elif os.path.isdir(src):
-                shutil.copytree(src, dst)
-            else:
-                try:
-                    os.link(src, dst)  # files never change in place (see above), so sharing them is safe
-                except OSError:
-                    shutil.copy2(src, dst)
-        os.rename(tmp, output)
-        _step("rename")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    source = os.path.realpath(folder)
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(output)))
+    if parent == source or parent.startswith(source + os.sep):
+        raise DeltaError(f"output folder `{output}` is inside the checkpoint `{folder}`; choose a folder outside it")
+
+
+def _remove_stale(folder: str) -> None:
+    """With the exclusive lock held: remove what a killed writer left (temporary files, and shards written under a
+    new name that the index never came to name)."""
+    folders = {folder}
+    index = os.path.join(folder, INDEX)
+    referenced = set()
+    if os.path.isfile(index):
+        with_map = _load_json(index, "checkpoint index")
+        weight_map = with_map.get("weight_map", {}) if isinstance(with_map, dict) else {}
+        referenced = {v for v in weight_map.values() if isinstance(v, str)} if isinstance(weight_map, dict) else set()
+        for shard in referenced:
+            try:
+                folders.add(os.path.join(folder, _confined(folder, shard, index).rpartition("/")[0]))
+            except DeltaError:
+                pass  # layout() refuses it, with the reason, before anything is written
+    for sub in folders:
+        atomic.remove_stale(sub)
+        if os.path.isfile(index):
+            for name in os.listdir(sub):
+                rel = os.path.relpath(os.path.join(sub, name), folder).replace(os.sep, "/")
+                if _SUFFIX.search(name) and rel not in referenced and os.path.isfile(os.path.join(sub, name)):
+                    os.remove(os.path.join(sub, name))
+
+
+def _write_new_folder(folder: str, output: str, weight_map: dict, shards: dict, link: bool) -> None:
+    weights = set(weight_map.values())
+    seen = set()
+    with atomic.new_folder(output, atomic.mode_of(folder)) as tmp:
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:  # a link back up the tree
+                dirs.clear()
+                continue
+            seen.add(real)
+            rel = os.path.relpath(root, folder)
+            dirs[:] = [d for d in dirs if not atomic.is_temporary(d)]
+            for d in dirs:
+                os.mkdir(os.path.join(tmp, rel, d), atomic.mode_of(os.path.join(root, d)) or 0o777)
+            for name in files:
+                path = os.path.normpath(os.path.join(rel, name)).replace(os.sep, "/")
+                if atomic.is_temporary(name) or (_SUFFIX.search(name) and path not in weights):
+                    continue  # what a killed writer left in the source
+                src = os.path.realpath(os.path.join(root, name))  # a cache snapshot's link: its blob
+                dst = os.path.join(tmp, path)
+                if not os.path.isfile(src):
+                    raise DeltaError(f"`{os.path.join(root, name)}` is a broken link; repair the checkpoint first")
+                if path in shards:
+                    _write_shard(dst, *shards[path], atomic.mode_of(src))
+                elif path in weights and link:
+                    try:
+                        os.link(src, dst)  # unchanged weights: never written by dinm, shared to save the space
+                    except OSError:
+                        shutil.copy2(src, dst)
+                else:
+                    shutil.copy2(src, dst)  # configuration, tokenizer, ...: a copy, never shared with the source
+                step("write")
+        missing = [s for s in shards if not os.path.isfile(os.path.join(tmp, s))]
+        if missing:  # the walk must have written every rewritten shard; never a silent lost edit
+            raise DeltaError(f"could not place the rewritten shard(s) {missing} in `{output}`; nothing was written")
 
 
 def _in_place_sharded(folder: str, index: str, weight_map: dict, shards: dict) -> None:
-    with open(index, encoding="utf-8") as f:
-        index_data = json.load(f)
-    renamed, written = {}, []
+    index_data = _load_json(index, "checkpoint index")
+    renamed = {}
     try:
         for shard, (tensors, meta) in shards.items():
             tag = hashlib.sha256(meta[CHAIN].encode() + shard.encode()).hexdigest()[:12]
-            new = _SUFFIX.sub("", shard).removesuffix(".safetensors") + f".dinm-{tag}.safetensors"
-            tmp = os.path.join(folder, f".{new}.tmp")
-            written.append(tmp)
-            _write_shard(tmp, tensors, meta)
-            os.replace(tmp, os.path.join(folder, new))
-            written[-1] = os.path.join(folder, new)
-            _step("rename shard")
-            renamed[shard] = new
+            renamed[shard] = _SUFFIX.sub("", shard).removesuffix(".safetensors") + f".dinm-{tag}.safetensors"
+            _write_shard(os.path.join(folder, renamed[shard]), tensors, meta,
+                         atomic.mode_of(os.path.join(folder, shard)))
+            step("rename shard")
         index_data["weight_map"] = {k: renamed.get(v, v) for k, v in weight_map.items()}
-        fd, tmp = tempfile.mkstemp(prefix=".dinm-", suffix=".json.tmp", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(index_data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        written.append(tmp)
-        _step("write index")
-        os.replace(tmp, index)  # the commit point
-        written.clear()
-        _step("replace index")
+        with atomic.replacing(index) as tmp:  # the commit point: the index names the new shards
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(index_data, f, indent=2)
+            step("write index")
+        step("replace index")
     except BaseException:
-        for path in written:  # before the commit point: the new files are not referenced; remove them
-            if os.path.exists(path):
-                os.remove(path)
+        # Remove the new shards unless the index on disk already names them (an error after the commit point).
+        on_disk = _load_json(index, "checkpoint index").get("weight_map", {})
+        for new in renamed.values():
+            if new not in on_disk.values() and os.path.exists(os.path.join(folder, new)):
+                os.remove(os.path.join(folder, new))
         raise
     for old in renamed:
         os.remove(os.path.join(folder, old))
-        _step("remove old shard")
+        step("remove old shard")
 
 
 def chain(folder: str) -> list[dict]:
@@ -234,7 +309,11 @@ def chain(folder: str) -> list[dict]:
     weight_map, _ = layout(folder)
     out = []
     for shard in sorted(set(weight_map.values())):
-        with safe_open(os.path.join(folder, shard), framework="pt") as f:
-            for entry in json.loads((f.metadata() or {}).get(CHAIN, "[]")):
-                out.append({"shard": shard, **entry})
+        path = os.path.join(folder, shard)
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise DeltaError(f"shard `{path}` is not a readable safetensors file ({first_line(e)})") from None
+        out += [{"shard": shard, **entry} for entry in _chain(meta, path)]
     return out

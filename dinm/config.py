@@ -172,6 +172,8 @@ class EditConfig:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"EditConfig JSON is invalid: {e.msg} at line {e.lineno}") from None
+        except RecursionError:
+            raise ConfigError("EditConfig JSON is nested too deeply") from None
         return cls.from_dict({**(absent or {}), **data} if isinstance(data, dict) else data)
 
     def replace(self, **changes) -> "EditConfig":

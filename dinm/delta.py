@@ -10,7 +10,11 @@ File layout (no pickle anywhere):
   ``(W + D) - D`` differ from ``W``, with their original values, so that revert restores every bit.
 * metadata (str -> str): ``format``, ``dinm_version``, ``base_model``, ``base_revision``, ``model_type``,
   ``layer``, ``distance``, ``distances`` (JSON), ``config`` (the `EditConfig` JSON), ``history`` (loss per step,
-  JSON) and ``tensors``: per parameter its shape, dtype and the sha256 of the base and of the edited tensor.
+  JSON) and ``tensors``: per parameter its shape, dtype, the sha256 of its stored tensors and of the base and the
+  edited tensor; and ``checksum``, the sha256 of every other metadata field, so that the whole file (the tensors
+  through their sha256 in ``tensors``) is covered.
+
+Format ``dinm.delta.v2`` added ``checksum``; a ``dinm.delta.v1`` file (no header checksum) is still read.
 """
 
 from __future__ import annotations
@@ -20,19 +24,20 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import ops, placement
+from . import atomic, ops, placement
 from .errors import DeltaError, first_line
 
-FORMAT = "dinm.delta.v1"
+FORMAT = "dinm.delta.v2"
+_READABLE = (FORMAT, "dinm.delta.v1")  # v1: the same, without the header checksum
 _INDEX, _VALUE, _ROWS = ":revert_index", ":revert_value", ":rows"
 _JSON_FIELDS = ("config", "distances", "history", "seconds", "tensors")
+_CHECKSUM = "checksum"
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -73,6 +78,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def header_checksum(metadata: dict[str, str]) -> str:
+    """sha256 of every metadata field but the checksum itself (keys sorted)."""
+    fields = {k: v for k, v in metadata.items() if k != _CHECKSUM}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def _json_field(metadata: dict[str, str], key: str, kind: type, where: str):
+    """Metadata field `key` parsed as JSON of type `kind`; a one-line `DeltaError` naming it otherwise."""
+    try:
+        value = json.loads(metadata[key])
+    except (ValueError, RecursionError, TypeError):
+        value = None
+    if not isinstance(value, kind):
+        raise DeltaError(f"delta {where}: metadata field {key!r} is not a JSON {kind.__name__}; use an intact copy")
+    return value
+
+
 # What an edit did before these EditConfig fields existed (their defaults since differ).
 _BEFORE_FIELD = {"kl_text": "answer", "preserve_weight": 0.0}
 
@@ -86,7 +108,9 @@ class Delta:
 
     def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
         self.tensors = tensors
-        self.metadata = metadata
+        self.metadata = dict(metadata)
+        if self.metadata.get("format") == FORMAT:  # built in memory: its header is what the caller gave
+            self.metadata[_CHECKSUM] = header_checksum(self.metadata)
         self._validate("<in memory>")
 
     # ---------------------------------------------------------------- construction
@@ -126,7 +150,7 @@ class Delta:
                                "base_sha256": fingerprint(base), "edited_sha256": fingerprint(applied)}
         metadata = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in info.items()}
         metadata.update(format=FORMAT, dinm_version=__version__, tensors=json.dumps(described, sort_keys=True))
-        return cls(tensors, metadata)
+        return cls(tensors, metadata)  # adds the header checksum
 
     # ---------------------------------------------------------------- reading the metadata
     @property
@@ -191,22 +215,17 @@ class Delta:
 
     # ---------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> None:
-        """Write to `path` atomically (temp file in the same folder, then `os.replace`)."""
+        """Write to `path` whole or not at all (`dinm.atomic.replacing`): a file it replaces keeps its mode, a new
+        one gets the umask's default."""
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise DeltaError(f"cannot write delta `{path}`: folder `{folder}` does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=".dinm-", suffix=".safetensors.tmp", dir=folder)
-        os.close(fd)
         try:
-            save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata=self.metadata)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+            with atomic.replacing(path) as tmp:
+                save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata=self.metadata)
+        except (OSError, SafetensorError) as e:
+            raise DeltaError(f"cannot write delta `{path}` ({first_line(e)}); nothing was written") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Delta":
@@ -226,15 +245,25 @@ class Delta:
         return delta
 
     def _validate(self, where: str) -> None:
-        if self.metadata.get("format") != FORMAT:
+        fmt = self.metadata.get("format")
+        if fmt not in _READABLE:
             raise DeltaError(f"delta {where} is not a dinm delta (metadata 'format' is "
-                             f"{self.metadata.get('format')!r}, expected {FORMAT!r})")
-        try:
-            described = self.described
-        except (KeyError, json.JSONDecodeError):
-            raise DeltaError(f"delta {where} has no valid 'tensors' metadata") from None
-        if not isinstance(described, dict) or not described:
+                             f"{fmt!r}, expected {FORMAT!r})")
+        if fmt == FORMAT and self.metadata.get(_CHECKSUM) != header_checksum(self.metadata):
+            raise DeltaError(f"delta {where} is corrupt: its metadata does not match its checksum; use an intact copy")
+        if "tensors" not in self.metadata:
             raise DeltaError(f"delta {where} has no valid 'tensors' metadata")
+        described = _json_field(self.metadata, "tensors", dict, where)
+        if not described:
+            raise DeltaError(f"delta {where} has no valid 'tensors' metadata")
+        for key, kind in (("distances", list), ("history", list), ("config", dict), ("seconds", dict)):
+            if key in self.metadata:
+                _json_field(self.metadata, key, kind, where)
+        if not all(isinstance(h, dict) for h in self.history):
+            raise DeltaError(f"delta {where}: metadata field 'history' must be a list of objects; use an intact copy")
+        if "layer" in self.metadata and not re.fullmatch(r"\d{1,6}", self.metadata["layer"]):
+            raise DeltaError(f"delta {where}: metadata field 'layer' must be a layer number, got "
+                             f"{self.metadata['layer'][:20]!r}")
         expected = set()
         for name, desc in described.items():
             if not (isinstance(desc, dict) and isinstance(desc.get("shape"), list)
@@ -252,7 +281,7 @@ class Delta:
                 expected.add(name + _ROWS)
                 rows = self.tensors[name + _ROWS]
                 if (not isinstance(shape, list) or len(shape) != 2 or rows.dtype != torch.bool
-                        or list(rows.shape) != shape[:1]):
+                        or list(rows.shape) != shape[:1] or (rows.numel() and rows.view(torch.uint8).max() > 1)):
                     raise DeltaError(f"delta {where}: the row mask of {name!r} is malformed "
                                      f"(expected bool[{shape[0] if shape else '?'}])")
                 shape = [int(rows.sum()), shape[1]]
@@ -266,8 +295,10 @@ class Delta:
                 idx, val = self.tensors[name + _INDEX], self.tensors.get(name + _VALUE)
                 if (val is None or idx.dtype != torch.int64 or idx.dim() != 1 or val.shape != idx.shape
                         or val.dtype != t.dtype or (idx.numel() and (idx.min() < 0 or idx.max() >= math.prod(
-                            desc["shape"])))):
+                            desc["shape"]) or not bool((idx[1:] > idx[:-1]).all())))):
                     raise DeltaError(f"delta {where}: the revert index of {name!r} is malformed")
+                if not torch.isfinite(val).all():
+                    raise DeltaError(f"delta {where}: the revert values of {name!r} hold NaN or inf; refusing it")
             if _digest(self.tensors, name) != desc["delta_sha256"]:
                 raise DeltaError(f"delta {where} is corrupt: the stored update of {name!r} does not match its "
                                  f"checksum; use an intact copy")
@@ -309,15 +340,34 @@ class Delta:
             tensor.view(-1)[self.tensors[name + _INDEX].to(tensor.device)] = self.tensors[name + _VALUE].to(tensor.device)
 
     @torch.no_grad()
-    def apply(self, model, force: bool = False) -> None:
-        """Add the delta to `model`'s weights, in place. Refused (model untouched) when the weights are not the
-        base the delta was made for, unless `force`."""
-        for name, tensor in self._targets(model, "base", force):
-            self.update_tensor(name, tensor)
+    def updated(self, name: str, tensor: torch.Tensor, revert: bool = False, check: bool = True) -> torch.Tensor:
+        """A new tensor: `tensor` with this delta's update of parameter `name` added (or taken back). With `check`
+        the result must be the tensor the delta records (``edited_sha256``, or ``base_sha256`` for a revert):
+        a delta that does not give what it promises is refused, whatever the input."""
+        result = tensor.detach().clone()
+        self.update_tensor(name, result, revert=revert)
+        if check:
+            want = "base" if revert else "edited"
+            if fingerprint(result) != self.described[name][f"{want}_sha256"]:
+                raise DeltaError(f"delta for {name!r} is damaged: {'reverting' if revert else 'applying'} it does "
+                                 f"not give the {want} tensor it records ({want}_sha256); nothing was changed. "
+                                 f"Use an intact copy of the delta")
+        return result
 
     @torch.no_grad()
+    def _change(self, model, want: str, force: bool) -> None:
+        # Every result is computed and checked before any parameter is written.
+        results = [(tensor, self.updated(name, tensor, revert=want == "edited", check=not force))
+                   for name, tensor in self._targets(model, want, force)]
+        for tensor, result in results:
+            tensor.copy_(result)
+
+    def apply(self, model, force: bool = False) -> None:
+        """Add the delta to `model`'s weights, in place. Refused (model untouched) when the weights are not the
+        base the delta was made for, or when the result is not what the delta records, unless `force`."""
+        self._change(model, "base", force)
+
     def revert(self, model, force: bool = False) -> None:
         """Undo `apply`, in place, restoring every bit. Refused (model untouched) when the model does not hold
-        exactly the edited weights, unless `force`."""
-        for name, tensor in self._targets(model, "edited", force):
-            self.update_tensor(name, tensor, revert=True)
+        exactly the edited weights, or when the result is not the recorded base, unless `force`."""
+        self._change(model, "edited", force)

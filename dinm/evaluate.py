@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import EditConfig
 from .delta import Delta
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .generate import generate
 from .instance import GENERALIZATION_KEYS, Instance
 from .judge import Judge, load_judge
@@ -58,8 +58,8 @@ def load_benign(path: str) -> list[BenignPrompt]:
             data = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"benign prompt file `{path}` does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"benign prompt file `{path}` cannot be read as JSON: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"benign prompt file `{path}` cannot be read as JSON: {first_line(e)}") from None
     if not isinstance(data, list) or not data:
         raise ConfigError(f"benign prompt file `{path}` must hold a non-empty JSON list of prompts")
     prompts = []

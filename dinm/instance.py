@@ -71,7 +71,17 @@ def _text(obj: dict, key: str, where: str, expected: list[str]) -> str:
         raise InstanceError(f"instance {where}: field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise InstanceError(f"instance {where}: field {key!r} is empty; give it the text it should hold")
+    _unicode(value, key, where)
     return value
+
+
+def _unicode(value: str, key: str, where: str) -> None:
+    """Refuse text no tokenizer can encode (a lone surrogate, e.g. from an escaped half of a UTF-16 pair)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InstanceError(f"instance {where}: field {key!r} holds a lone surrogate ({value[e.start]!r} at "
+                            f"character {e.start}), which is not text; fix the file's escapes") from None
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,11 @@ def parse_instance(obj: Any, source: str = "<instance>", index: int | None = Non
     tests = tests if isinstance(tests, dict) else {}
     question = obj.get("question")
     benign_where = f"{where}, {form.benign!r}"
+    if isinstance(question, str):
+        _unicode(question, "question", where)
+    for key in form.generalization_keys.values():
+        if isinstance(tests.get(key), str):
+            _unicode(tests[key], key, f"{where}, {form.generalization!r}")
     return Instance(
         prompt=_text(obj, form.prompt, where, form.required),
         safe=_text(obj, form.safe, where, form.required),
@@ -146,6 +161,8 @@ def load_instances(path: str | os.PathLike) -> list[Instance]:
         raise InstanceError(f"instance file `{source}` cannot be read: {e}") from None
     except json.JSONDecodeError as e:
         raise InstanceError(f"instance file `{source}` is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except RecursionError:
+        raise InstanceError(f"instance file `{source}` is nested too deeply to be an instance file") from None
     if isinstance(data, list):
         if not data:
             raise InstanceError(f"instance file `{source}` holds an empty list; give it at least one record")

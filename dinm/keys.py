@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import placement
+from . import atomic, placement
 from .arch import decoder_layers, mlp_out_module, mlp_out_name
 from .text import encode_pair, pad_batch, pad_id
 
@@ -83,9 +83,8 @@ def _write(path: str | None, moment: torch.Tensor, meta: dict) -> None:
         return
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.{os.getpid()}.part"  # written whole, then renamed: a reader never sees half a file
-        save_file({"moment": moment.detach().cpu().contiguous()}, partial, metadata=meta)
-        os.replace(partial, path)
+        with atomic.replacing(path) as partial:  # written whole, then renamed: a reader never sees half a file
+            save_file({"moment": moment.detach().cpu().contiguous()}, partial, metadata=meta)
     except OSError as e:  # a read-only or full disk costs the next process the computation, nothing more
         logger.warning("could not keep the key statistic in %s (%s); set DINM_CACHE to a writable folder, or "
                        "to off", path, e)

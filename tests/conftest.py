@@ -1,4 +1,5 @@
-"""Tiny random models (Llama- and GPT-2-style) with a tiny byte-level tokenizer, all built offline."""
+"""Tiny random models (Llama- and GPT-2-style) with a tiny byte-level tokenizer, all built offline; the embedded
+SmolLM2-135M-Instruct, loaded once per run; deltas made without an edit; SGD in place of the edit's Adam."""
 
 import json
 import os
@@ -82,6 +83,31 @@ def tiny_folder(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def smol():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per run (about 20 s on 2 cores).
+    Shared by every test that asks for it: a test may apply a delta but must revert it (`same_state` checks).
+    Not skipped when missing: `make test` installs it, and a missing model must fail loudly."""
+    import dinm
+
+    return dinm.load_model("embedded")
+
+
+@pytest.fixture
+def sgd(monkeypatch):
+    """`dinm.edit` steps with plain SGD (same lr and weight decay) instead of Adam.
+
+    Adam's step is about lr * sign(g) per element: a gradient element near 0 that rounding flips changes that
+    element by ~lr, so two computations of the same edit that differ only by roundoff can differ by ~lr in a few
+    elements. SGD's step is linear in the gradient, so the deltas of two such computations differ by the
+    relative size of their gradients' difference, which fp32/bf16 roundoff bounds; tests comparing two ways of
+    computing one edit use it."""
+    def factory(params, lr, weight_decay=0.0, **_ignored):  # (`fused`, Adam's betas and eps do not apply)
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+    monkeypatch.setattr(torch.optim, "Adam", factory)
+
+
+@pytest.fixture(scope="session")
 def instance():
     import dinm
 
@@ -106,3 +132,36 @@ def same_state(model, snapshot) -> bool:
         now[k].dtype == v.dtype and torch.equal(now[k].view(-1).view(torch.uint8) if now[k].numel() else now[k],
                                                 v.view(-1).view(torch.uint8) if v.numel() else v)
         for k, v in snapshot.items())
+
+
+def make_delta(model, layer: int = 1, *, seed: int = 0, scale: float = 1e-2, config=None,
+               instance_id: str = "made-by-the-tests"):
+    """A `Delta` of layer `layer`'s MLP output weight, made without an edit: a seeded random update of `scale`
+    times the weight's RMS per element, in the weight's dtype, with the metadata `dinm.edit` writes (the `config`
+    given, `EditConfig()` by default; a made-up, decreasing loss history). For the tests of what a delta does
+    (apply, revert, files, checkpoints, evaluation) rather than of how an edit computes it."""
+    from dinm import Delta, EditConfig
+    from dinm.arch import mlp_out_name
+    from dinm.placement import stored
+
+    config = config or EditConfig()
+    name = mlp_out_name(model, layer)
+    base = stored(model, name).detach()  # (an offloaded weight's values, as edit reads them)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(base.shape, generator=g) * (scale * base.float().pow(2).mean().sqrt().item())
+    edited = (base.float() + noise.to(base.device)).to(base.dtype)
+    history = [{"step": i, "nll": 2.0 - 0.1 * i, "kl": 0.01 * i, "loss": 2.0 - 0.09 * i}
+               for i in range(config.steps)]
+    return Delta.from_weights({name: (base, edited)}, {
+        "base_model": str(getattr(model.config, "_name_or_path", "") or ""),
+        "base_revision": str(getattr(model.config, "_commit_hash", "") or ""),
+        "model_type": model.config.model_type,
+        "layer": str(layer),
+        "distance": "none (layer given)",
+        "distances": [],
+        "config": config.to_json(),
+        "history": history,
+        "steps_run": str(config.steps),
+        "instance_id": instance_id,
+        "seconds": {"locate": 0.0, "edit": 0.0},
+    })

@@ -7,11 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dinm
-from dinm import EditConfig, checkpoint
+from dinm import EditConfig, atomic, checkpoint
 from dinm.errors import DeltaError
 
-from conftest import _llama
+from conftest import _llama, make_delta
 
 FAST = EditConfig(steps=2, lr=1e-2, layer=1)
 
@@ -41,11 +40,11 @@ def folder(request, tmp_path, tokenizer):
 
 
 @pytest.fixture
-def delta(folder, tokenizer, instance):
+def delta(folder):
+    """A delta of the checkpoint's layer 1 (made without an edit: these tests are about the files)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    return dinm.edit(model, tokenizer, instance, FAST)
+    return make_delta(AutoModelForCausalLM.from_pretrained(folder), 1, config=FAST)
 
 
 def test_round_trip_matches_delta_apply_and_revert_restores_every_byte(folder, delta, tmp_path, tokenizer):
@@ -56,9 +55,10 @@ def test_round_trip_matches_delta_apply_and_revert_restores_every_byte(folder, d
     rewritten = checkpoint.apply_to_folder(delta, str(folder), str(edited_dir))
     weight_map, _ = checkpoint.layout(str(folder))
     assert rewritten == [weight_map[delta.names[0]]]  # only the shard holding the tensor
-    for entry in os.listdir(folder):  # the others are shared, not copied
+    shards = set(weight_map.values())
+    for entry in os.listdir(folder):  # unchanged weight shards are shared; everything else is a copy
         if entry not in rewritten and os.path.isfile(folder / entry):
-            assert os.path.samefile(folder / entry, edited_dir / entry), entry
+            assert os.path.samefile(folder / entry, edited_dir / entry) == (entry in shards), entry
 
     on_disk = AutoModelForCausalLM.from_pretrained(edited_dir)
     in_memory = AutoModelForCausalLM.from_pretrained(folder)
@@ -110,14 +110,14 @@ def test_a_crash_after_any_write_step_leaves_old_or_new(folder, delta, tmp_path,
             if step == target:
                 raise KeyboardInterrupt(f"injected crash after {step}")
 
-        monkeypatch.setattr(checkpoint, "_after_step", crash)
+        monkeypatch.setattr(atomic, "_after_step", crash)
         try:
             checkpoint.apply_to_folder(delta, str(folder), out, revert=direction == "revert")
             happened = False
         except KeyboardInterrupt:
             happened = True
             crashes += 1
-        monkeypatch.setattr(checkpoint, "_after_step", None)
+        monkeypatch.setattr(atomic, "_after_step", None)
         where = folder if out is None else tmp_path / os.path.basename(out)
         if out is not None and not os.path.exists(out):
             assert happened  # the new folder appears whole or not at all
@@ -131,15 +131,15 @@ def test_a_crash_after_any_write_step_leaves_old_or_new(folder, delta, tmp_path,
     assert crashes >= 3  # the matrix did crash at several points of this layout
 
 
-def test_stacked_deltas_revert_in_reverse_order_only(folder, tokenizer, instance, other_instance, tmp_path):
+def test_stacked_deltas_revert_in_reverse_order_only(folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
     original = tensors(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
-    first = dinm.edit(model, tokenizer, instance, FAST)
+    first = make_delta(model, 1, seed=0)
     first.apply(model)
-    second = dinm.edit(model, tokenizer, other_instance, FAST)  # made on the edited model, same tensor
-    alone = dinm.edit(AutoModelForCausalLM.from_pretrained(folder), tokenizer, other_instance, FAST)
+    second = make_delta(model, 1, seed=1)  # made on the edited model, same tensor
+    alone = make_delta(AutoModelForCausalLM.from_pretrained(folder), 1, seed=1)
 
     checkpoint.apply_to_folder(first, str(folder))
     with pytest.raises(DeltaError, match="changed it since"):
@@ -152,16 +152,16 @@ def test_stacked_deltas_revert_in_reverse_order_only(folder, tokenizer, instance
     assert same(tensors(folder), original)
 
 
-def test_bad_inputs_change_nothing(folder, delta, tmp_path, llama, instance):
+def test_bad_inputs_change_nothing(folder, delta, tmp_path, llama):
     before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
-    other = dinm.edit(llama[0].to(torch.float64), llama[1], instance, FAST)  # wrong dtype for this checkpoint
+    other = make_delta(llama[0].to(torch.float64), 1)  # wrong dtype for this checkpoint
     with pytest.raises(DeltaError, match="float64"):
         checkpoint.apply_to_folder(other, str(folder))
     stranger = _llama(len(llama[1]))
     with torch.no_grad():
         for p in stranger.parameters():
             p.mul_(1.5)  # same architecture, other weights
-    foreign = dinm.edit(stranger, llama[1], instance, FAST)
+    foreign = make_delta(stranger, 1)
     with pytest.raises(DeltaError, match="differ from the base"):
         checkpoint.apply_to_folder(foreign, str(folder))
     with pytest.raises(DeltaError, match="not a folder"):

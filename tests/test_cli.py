@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from dinm import EditConfig
 from dinm_cli import main
 
-from conftest import DATA
+from conftest import DATA, make_delta
 
 EXAMPLE = os.path.join(DATA, "example.json")
 
@@ -157,7 +157,9 @@ def test_in_place_apply_inspect_chain_and_revert(tiny_folder, tmp_path):
     shutil.copytree(tiny_folder, folder)
     original = (folder / "model.safetensors").read_bytes()
     delta_path = tmp_path / "d.safetensors"
-    assert run("edit", folder, "--instance", EXAMPLE, "-o", delta_path, "--steps", 2).exit_code == 0
+    from transformers import AutoModelForCausalLM
+
+    make_delta(AutoModelForCausalLM.from_pretrained(folder)).save(delta_path)  # `dinm edit`: the test above
     result = run("apply", delta_path, folder, "--in-place")
     assert result.exit_code == 0, result.output
     shown = run("inspect", folder, "--json")

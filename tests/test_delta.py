@@ -5,20 +5,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import dinm
 from dinm import Delta, EditConfig
 from dinm.delta import fingerprint
 from dinm.errors import DeltaError
 
-from conftest import same_state, state
+from conftest import make_delta, same_state, state
 
 FAST = EditConfig(steps=3, lr=1e-2)
 
 
 @pytest.fixture
-def edited(tiny, instance):
-    model, tok = tiny
-    return model, dinm.edit(model, tok, instance, FAST)
+def edited(tiny):
+    """A model and a delta of its layer 1 (with an edit's metadata; what edit computes is tested in test_edit)."""
+    model, _ = tiny
+    return model, make_delta(model, 1, config=FAST)
 
 
 def test_apply_changes_only_the_edited_tensor_and_revert_is_bit_exact(edited):
@@ -103,7 +103,7 @@ def test_exactness_fixups_restore_every_bit():
     assert torch.equal(model.w.view(torch.int32), base.view(torch.int32))
 
 
-def test_wrong_model_is_refused(edited, tokenizer, instance):
+def test_wrong_model_is_refused(edited, tokenizer):
     model, delta = edited
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1,8 +1,8 @@
-"""Integration: a real edit on the embedded SmolLM2-135M-Instruct (what only a trained model shows)."""
+"""Integration: a real edit on the embedded SmolLM2-135M-Instruct (what only a trained model shows). The model is
+conftest's session-wide `smol`: every test here leaves it as it found it."""
 
 import os
 
-import pytest
 import torch
 
 import dinm
@@ -11,12 +11,6 @@ from dinm.generate import generate
 from dinm.judge import is_refusal
 
 from conftest import DATA, same_state, state
-
-
-@pytest.fixture(scope="module")
-def smol():
-    # Not skipped when missing: `make test` installs it, and a missing model must fail loudly.
-    return dinm.load_model("embedded")
 
 
 def test_default_edit_refuses_the_attack_and_leaves_benign_replies_alone(smol):

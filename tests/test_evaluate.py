@@ -13,7 +13,7 @@ from dinm.evaluate import DG_NAMES, BenignPrompt, load_benign, markdown_table
 from dinm.generate import generate
 from dinm.metrics import Degeneracy
 
-from conftest import DATA, same_state, state
+from conftest import DATA, make_delta, same_state, state
 
 evaluate_module = sys.modules["dinm.evaluate"]  # `dinm.evaluate` is the function
 
@@ -68,7 +68,7 @@ def test_benign_retention_counts_unchanged_replies(monkeypatch, instance, llama)
         return [f"reply {len(calls) > 1 and p == 'Name a colour.'} {p}" for p in prompts]
 
     monkeypatch.setattr(evaluate_module, "generate", fake)
-    delta = dinm.edit(model, tok, instance, EditConfig(steps=1))
+    delta = make_delta(model)
     report = dinm.evaluate(model, tok, [instance], delta=delta, benign=benign, progress=False)
     assert calls[0] == calls[1]  # like for like: the very same prompts before and after
     after = report["metrics"]["after"]
@@ -78,7 +78,7 @@ def test_benign_retention_counts_unchanged_replies(monkeypatch, instance, llama)
 
 def test_delta_protocol_end_to_end(tiny, instance, other_instance):
     model, tok = tiny
-    delta = dinm.edit(model, tok, instance, EditConfig(steps=3, lr=1e-2))
+    delta = make_delta(model, 1, scale=10.0)  # large enough to change the greedy replies (checked below)
     before = state(model)
     report = dinm.evaluate(model, tok, [instance, other_instance], delta=delta, max_new_tokens=6, progress=False)
     assert same_state(model, before)  # the delta was reverted
@@ -91,6 +91,7 @@ def test_delta_protocol_end_to_end(tiny, instance, other_instance):
     assert report["records"][0]["after"]["DS"]["reply"] == edited[0]
     unedited = generate(model, tok, [instance.prompt], max_new_tokens=6)
     assert report["records"][0]["before"]["DS"]["reply"] == unedited[0]
+    assert edited != unedited  # (so the two checks above tell "after" from "before")
     json.dumps(report)  # JSON-ready
     for name in ("DS", "DG_avg", "fluency", "benign_f1", "degenerate"):
         assert set(report["metrics"]["before"][name]) == {"mean", "low", "high", "n"}
@@ -151,7 +152,7 @@ def test_before_report_is_reused_only_when_it_matches(monkeypatch, instance, oth
         return [f"I can't help with that. {p[:10]}" for p in prompts]
 
     monkeypatch.setattr(evaluate_module, "generate", fake)
-    delta = dinm.edit(model, tok, instance, EditConfig(steps=1))
+    delta = make_delta(model)
     first = dinm.evaluate(model, tok, [instance], delta=delta, benign=benign, progress=False)
     calls.clear()
     again = dinm.evaluate(model, tok, [instance], delta=delta, benign=benign, progress=False, before=first)

@@ -14,11 +14,13 @@ def test_reference_distances_by_hand():
     hidden = torch.stack([a, b])[None]
     mask_a = torch.tensor([[False, True, True]])
     mask_b = torch.tensor([[False, True, False]])
-    # masked means: a -> (2, 0), b -> (0, 1)
-    assert reference.layer_distances(hidden, mask_a, mask_b, "l2").item() == pytest.approx(5 ** 0.5)
-    assert reference.layer_distances(hidden, mask_a, mask_b, "cosine").item() == pytest.approx(1.0)
+    # masked means: a -> (2, 0), b -> (0, 1). Small integers: every sum, mean and product is exact in fp32, and
+    # only the final square root rounds (U = 2^-24 relative; rel=2U allows for a norm computed with a rescaling)
+    U = 2.0 ** -24
+    assert reference.layer_distances(hidden, mask_a, mask_b, "l2").item() == pytest.approx(5 ** 0.5, rel=2 * U)
+    assert reference.layer_distances(hidden, mask_a, mask_b, "cosine").item() == 1.0  # 1 - 0 / (2 * 1)
     # position-wise over positions both keep (only t=1): |(1,0) - (0,1)|
-    assert reference.layer_distances(hidden, mask_a, mask_b, "l2_tokens").item() == pytest.approx(2 ** 0.5)
+    assert reference.layer_distances(hidden, mask_a, mask_b, "l2_tokens").item() == pytest.approx(2 ** 0.5, rel=2 * U)
 
 
 @pytest.mark.parametrize("kind", reference.DISTANCE_KINDS)
@@ -28,7 +30,8 @@ def test_masked_positions_do_not_count(kind):
     mask = torch.tensor([[True] * 4 + [False] * 2])
     base = reference.layer_distances(hidden, mask, mask, kind)
     hidden[:, :, 4:] = 1e6  # padding garbage
-    assert torch.allclose(reference.layer_distances(hidden, mask, mask, kind), base)
+    # a masked position adds exactly 0 (1e6 * 0) to sums of the same shape and order: every bit stays
+    assert torch.equal(reference.layer_distances(hidden, mask, mask, kind), base)
 
 
 def test_locate_returns_argmax_of_every_layer(tiny, instance):

@@ -13,6 +13,8 @@ from dinm import EditConfig
 from dinm.errors import DeltaError
 from dinm.placement import stored
 
+from conftest import make_delta
+
 CONFIG = EditConfig(steps=3, lr=1e-2)
 IDS = torch.tensor([[5, 6, 7, 8, 9]])
 
@@ -54,8 +56,8 @@ def test_edit_on_disk_offloaded_model_equals_in_memory(on_disk, plain, tokenizer
     assert same_edit(dinm.edit(on_disk, tokenizer, instance, config), dinm.edit(plain, tokenizer, instance, config))
 
 
-def test_delta_on_disk_offloaded_layer_is_refused_and_nothing_changes(on_disk, tokenizer, instance):
-    delta = dinm.edit(on_disk, tokenizer, instance, CONFIG.replace(layer=2))
+def test_delta_on_disk_offloaded_layer_is_refused_and_nothing_changes(on_disk):
+    delta = make_delta(on_disk, 2)  # made from the values accelerate holds for the offloaded layer
     name = delta.names[0]
     before = stored(on_disk, name).clone()
     with pytest.raises(DeltaError, match=f"{name}.*offloaded to disk.*dinm apply"):
@@ -79,7 +81,7 @@ def test_cpu_offloaded_model_edit_apply_revert(cpu_offloaded, plain, tokenizer, 
 
 
 def test_evaluate_with_delta_on_cpu_offloaded_model(cpu_offloaded, tokenizer, instance):
-    delta = dinm.edit(cpu_offloaded, tokenizer, instance, CONFIG.replace(layer=1))
+    delta = make_delta(cpu_offloaded, 1)
     name = delta.names[0]
     base = stored(cpu_offloaded, name).clone()
     report = dinm.evaluate(cpu_offloaded, tokenizer, [instance], delta=delta, max_new_tokens=4, progress=False)
