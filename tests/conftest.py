@@ -165,3 +165,16 @@ def make_delta(model, layer: int = 1, *, seed: int = 0, scale: float = 1e-2, con
         "instance_id": instance_id,
         "seconds": {"locate": 0.0, "edit": 0.0},
     })
+
+
+def checkpoint_tensors(folder):
+    """Every tensor of a checkpoint folder, read through its index (what a loader sees)."""
+    from safetensors.torch import load_file
+
+    from dinm import checkpoint
+
+    weight_map, _ = checkpoint.layout(str(folder))
+    out = {}
+    for shard in set(weight_map.values()):
+        out.update(load_file(os.path.join(folder, shard)))
+    return out

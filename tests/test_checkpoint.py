@@ -5,23 +5,13 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dinm import EditConfig, atomic, checkpoint
 from dinm.errors import DeltaError
 
-from conftest import _llama, make_delta
+from conftest import _llama, checkpoint_tensors as tensors, make_delta
 
 FAST = EditConfig(steps=2, lr=1e-2, layer=1)
-
-
-def tensors(folder):
-    """Every tensor of a checkpoint folder, read through its index (what a loader sees)."""
-    weight_map, _ = checkpoint.layout(str(folder))
-    out = {}
-    for shard in set(weight_map.values()):
-        out.update(load_file(os.path.join(folder, shard)))
-    return out
 
 
 def same(a, b):

@@ -13,28 +13,19 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dinm import Delta, checkpoint
 from dinm.delta import fingerprint, header_checksum
 from dinm.errors import DeltaError, InstanceError
 
-from conftest import _llama
+from conftest import _llama, checkpoint_tensors as read
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def down(layer):
     return f"model.layers.{layer}.mlp.down_proj.weight"
-
-
-def read(folder):
-    """Every tensor of a checkpoint folder, through its index (what a loader sees)."""
-    weight_map, _ = checkpoint.layout(str(folder))
-    out = {}
-    for shard in set(weight_map.values()):
-        out.update(load_file(os.path.join(folder, shard)))
-    return out
 
 
 def make_delta(folder, layer, scale=1e-2, seed=0, **info):
