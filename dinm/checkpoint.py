@@ -190,9 +190,9 @@ def apply_to_folder(delta: Delta, folder: str, output: str | None = None, *, rev
         _check_output(folder, output)
     try:
         with atomic.locked(folder, shared=output is not None, wait=wait):
-            if output is None:
-                _remove_stale(folder)
             weight_map, index, shards = _plan(delta, folder, revert, force)
+            if output is None:
+                _remove_stale(folder, weight_map, index)
             if output is not None:
                 _write_new_folder(folder, output, weight_map, shards, link)
             elif index is None:
@@ -215,28 +215,16 @@ def _check_output(folder: str, output: str) -> None:
         raise DeltaError(f"output folder `{output}` is inside the checkpoint `{folder}`; choose a folder outside it")
 
 
-def _remove_stale(folder: str) -> None:
-    """With the exclusive lock held: remove what a killed writer left (temporary files, and shards written under a
-    new name that the index never came to name)."""
-    folders = {folder}
-    index = os.path.join(folder, INDEX)
-    referenced = set()
-    if os.path.isfile(index):
-        with_map = _load_json(index, "checkpoint index")
-        weight_map = with_map.get("weight_map", {}) if isinstance(with_map, dict) else {}
-        referenced = {v for v in weight_map.values() if isinstance(v, str)} if isinstance(weight_map, dict) else set()
-        for shard in referenced:
-            try:
-                folders.add(os.path.join(folder, _confined(folder, shard, index).rpartition("/")[0]))
-            except DeltaError:
-                pass  # layout() refuses it, with the reason, before anything is written
-    for sub in folders:
-        atomic.remove_stale(sub)
-        if os.path.isfile(index):
-            for name in os.listdir(sub):
-                rel = os.path.relpath(os.path.join(sub, name), folder).replace(os.sep, "/")
-                if _SUFFIX.search(name) and rel not in referenced and os.path.isfile(os.path.join(sub, name)):
-                    os.remove(os.path.join(sub, name))
+def _remove_stale(folder: str, weight_map: dict, index: str | None) -> None:
+    """With the exclusive lock held: remove what a killed writer left in the folders of the shards (temporary files,
+    and, in a sharded checkpoint, shards written under a new name that the index never came to name)."""
+    referenced = set(weight_map.values())
+    for sub in {""} | {shard.rpartition("/")[0] for shard in referenced}:  # "": the index's own temporary file
+        atomic.remove_stale(os.path.join(folder, sub))
+        for name in os.listdir(os.path.join(folder, sub)) if index else ():
+            rel = f"{sub}/{name}" if sub else name
+            if _SUFFIX.search(name) and rel not in referenced and os.path.isfile(os.path.join(folder, rel)):
+                os.remove(os.path.join(folder, rel))
 
 
 def _write_new_folder(folder: str, output: str, weight_map: dict, shards: dict, link: bool) -> None:

@@ -256,10 +256,10 @@ class Delta:
         described = _json_field(self.metadata, "tensors", dict, where)
         if not described:
             raise DeltaError(f"delta {where} has no valid 'tensors' metadata")
-        for key, kind in (("distances", list), ("history", list), ("config", dict), ("seconds", dict)):
-            if key in self.metadata:
-                _json_field(self.metadata, key, kind, where)
-        if not all(isinstance(h, dict) for h in self.history):
+        parsed = {key: _json_field(self.metadata, key, kind, where)
+                  for key, kind in (("distances", list), ("history", list), ("config", dict), ("seconds", dict))
+                  if key in self.metadata}
+        if not all(isinstance(h, dict) for h in parsed.get("history", [])):
             raise DeltaError(f"delta {where}: metadata field 'history' must be a list of objects; use an intact copy")
         if "layer" in self.metadata and not re.fullmatch(r"\d{1,6}", self.metadata["layer"]):
             raise DeltaError(f"delta {where}: metadata field 'layer' must be a layer number, got "
