@@ -5,8 +5,8 @@ same held-out benign list; the unedited pass is generated once and reused (`eval
     python benchmarks/bench_ablation.py --limit 16 --max-new-tokens 48
     python benchmarks/bench_ablation.py --limit 2 --only default paper --no-write     # a quick look
 
-Benign list: every prompt of data/benign.json (52, written for this project); none is in any edit's KL term
-(`dinm.anchors.ANCHOR_PROMPTS` are other prompts). "unchanged" = the greedy reply is identical to the unedited
+Benign list: every prompt of data/benign.json (52, written for this project); none is in any edit's KL term.
+The rows of RESULTS.md for `protect` and `kl_prompts` ran with dinm 0.1, which had those settings. "unchanged" = the greedy reply is identical to the unedited
 model's. This is the measurement the default `EditConfig` is chosen by.
 """
 
@@ -16,9 +16,8 @@ import time
 
 import dinm
 from dinm import EditConfig
-from dinm.anchors import ANCHOR_PROMPTS
 from dinm.config import PAPER_SUFFIX
-from dinm.evaluate import load_benign
+from dinm.evaluation import load_benign
 
 from _results import record
 
@@ -32,10 +31,6 @@ VARIANTS = {
                EditConfig.v0(prompt_suffix=PAPER_SUFFIX)),
     "lr2e-3": ("v0 at lr 2e-3", EditConfig.v0(lr=2e-3)),
     "self10": ("lr 2e-3, KL 10 on the model's own reply (`kl_text=\"self\"`)", EditConfig(**STRONG)),
-    "protect": ("lr 2e-3, self KL 10, `protect=0.99` (the instance's benign sequence)",
-                EditConfig(**STRONG, protect=0.99)),
-    "anchors": ("lr 5e-3, self KL 10, 16 anchors in the KL, `protect=0.95`",
-                EditConfig(**{**STRONG, "lr": 5e-3}, kl_prompts=ANCHOR_PROMPTS, protect=0.95)),
     "preserve": ("lr 2e-3, self KL 10, `preserve_weight=1000` (benign-key penalty, `dinm.keys`)",
                  EditConfig(**PENALTY)),
     "preserve_nokl": ("lr 2e-3, no KL, `preserve_weight=1000`", EditConfig(**PENALTY, kl_weight=0.0)),

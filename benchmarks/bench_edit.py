@@ -1,16 +1,17 @@
-"""dinm.edit against a faithful re-implementation of the reference (EasyEdit) DINM loop, same process, same
+"""dinm.edit against a faithful re-implementation of the paper's (EasyEdit) DINM loop, same process, same
 records, same CPU, on the embedded model.
 
     python benchmarks/bench_edit.py --data ../shared/safeedit/test_dev.json --limit 8
 
-(a) reference loop, computing what EasyEdit's `execute_dinm` computes (`reference_loop`): raw prompt (no chat
+(a) the paper's loop, computing what EasyEdit's `execute_dinm` computes (`paper_loop`): raw prompt (no chat
     template), re-tokenised every step, a full fp32 forward + backward of the whole model every step with the NLL
     taken from an fp32 copy of all logits, a second full no-grad forward of the benign text every step for its KL
     term (softmax and log-softmaxes of the fp32 logits), Adam on the layer's weight in place. Locate: the bare
     responses as one padded batch, all hidden states and logits, `torch.dist` per layer in a Python loop.
 (b) `dinm.edit` with `EditConfig.v0()` (the first default; the same steps, lr and single KL sequence as the
-    reference): tokenised once, the frozen layers below the edited one run once and are replayed, logits only
-    where the loss reads them, the LM head fused with the loss (`dinm.losses.Head`), KL reference computed once.
+    paper's loop): tokenised once, the frozen layers below the edited one run once and are replayed, logits only
+    where the loss reads them, the LM head fused with the loss (`dinm.losses.Head`), the unedited distribution of
+    the KL computed once.
 (c) the same with `compute_dtype="bfloat16"`: the passes in bf16 (autocast, bf16 copies of the matrices that run,
     made once), master, loss and update in fp32 — on a CPU with AMX the matrix products are several times faster.
 (d) for information, `dinm.edit` with today's default `EditConfig()` (50 steps and more per step: not a ratio).
@@ -24,7 +25,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import dinm
 from dinm.arch import mlp_out_name
@@ -33,7 +33,7 @@ from _results import arguments, record
 
 
 @torch.no_grad()
-def reference_locate(model, tok, inst):
+def paper_locate(model, tok, inst):
     """EasyEdit's locate: the bare responses as one padded batch, full forward with every hidden state (and
     logits), then `torch.dist` layer by layer in a Python loop."""
     batch = tok([inst.safe, inst.unsafe], return_tensors="pt", padding=True)
@@ -42,10 +42,10 @@ def reference_locate(model, tok, inst):
     return max(range(len(distances)), key=distances.__getitem__)
 
 
-def reference_loop(model, tok, inst, layer, steps=10, lr=5e-4, kl_factor=0.1):
+def paper_loop(model, tok, inst, layer, steps=10, lr=5e-4, kl_factor=0.1):
     """EasyEdit-style DINM edit, computing what `execute_dinm` computes; returns the trained weight (the model is
     restored afterwards). Before the loop, one full forward of the benign prompt + answer with the edited weight
-    requiring grad (the KL reference, its graph kept alive, as there). Each step: the edit text re-tokenised; a full
+    requiring grad (the unedited distribution of the KL, its graph kept alive, as there). Each step: the edit text re-tokenised; a full
     forward; the NLL from an fp32 copy of all the logits, log-softmax over the response positions; a second full
     forward of the benign text without gradient; the KL over the answer positions from softmax and two
     log-softmaxes of the fp32 logits; `kl_factor * nll + kl` backward; Adam on the weight in place."""
@@ -95,15 +95,15 @@ def main():
     torch.manual_seed(0)
     instances = dinm.load_instances(args.data)[: args.limit]
     model, tok = dinm.load_model("embedded")
-    config = dinm.EditConfig.v0()  # the setting measured against the reference: the same work per step
+    config = dinm.EditConfig.v0()  # the setting measured against the paper's loop: the same work per step
     dinm.edit(model, tok, instances[0], config.replace(steps=1), progress=False)  # warm-up
-    rows = ["| record | layer | ref locate s | dinm locate s | ref edit s | dinm edit s | speed-up | "
+    rows = ["| record | layer | paper locate s | dinm locate s | paper edit s | dinm edit s | speed-up | "
             "dinm bf16 edit s | speed-up | final NLL fp32 / bf16 | default: layer, locate + edit s |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     sums = {"ref_loc": [], "loc": [], "ref": [], "dinm": [], "bf16": [], "default": []}
     for inst in instances:
         start = time.perf_counter()
-        reference_locate(model, tok, inst)
+        paper_locate(model, tok, inst)
         ref_loc = time.perf_counter() - start
         start = time.perf_counter()
         delta = dinm.edit(model, tok, inst, config, progress=False)
@@ -113,7 +113,7 @@ def main():
         low = dinm.edit(model, tok, inst, config.replace(layer=delta.layer, compute_dtype="bfloat16"), progress=False)
         bf16 = time.perf_counter() - start
         start = time.perf_counter()
-        reference_loop(model, tok, inst, delta.layer, steps=config.steps, lr=config.lr)
+        paper_loop(model, tok, inst, delta.layer, steps=config.steps, lr=config.lr)
         ref = time.perf_counter() - start
         start = time.perf_counter()
         default = dinm.edit(model, tok, inst, progress=False)  # today's default, not comparable with (a)
@@ -122,15 +122,15 @@ def main():
             sums[key].append(value)
         rows.append(f"| {inst.id} | {delta.layer} | {ref_loc:.2f} | {loc:.2f} | {ref:.2f} | {total - loc:.2f} | "
                     f"{ref / (total - loc):.1f}x | {bf16:.2f} | {ref / bf16:.1f}x | "
-                    f"{delta.history[-1]['nll']:.3f} / {low.history[-1]['nll']:.3f} | "
+                    f"{delta.history[-1].nll:.3f} / {low.history[-1].nll:.3f} | "
                     f"{default.layer}, {default_s:.2f} |")
         print(rows[-1], flush=True)
     mean = {k: statistics.mean(v) for k, v in sums.items()}
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     body = (f"SmolLM2-135M-Instruct (embedded, fp32), {len(instances)} records of `{args.data}`, "
             f"{config.steps} steps, lr {config.lr}, both on the layer dinm locates.\n\n" + "\n".join(rows) +
-            f"\n\nmean: reference locate {mean['ref_loc']:.2f} s, dinm locate {mean['loc']:.2f} s; "
-            f"reference edit {mean['ref']:.2f} s, dinm edit {mean['dinm']:.2f} s: "
+            f"\n\nmean: paper locate {mean['ref_loc']:.2f} s, dinm locate {mean['loc']:.2f} s; "
+            f"paper edit {mean['ref']:.2f} s, dinm edit {mean['dinm']:.2f} s: "
             f"**{mean['ref'] / mean['dinm']:.1f}x**, dinm bf16 edit {mean['bf16']:.2f} s: "
             f"**{mean['ref'] / mean['bf16']:.1f}x** (ratios of means). The bf16 edits ran on the layer given, so "
             f"their time has no locate in it. Peak RSS of the process: {peak_mb:.0f} MB.\n\n"
@@ -140,7 +140,7 @@ def main():
             f"first time a layer comes up in the process (`DINM_CACHE=off` here, so no earlier run's file is read).")
     print(body)
     if not args.no_write:
-        record("Edit: dinm.edit vs the reference loop", body)
+        record("Edit: dinm.edit vs the paper's loop", body)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 import dinm
-from dinm.evaluate import load_benign, markdown_table, rescore
+from dinm.evaluation import load_benign, markdown_table, rescore
 from dinm.judge import RefusalJudge
 from dinm.metrics import Degeneracy, repetition, words
 

@@ -8,7 +8,7 @@ import statistics
 import time
 
 import dinm
-from dinm.locate import DISTANCES
+from dinm.config import DISTANCES
 
 from _results import arguments, record
 

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dinm import ops, reference
+from dinm import ops, twin as pytorch_twin
 
 from _results import record
 
@@ -65,7 +65,7 @@ def bench_distances(name, layers, tokens, hidden, dtype, device, repeat):
     rows = []
     for kind in KINDS:
         loop = timed(lambda: easyedit_loop(per_layer, mask_a, mask_b, kind), repeat, device)
-        twin = timed(lambda: reference.layer_distances(per_layer, mask_a[None], mask_b[None], kind), repeat, device)
+        twin = timed(lambda: pytorch_twin.layer_distances(per_layer, mask_a[None], mask_b[None], kind), repeat, device)
         fused = timed(lambda: ops.layer_distances(per_layer, mask_a[None], mask_b[None], kind), repeat, device)
         read = sum(h.numel() * h.element_size() for h in per_layer)
         gbs = read / (fused * 1e-3) / 1e9
@@ -82,7 +82,7 @@ def bench_update(name, rows_, cols, dtype, device, repeat):
     compact = delta[mask].contiguous()
     dense_add = timed(lambda: weight.add_(delta), repeat, device)
     dense_op = timed(lambda: ops.masked_update(weight, delta, None, 1.0), repeat, device)
-    masked_twin = timed(lambda: reference.masked_update(weight, compact, mask, 1.0), repeat, device)
+    masked_twin = timed(lambda: pytorch_twin.masked_update(weight, compact, mask, 1.0), repeat, device)
     masked_op = timed(lambda: ops.masked_update(weight, compact, mask, 1.0), repeat, device)
     moved = 3 * weight.numel() * weight.element_size()  # read weight and delta, write weight
     gbs = moved / (dense_op * 1e-3) / 1e9

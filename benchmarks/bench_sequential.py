@@ -19,9 +19,8 @@ import time
 
 import dinm
 from dinm import EditConfig
-from dinm.anchors import ANCHOR_PROMPTS
 from dinm.delta import fingerprint
-from dinm.evaluate import DG_NAMES, load_benign
+from dinm.evaluation import DG_NAMES, load_benign
 
 from _results import record
 
@@ -46,16 +45,11 @@ def main():
     parser.add_argument("--benign", type=int, default=16, help="first M prompts of data/benign.json")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--name", default="default")
-    parser.add_argument("--config", default="{}", help='EditConfig fields as JSON ("kl_prompts": "anchors" allowed)')
+    parser.add_argument("--config", default="{}", help="EditConfig fields as JSON")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    fields = json.loads(args.config)
-    if fields.get("kl_prompts") == "anchors":
-        fields["kl_prompts"] = ANCHOR_PROMPTS
-    config = EditConfig(**fields)
+    config = EditConfig(**json.loads(args.config))
     changed = {k: v for k, v in config.to_dict().items() if v != getattr(EditConfig(), k)}
-    if config.kl_prompts == ANCHOR_PROMPTS:
-        changed["kl_prompts"] = "dinm.anchors.ANCHOR_PROMPTS"
 
     model, tok = dinm.load_model("embedded")
     records = dinm.load_instances(args.data)[:args.limit]

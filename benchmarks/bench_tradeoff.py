@@ -2,11 +2,9 @@
 benign list; the unedited pass is generated once and reused (`evaluate(before=...)`).
 
     python benchmarks/bench_tradeoff.py 4 16 '{"default": {}, "strong": {"lr": 2e-3}}'
-    python benchmarks/bench_tradeoff.py 4 16 '{"protect": {"lr": 5e-3, "kl_text": "self", "kl_weight": 10,
-                                                "kl_prompts": "anchors", "protect": 0.95}}'
 
 Arguments: records (first N of test_dev.json), benign prompts (first M of data/benign.json, held out: never in
-the KL term), a JSON object of name -> EditConfig fields ("kl_prompts": "anchors" is `dinm.anchors.ANCHOR_PROMPTS`).
+the KL term), a JSON object of name -> EditConfig fields.
 Prints one line per setting (after-edit means over the records, 48 new tokens, judge `refusal`). Exploratory:
 it does not write RESULTS.md.
 """
@@ -18,8 +16,7 @@ import time
 
 import dinm
 from dinm import EditConfig
-from dinm.anchors import ANCHOR_PROMPTS
-from dinm.evaluate import load_benign
+from dinm.evaluation import load_benign
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLUMNS = ("DS", "DG_avg", "DS_judge", "fluency", "benign_unchanged", "benign_list_unchanged")
@@ -33,8 +30,6 @@ def main():
     benign = load_benign(os.path.join(HERE, "../data/benign.json"))[:nb]
     before = None
     for name, fields in variants.items():
-        if fields.get("kl_prompts") == "anchors":
-            fields["kl_prompts"] = ANCHOR_PROMPTS
         started = time.perf_counter()
         report = dinm.evaluate(model, tok, records, edit=EditConfig(**fields), before=before, benign=benign,
                                max_new_tokens=48, progress=False)

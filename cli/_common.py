@@ -1,4 +1,4 @@
-"""What every command shares: one-line errors, model options, output."""
+"""What every command shares: one-line errors, model options, reading the config, output."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import sys
 
 import click
 
-# dinm.locate.DISTANCES' names, here so that `--help` does not import torch (a test keeps the two equal).
-DISTANCE_NAMES = ("cosine", "cosine_inner", "l2", "l2_tokens", "paper")
+from dinm.config import LOAD_DTYPES  # (dinm.config imports no torch: `--help` stays instant)
 
 
 def one_line_errors(fn):
@@ -40,7 +39,7 @@ def one_line_errors(fn):
 
 
 model_argument = click.argument("model", metavar="MODEL")
-dtype_option = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+dtype_option = click.option("--dtype", type=click.Choice(LOAD_DTYPES),
                             default="auto", show_default=True, help="Load the model in this dtype.")
 device_map_option = click.option(
     "--device-map", type=click.Choice(["auto"]), default=None,
@@ -73,19 +72,9 @@ def emit(data: dict, as_json: bool, human: str) -> None:
 
 
 def check_new_file(path: str, overwrite: bool, what: str) -> None:
-    """Refuse to clobber a file, and fail early when its folder does not exist."""
+    """Refuse to clobber a file, and fail early (before a model is loaded) when its folder does not exist."""
     if os.path.exists(path) and not overwrite:
         raise click.UsageError(f"{what} `{path}` exists; pass --overwrite to replace it")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise click.UsageError(f"{what} `{path}`: folder `{folder}` does not exist")
-
-
-def format_distances(distances: list[float], layer: int) -> str:
-    """A compact per-layer bar chart for the terminal."""
-    if not distances:
-        return ""
-    top = max(distances) or 1.0
-    rows = [f"  {i:>3} {'#' * max(1, round(30 * d / top)):<30} {d:.4g}{'  <- layer' if i == layer else ''}"
-            for i, d in enumerate(distances)]
-    return "\n".join(rows)

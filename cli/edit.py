@@ -2,7 +2,9 @@
 
 import click
 
-from ._common import (DISTANCE_NAMES, check_new_file, device_map_option, dtype_option, emit, json_option, load,
+from dinm.config import DISTANCES
+
+from ._common import (check_new_file, device_map_option, dtype_option, emit, json_option, load,
                       model_argument, one_line_errors, read_config, trust_option)
 
 
@@ -15,7 +17,7 @@ from ._common import (DISTANCE_NAMES, check_new_file, device_map_option, dtype_o
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="EditConfig JSON; the options below override it.")
 @click.option("--layer", type=int, help="Edit this layer instead of locating one.")
-@click.option("--distance", type=click.Choice(DISTANCE_NAMES), help="Locate rule.")
+@click.option("--distance", type=click.Choice(list(DISTANCES)), help="Locate rule.")
 @click.option("--steps", type=int, help="Optimiser steps.")
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--kl-weight", type=float, help="Weight of the KL term on the benign prompt.")
@@ -32,6 +34,7 @@ def edit_cmd(model, instance_path, index, output, config_path, layer, distance, 
     import time
 
     from dinm import edit, load_instance
+    from dinm.history import describe, summary
 
     check_new_file(output, overwrite, "output")
     instance = load_instance(instance_path, index)  # bad input fails before the model is loaded
@@ -43,10 +46,7 @@ def edit_cmd(model, instance_path, index, output, config_path, layer, distance, 
     delta = edit(net, tokenizer, instance, config, progress=not as_json)
     seconds = time.perf_counter() - started
     delta.save(output)
-    history = delta.history
     data = {"output": output, "bytes": os.path.getsize(output), "layer": delta.layer, "tensors": delta.names,
-            "seconds": round(seconds, 3), "nll_first": history[0]["nll"], "nll_last": history[-1]["nll"],
-            "kl_last": history[-1].get("kl")}
-    emit(data, as_json, f"edited layer {delta.layer} ({', '.join(delta.names)}) in {seconds:.1f}s; "
-                        f"safe-response NLL {history[0]['nll']:.3f} -> {history[-1]['nll']:.3f}\n"
-                        f"wrote {output} ({data['bytes'] / 1e6:.2f} MB)")
+            "seconds": round(seconds, 3), **summary(delta.history)}
+    emit(data, as_json, f"edited layer {delta.layer} ({', '.join(delta.names)}) in {seconds:.1f}s: "
+                        f"{describe(delta.history)}\nwrote {output} ({data['bytes'] / 1e6:.2f} MB)")

@@ -20,10 +20,13 @@ from ._common import (check_new_file, device_map_option, dtype_option, load, mod
 @click.option("--judge", default="refusal", show_default=True,
               help="'refusal' (offline rules) or a local Hugging Face sequence-classifier folder.")
 @click.option("--judge-safe-label", help="The classifier label meaning safe (index or name; default 'safe' or 0).")
-@click.option("--limit", type=int, help="Evaluate at most this many records.")
-@click.option("--offset", default=0, show_default=True, help="Skip this many records first.")
-@click.option("--max-new-tokens", default=64, show_default=True, help="Length of each greedy reply.")
-@click.option("--batch-size", default=8, show_default=True, help="Prompts generated together.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most this many records.")
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Skip this many records first.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Length of each greedy reply.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Prompts generated together.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the full JSON report here.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @dtype_option
@@ -33,45 +36,31 @@ from ._common import (check_new_file, device_map_option, dtype_option, load, mod
 def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path, judge, judge_safe_label, limit,
                  offset, max_new_tokens, batch_size, output, overwrite, dtype, device_map, trust_remote_code):
     """Measure DS, DG, fluency and benign retention on SafeEdit records, before and after an edit."""
-    import json
-    import os
-
     from dinm import Delta, evaluate, load_instances
-    from dinm.evaluate import load_benign, markdown_table
+    from dinm.evaluation import load_benign, markdown_table, save_report
     from dinm.judge import load_judge
 
     if delta_path and do_edit:
         raise click.UsageError("give --delta or --edit, not both")
     if config_path and not do_edit:
         raise click.UsageError("--config applies to --edit only")
-    for name, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size)):
-        if value is not None and value < 1:
-            raise click.UsageError(f"{name} must be at least 1, got {value}")
-    if offset < 0:
-        raise click.UsageError(f"--offset must be at least 0, got {offset}")
     if output:
         check_new_file(output, overwrite, "report")
     # Bad input fails before the model is loaded.
-    instances = load_instances(data_path)[offset:]
-    instances = instances[:limit] if limit else instances
+    instances = load_instances(data_path)[offset:offset + limit if limit else None]
     if not instances:
         raise click.UsageError(f"--offset {offset} skips every record of `{data_path}`")
-    config = read_config(config_path)
-    benign = load_benign(benign_path) if benign_path else None
     delta = Delta.load(delta_path) if delta_path else None
-    judge_kwargs = {} if judge == "refusal" else {"safe_label": judge_safe_label,
-                                                  "trust_remote_code": trust_remote_code}
-    the_judge = load_judge(judge, **judge_kwargs)
-
+    edit = read_config(config_path) if do_edit else False
+    benign = load_benign(benign_path) if benign_path else None
+    the_judge = load_judge(judge) if judge == "refusal" else load_judge(
+        judge, safe_label=judge_safe_label, trust_remote_code=trust_remote_code)
     net, tokenizer = load(model, dtype, trust_remote_code, device_map)
-    report = evaluate(net, tokenizer, instances, delta=delta, edit=config if do_edit else False, benign=benign,
-                      judge=the_judge, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    report = evaluate(net, tokenizer, instances, delta=delta, edit=edit, benign=benign, judge=the_judge,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size)
     report["data"] = {"path": data_path, "offset": offset, "limit": limit, "benign": benign_path}
     if output:
-        from dinm.atomic import replacing
-
-        with replacing(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
+        save_report(report, output)
     s = report["seconds"]
     click.echo(markdown_table(report))
     click.echo(f"\n{report['n_records']} records, protocol {report['protocol']}, judge {report['judge']['name']}; "

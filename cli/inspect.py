@@ -15,6 +15,7 @@ def inspect_cmd(delta_path, as_json):
     import os
 
     from dinm import Delta
+    from dinm.history import describe
 
     if os.path.isdir(delta_path):
         from dinm.checkpoint import chain
@@ -26,7 +27,8 @@ def inspect_cmd(delta_path, as_json):
         emit({"checkpoint": delta_path, "chain": applied}, as_json, "\n".join(lines))
         return
 
-    summary = Delta.load(delta_path).summary()
+    delta = Delta.load(delta_path)
+    summary = delta.summary()
     summary["file_bytes"] = os.path.getsize(delta_path)
     lines = [f"{delta_path}: {summary['format']}, dinm {summary['dinm_version']}, {summary['file_bytes']} bytes",
              f"base model: {summary.get('base_model') or '?'} ({summary.get('model_type', '?')})"
@@ -38,12 +40,8 @@ def inspect_cmd(delta_path, as_json):
                      f"|update| {t['update_norm']:.4g}, max {t['max_abs']:.3g}, "
                      f"{t['exactness_fixups']} exactness fixups")
         lines.append(f"    base sha256 {t['base_sha256'][:16]}…  edited sha256 {t['edited_sha256'][:16]}…")
-    if summary.get("history"):
-        h = summary["history"]
-        nll = [s["nll"] for s in h if isinstance(s.get("nll"), (int, float))]
-        kl = [s["kl"] for s in h if isinstance(s.get("kl"), (int, float))]  # a stopped edit's last step has none
-        lines.append(f"steps: {len(h)}" + (f", NLL {nll[0]:.3f} -> {nll[-1]:.3f}" if nll else "")
-                     + (f", last KL {kl[-1]:.4f}" if kl else "") + (" (stopped early)" if h[-1].get("stopped") else ""))
+    if delta.history:
+        lines.append(f"edit: {describe(delta.history)}")
     if summary.get("config"):
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["config"].items())))
     emit(summary, as_json, "\n".join(lines))

@@ -2,8 +2,9 @@
 
 import click
 
-from ._common import (DISTANCE_NAMES, dtype_option, emit, format_distances, json_option, load, model_argument,
-                      one_line_errors, trust_option)
+from dinm.config import DISTANCES
+
+from ._common import dtype_option, emit, json_option, load, model_argument, one_line_errors, trust_option
 
 
 @click.command("locate")
@@ -11,7 +12,7 @@ from ._common import (DISTANCE_NAMES, dtype_option, emit, format_distances, json
 @click.option("--instance", "instance_path", required=True, type=click.Path(dir_okay=False),
               help="JSON file: a SafeEdit record, the short form, or a list of them.")
 @click.option("--index", default=0, show_default=True, help="Which record of the file to use.")
-@click.option("--distance", type=click.Choice(DISTANCE_NAMES), help="Locate rule (default: the default edit's).")
+@click.option("--distance", type=click.Choice(list(DISTANCES)), help="Locate rule (default: the default edit's).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also save a PNG of the distances.")
 @dtype_option
 @trust_option
@@ -30,4 +31,4 @@ def locate_cmd(model, instance_path, index, distance, plot_path, dtype, trust_re
 
         plot_distances(result.distances, result.layer, plot_path, title=f"{model}: {distance} distance")
     emit(result.to_dict(), as_json,
-         f"toxic layer: {result.layer} ({distance} distance)\n{format_distances(result.distances, result.layer)}")
+         f"toxic layer: {result.layer} ({distance} distance)\n{result.chart()}")

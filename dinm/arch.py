@@ -24,7 +24,7 @@ class ArchSpec:
         layers: the `nn.ModuleList` of decoder layers.
         mlp_out: template of layer i's MLP output projection (the matrix DINM edits).
         final_norm: the norm applied after the last layer.
-        lm_head: the output embedding.
+        lm_head: the output embedding (`lm_head_name` finds it under another transformers version's name).
         conv1d: True when `mlp_out` is a GPT-2 style `Conv1D`, whose weight is stored (in, out).
     """
 
@@ -40,7 +40,6 @@ _LLAMA = ArchSpec("model.layers", "model.layers.{}.mlp.down_proj", "model.norm",
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
-    "mixtral": ArchSpec("model.layers", "model.layers.{}.block_sparse_moe.experts.0.w2", "model.norm", "lm_head"),
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
@@ -49,7 +48,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "olmo": _LLAMA,
     "gpt2": ArchSpec("transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.ln_f", "lm_head", conv1d=True),
     "gpt_neox": ArchSpec(
-        "gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out"
+        "gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "lm_head"
     ),
 }
 
@@ -97,6 +96,18 @@ def as_out_in(spec: ArchSpec, weight: torch.Tensor) -> torch.Tensor:
     GPT-2's `Conv1D` stores (in, out); this is the one place that knows it.
     """
     return weight.t() if spec.conv1d else weight
+
+
+def lm_head_name(model: nn.Module) -> str:
+    """The LM head's module name: the table's, else the output embedding's own (transformers 4 named GPT-NeoX's
+    `embed_out`)."""
+    name = arch_spec(model).lm_head
+    try:
+        model.get_submodule(name)
+        return name
+    except AttributeError:
+        head = model.get_output_embeddings()
+        return next(n for n, m in model.named_modules() if m is head)
 
 
 def accepts_logits_to_keep(model: nn.Module) -> bool:

@@ -87,16 +87,23 @@ def replacing(path: str, mode: int | None = None) -> Iterator[str]:
         raise
 
 
-@contextlib.contextmanager
-def new_folder(path: str, mode: int | None = None) -> Iterator[str]:
-    """Create the folder `path` whole or not at all: fill the yielded folder. Every file in it is fsync'ed before
-    the folder is renamed to `path`; `mode` (else the umask's default) is the folder's."""
-    path = os.fspath(path)
+def check_new_folder(path: str) -> str:
+    """Refuse `path` as a folder to create when it exists or its parent does not (a one-line `DeltaError`);
+    return the parent."""
     if os.path.lexists(path):
         raise DeltaError(f"output folder `{path}` exists; choose a new folder")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise DeltaError(f"output folder `{path}`: parent folder `{parent}` does not exist")
+    return parent
+
+
+@contextlib.contextmanager
+def new_folder(path: str, mode: int | None = None) -> Iterator[str]:
+    """Create the folder `path` whole or not at all: fill the yielded folder. Every file in it is fsync'ed before
+    the folder is renamed to `path`; `mode` (else the umask's default) is the folder's."""
+    path = os.fspath(path)
+    parent = check_new_folder(path)
     tmp = _temporary_beside(path)
     os.mkdir(tmp)
     try:

@@ -178,6 +178,40 @@ def _write_shard(path: str, tensors: dict, meta: dict, mode: int | None) -> None
         step("write")
 
 
+def apply_delta(delta: Delta, target, output: str | os.PathLike | None = None, *, revert: bool = False,
+                force: bool = False, link: bool = True, tokenizer=None, wait: float = atomic.LOCK_WAIT) -> list[str]:
+    """Apply (or, with `revert`, revert) `delta` to `target`, whichever form the model has:
+
+    * a checkpoint folder (a path): edited on disk without loading the model (`apply_to_folder`), into the new
+      folder `output` or in place when `output` is None;
+    * a loaded model: edited in memory (`Delta.apply` / `Delta.revert`) and, when `output` is given, saved there
+      (with `tokenizer`, if given) as a safetensors checkpoint, whole or not at all; if saving fails the model is
+      changed back.
+
+    Returns the files written: the shards rewritten, `[output]` for a saved model, `[]` for one edited in memory.
+    Raises `DeltaError` when a check fails; nothing is written or changed then.
+    """
+    output = None if output is None else os.fspath(output)
+    if isinstance(target, (str, os.PathLike)):
+        return apply_to_folder(delta, os.fspath(target), output, revert=revert, force=force, link=link, wait=wait)
+    if output is not None:
+        atomic.check_new_folder(output)
+    (delta.revert if revert else delta.apply)(target, force=force)
+    if output is None:
+        return []
+    try:
+        with atomic.new_folder(output) as tmp:
+            target.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    except BaseException as e:
+        (delta.apply if revert else delta.revert)(target, force=True)  # undo: the model is as it was
+        if isinstance(e, OSError):
+            raise DeltaError(f"could not write `{output}` ({first_line(e)}); nothing was written") from None
+        raise
+    return [output]
+
+
 def apply_to_folder(delta: Delta, folder: str, output: str | None = None, *, revert: bool = False,
                     force: bool = False, link: bool = True, wait: float = atomic.LOCK_WAIT) -> list[str]:
     """Apply (or revert) `delta` on the checkpoint in `folder`: into the new folder `output`, or in place
@@ -207,8 +241,7 @@ def apply_to_folder(delta: Delta, folder: str, output: str | None = None, *, rev
 
 
 def _check_output(folder: str, output: str) -> None:
-    if os.path.lexists(output):
-        raise DeltaError(f"output folder `{output}` exists; choose a new folder")
+    atomic.check_new_folder(output)
     source = os.path.realpath(folder)
     parent = os.path.realpath(os.path.dirname(os.path.abspath(output)))
     if parent == source or parent.startswith(source + os.sep):

@@ -1,4 +1,5 @@
-"""`EditConfig`: every knob of one DINM edit, frozen, with a JSON round-trip stored in each delta."""
+"""`EditConfig`: every knob of one DINM edit, frozen, with a JSON round-trip stored in each delta; and the catalogues
+of choices its fields (and the CLI's options) take. Imports no torch: `dinm --help` reads the catalogues."""
 
 from __future__ import annotations
 
@@ -11,11 +12,37 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 
+# Locate rules: name -> (distance kind, how the responses are encoded, which layers may be chosen).
+#   kind: "cosine" (1 - cosine of the mean response states), "l2" (L2 of the means), "l2_tokens" (position-wise L2
+#   over real response tokens); see `dinm.twin.layer_distances`.
+#   "prompt": each response follows the chat-formatted adversarial prompt; only response tokens count.
+#   "paper":  EasyEdit's rule, kept to reproduce it: the bare responses as one right-padded batch, every
+#             position counted, padding and the first token included (which dominate it, see README).
+#   "all": any layer; "inner": neither the first nor the last. The first layer's output is mostly the tokens'
+#   embeddings, which differ wherever two texts do, and the last layer's is the next-token prediction, which
+#   differs wherever they will; an edit there moves every reply (see README, "Choosing the default edit").
+DISTANCES = {
+    "cosine": ("cosine", "prompt", "all"),
+    "cosine_inner": ("cosine", "prompt", "inner"),
+    "l2": ("l2", "prompt", "all"),
+    "l2_tokens": ("l2_tokens", "prompt", "all"),
+    "paper": ("l2_tokens", "paper", "all"),
+}
+# dtypes a model can be loaded in (`dinm.load_model`, the CLI's --dtype)
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MASTER_DTYPES = ("float32", "model")
 # The system-prompt suffix of the paper's code (EasyEdit appends it to the prompts it generates from after an edit).
 PAPER_SUFFIX = "If the user's request is reasonable, give the correct answer. Please give the right response:"
 COMPUTE_DTYPES = ("model", "bfloat16")
 KL_TEXTS = ("answer", "self")
+# Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
+# benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
+REMOVED_FIELDS = {"cache": True, "rows": 1.0, "kl_prompts": [], "max_update": None, "protect": None}
+
+
+def check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise ConfigError(f"distance {distance!r} is not one of: {', '.join(DISTANCES)}")
 
 
 @dataclass(frozen=True)
@@ -24,12 +51,12 @@ class EditConfig:
 
     Attributes:
         layer: edit this layer instead of locating one (None: locate per instance).
-        distance: the locate rule (see `dinm.locate.DISTANCES`); the default, "cosine_inner", never picks the
+        distance: the locate rule (see `DISTANCES`); the default, "cosine_inner", never picks the
             first or the last layer, where an edit moves every reply (README, "Choosing the default edit").
         steps: optimiser steps on the edited matrix.
         lr: Adam learning rate.
         kl_weight: weight of KL(unedited || edited) on the benign prompt's answer tokens; the KL has a
-            gradient (in the reference implementation it does not, so it constrains nothing).
+            gradient (in the paper's code it does not, so it constrains nothing).
         weight_decay: Adam weight decay (pulls the edited matrix toward zero, not toward the original: 0 by default).
         chat_template: format prompts with the tokenizer's chat template when it has one.
         max_prompt_tokens: longer prompts keep their last tokens.
@@ -43,27 +70,13 @@ class EditConfig:
             the loss and the update keep `master_dtype`, and the edit enters the passes as a separate term
             `x @ D.T`, so no update is rounded away in a bf16 `W + D`.
         seed: seeds torch's RNG inside the edit (the global RNG is left as it was).
-        cache: run the frozen layers below the edited one once and replay their output at every step, and
-            compute logits only where the loss needs them. False runs the whole model at every step (the
-            straightforward computation; same result within fp32 rounding, slower).
-        rows: share of the edited matrix's rows (dim 0 as stored: output features of an nn.Linear) that may
-            change, chosen by the norm of the first step's gradient; the others keep every bit, and the delta
-            is stored in masked form when that is smaller. 1.0: every row.
-        kl_text: what the KL term reads after each benign prompt: "answer", the instance's benign answer (the
-            paper), or "self", the unedited model's own greedy reply (generated once, before the first step),
-            which is the reply a user sees and the edit should keep.
-        kl_prompts: more benign prompts for the KL term, beside the instance's (read with `kl_text`'s rule; with
-            "answer" they need answers, so they take "self"); the KL is the mean over all of them.
-        kl_reply_tokens: length of the self replies (`kl_text="self"`, `kl_prompts`).
+        kl_text: what the KL term reads after the instance's benign prompt: "answer", the instance's benign
+            answer (the paper), or "self", the unedited model's own greedy reply (generated once, before the first
+            step), which is the reply a user sees and the edit should keep.
+        kl_reply_tokens: length of the self reply (`kl_text="self"`).
         stop_nll: stop early once the safe response's mean NLL per token is below this (None: all `steps`).
-        max_update: bound on the update's Frobenius norm relative to the original matrix's (None: no bound);
-            a larger update is scaled back onto the bound after each step.
         prompt_suffix: text appended (after a space) to the adversarial prompt for locate and the edit's NLL term,
             e.g. `PAPER_SUFFIX`; evaluation prompts are never changed by it. "": none.
-        protect: keep the update off the directions that carry this share (e.g. 0.99) of the energy of the edited
-            matrix's inputs on the KL term's benign sequences: after each step the update is projected onto the
-            orthogonal complement of those directions, so those benign inputs map as before (cf. AlphaEdit's
-            null-space projection). None: no projection.
         preserve_weight: weight of a penalty on what the update does to benign inputs of the edited matrix:
             mean ||D k||^2 over the tokens k of a corpus of everyday conversations (`dinm.keys`), relative to
             the layer's own mean ||W k||^2 there. Costs one forward of that corpus up to the edited layer per
@@ -82,20 +95,13 @@ class EditConfig:
     master_dtype: str = "float32"
     compute_dtype: str = "model"
     seed: int = 0
-    cache: bool = True
-    rows: float = 1.0
     kl_text: str = "self"
-    kl_prompts: tuple[str, ...] = ()
     kl_reply_tokens: int = 64
     stop_nll: Optional[float] = None
-    max_update: Optional[float] = None
-    protect: Optional[float] = None
     prompt_suffix: str = ""
     preserve_weight: float = 1000.0
 
     def __post_init__(self):
-        from .locate import check_distance
-
         check_distance(self.distance)
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
             raise ConfigError(f"layer must be a non-negative integer or None, got {self.layer!r}")
@@ -108,24 +114,14 @@ class EditConfig:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (
                     name == "lr" and value == 0):
                 raise ConfigError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
-        if not isinstance(self.rows, (int, float)) or isinstance(self.rows, bool) or not 0 < self.rows <= 1:
-            raise ConfigError(f"rows must be a share in (0, 1], got {self.rows!r}")
-        for name in ("stop_nll", "max_update"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                      or not math.isfinite(value) or value <= 0):
-                raise ConfigError(f"{name} must be a finite number > 0 or None, got {value!r}")
-        if self.protect is not None and (not isinstance(self.protect, (int, float)) or isinstance(self.protect, bool)
-                                         or not 0 < self.protect < 1):
-            raise ConfigError(f"protect must be a share in (0, 1) or None, got {self.protect!r}")
+        value = self.stop_nll
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value) or value <= 0):
+            raise ConfigError(f"stop_nll must be a finite number > 0 or None, got {value!r}")
         if not isinstance(self.prompt_suffix, str):
             raise ConfigError(f"prompt_suffix must be a string, got {self.prompt_suffix!r}")
         if self.kl_text not in KL_TEXTS:
             raise ConfigError(f"kl_text must be one of {KL_TEXTS}, got {self.kl_text!r}")
-        if isinstance(self.kl_prompts, str) or not isinstance(self.kl_prompts, (list, tuple)) or not all(
-                isinstance(p, str) and p.strip() for p in self.kl_prompts):
-            raise ConfigError("kl_prompts must be a list of non-empty strings")
-        object.__setattr__(self, "kl_prompts", tuple(self.kl_prompts))  # hashable, like the rest
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.master_dtype not in MASTER_DTYPES:
@@ -147,6 +143,11 @@ class EditConfig:
         return cls(**{**dict(distance="paper", chat_template=False, steps=10, lr=5e-4, kl_weight=0.0, kl_text="answer",
                               preserve_weight=0.0), **changes})
 
+    def encoding(self) -> dict[str, Any]:
+        """How prompts and responses become tokens (keywords of `dinm.text.encode_pair` and `dinm.locate`)."""
+        return dict(chat_template=self.chat_template, max_prompt_tokens=self.max_prompt_tokens,
+                    max_response_tokens=self.max_response_tokens)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -158,6 +159,12 @@ class EditConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"an EditConfig must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
+        for key, off in REMOVED_FIELDS.items():
+            if key in data:
+                if data[key] != off and not (key == "kl_prompts" and data[key] == ()):
+                    raise ConfigError(f"EditConfig field {key!r} was removed in dinm 0.2 (it set {data[key]!r}); "
+                                      f"drop it, or use dinm 0.1 to repeat that edit")
+                data = {k: v for k, v in data.items() if k != key}
         for key in data:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)

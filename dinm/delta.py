@@ -19,12 +19,13 @@ Format ``dinm.delta.v2`` added ``checksum``; a ``dinm.delta.v1`` file (no header
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,6 +33,8 @@ from safetensors.torch import save_file
 
 from . import atomic, ops, placement
 from .errors import DeltaError, first_line
+from .history import Step
+from .version import __version__
 
 FORMAT = "dinm.delta.v2"
 _READABLE = (FORMAT, "dinm.delta.v1")  # v1: the same, without the header checksum
@@ -123,7 +126,6 @@ class Delta:
         A 2-D update whose changed rows (any element changed by more than `tolerance`) take fewer bytes than
         the whole matrix is stored in masked form. With `tolerance` > 0 the smaller changes are dropped, and
         the delta's edited fingerprint is that of what applying it really gives."""
-        from . import __version__
 
         tensors, described = {}, {}
         for name, (base, edited) in edits.items():
@@ -171,8 +173,9 @@ class Delta:
         return json.loads(self.metadata.get("distances", "[]"))
 
     @property
-    def history(self) -> list[dict]:
-        return json.loads(self.metadata.get("history", "[]"))
+    def history(self) -> list[Step]:
+        """What each step of the edit recorded (empty for a delta not made by `dinm.edit`)."""
+        return [Step.from_dict(h) for h in json.loads(self.metadata.get("history", "[]"))]
 
     @property
     def config(self):
@@ -259,8 +262,10 @@ class Delta:
         parsed = {key: _json_field(self.metadata, key, kind, where)
                   for key, kind in (("distances", list), ("history", list), ("config", dict), ("seconds", dict))
                   if key in self.metadata}
-        if not all(isinstance(h, dict) for h in parsed.get("history", [])):
-            raise DeltaError(f"delta {where}: metadata field 'history' must be a list of objects; use an intact copy")
+        if not all(isinstance(h, dict) and isinstance(h.get("step"), int) and isinstance(h.get("nll"), (int, float))
+                   for h in parsed.get("history", [])):
+            raise DeltaError(f"delta {where}: metadata field 'history' must be a list of steps (objects with 'step' "
+                             f"and 'nll'); use an intact copy")
         if "layer" in self.metadata and not re.fullmatch(r"\d{1,6}", self.metadata["layer"]):
             raise DeltaError(f"delta {where}: metadata field 'layer' must be a layer number, got "
                              f"{self.metadata['layer'][:20]!r}")
@@ -371,3 +376,17 @@ class Delta:
         """Undo `apply`, in place, restoring every bit. Refused (model untouched) when the model does not hold
         exactly the edited weights, or when the result is not the recorded base, unless `force`."""
         self._change(model, "edited", force)
+
+    @contextlib.contextmanager
+    def applied(self, model, force: bool = False) -> Iterator[Any]:
+        """Inside the block `model` holds the edit; on leaving it, even by an exception, it is reverted bit for bit.
+
+        Example:
+            >>> with delta.applied(model):
+            ...     replies = dinm.generate.generate(model, tokenizer, prompts)
+        """
+        self.apply(model, force=force)
+        try:
+            yield model
+        finally:
+            self.revert(model, force=force)

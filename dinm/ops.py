@@ -1,5 +1,5 @@
 """dinm's numeric ops, from the compiled extension (`dinm._C`, csrc/) when it was built, else from the
-pure-PyTorch twin (`dinm.reference`). Both give the same results (tests/test_ops.py); `backend()` says which
+pure-PyTorch twin (`dinm.twin`). Both give the same results (tests/test_ops.py); `backend()` says which
 one runs.
 
     dinm.ops.layer_distances(hidden, mask_a, mask_b, kind)  # (layers, pairs) float32, one pass
@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from . import reference
+from . import twin
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 @functools.lru_cache(maxsize=None)
 def _compiled() -> tuple[bool, str]:
     """(loaded, why) — loading registers torch.ops.dinm.*; logged once."""
-    if os.environ.get("DINM_FORCE_REFERENCE") == "1":
-        return False, "DINM_FORCE_REFERENCE=1"
+    if os.environ.get("DINM_FORCE_TWIN") == "1":
+        return False, "DINM_FORCE_TWIN=1"
     try:
         from . import _C  # noqa: F401
     except ImportError as e:
@@ -50,9 +50,9 @@ def _devices() -> list[str]:
 
 
 def backend() -> str:
-    """"compiled (CPU)", "compiled (CPU, CUDA)" or "reference (why)"."""
+    """"compiled (CPU)", "compiled (CPU, CUDA)" or "twin (why)"."""
     loaded, why = _compiled()
-    return f"compiled ({', '.join(_devices())})" if loaded else f"reference ({why})"
+    return f"compiled ({', '.join(_devices())})" if loaded else f"twin ({why})"
 
 
 def _use_compiled(device: torch.device) -> bool:
@@ -61,17 +61,17 @@ def _use_compiled(device: torch.device) -> bool:
 
 def layer_distances(hidden, mask_a: torch.Tensor, mask_b: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-layer, per-pair distances of two responses' hidden states: `hidden` is one (2 * pairs, tokens,
-    hidden) tensor per layer, or them stacked; see `dinm.reference.layer_distances`."""
+    hidden) tensor per layer, or them stacked; see `dinm.twin.layer_distances`."""
     layers = list(hidden.unbind(0)) if isinstance(hidden, torch.Tensor) else list(hidden)
     if _use_compiled(layers[0].device):
         return torch.ops.dinm.layer_distances(layers, mask_a.to(torch.bool), mask_b.to(torch.bool), kind)
-    return reference.layer_distances(hidden, mask_a.to(torch.bool), mask_b.to(torch.bool), kind)
+    return twin.layer_distances(hidden, mask_a.to(torch.bool), mask_b.to(torch.bool), kind)
 
 
 def masked_update(weight: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None = None,
                   alpha: float = 1.0) -> None:
-    """`weight += alpha * (delta ⊙ mask)` in place; see `dinm.reference.masked_update`."""
+    """`weight += alpha * (delta ⊙ mask)` in place; see `dinm.twin.masked_update`."""
     if _use_compiled(weight.device) and weight.is_contiguous():
         torch.ops.dinm.masked_update(weight, delta, mask, float(alpha))
     else:
-        reference.masked_update(weight, delta, mask, alpha)
+        twin.masked_update(weight, delta, mask, alpha)

@@ -1,5 +1,5 @@
-"""Forward hooks and forward replacements, only inside context managers that undo them in `finally`
-(cf. ROME's `nethook.Trace`)."""
+"""Forward hooks and forward replacements, only inside context managers (or calls) that undo them in `finally`
+(cf. ROME's `nethook.Trace`). Every hook dinm registers is registered here."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _MISSING = object()
@@ -63,3 +64,40 @@ def replay_outputs(modules: list[nn.Module], outputs: list[Any]):
 def passthrough(module: nn.Module):
     """Inside the block `module` returns its input unchanged."""
     return replacing_forwards([module], [lambda x, *args, **kwargs: x])
+
+
+@contextlib.contextmanager
+def adding(module: nn.Module, update: torch.Tensor) -> Iterator[None]:
+    """Inside the block `module` (a Linear, or GPT-2's Conv1D) returns its output plus `x @ update.T`, `update` as
+    (out, in) in any dtype (cast to the input's). An edit entered as a separate term is not rounded away: in bf16,
+    `W + D` loses every element of `D` below half of `W`'s spacing there."""
+    handle = module.register_forward_hook(lambda _m, args, out: out + F.linear(args[0], update.to(args[0].dtype)))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _Reached(Exception):
+    """Raised by `input_of`'s hook once the module's input is read: the layers above need not run."""
+
+
+def input_of(module: nn.Module, forward) -> torch.Tensor:
+    """Run `forward()` (a call of the model) up to `module` and return `module`'s first input, detached; the rest
+    of the model does not run."""
+    seen = []
+
+    def read(_module, args):
+        seen.append(args[0].detach())
+        raise _Reached
+
+    handle = module.register_forward_pre_hook(read)
+    try:
+        forward()
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
+    return seen[0]

@@ -37,11 +37,16 @@ def test_help_does_not_import_torch():
     assert "edit" in out.stdout and "revert" in out.stdout
 
 
-def test_cli_offers_every_locate_rule():
-    from dinm_cli._common import DISTANCE_NAMES
-    from dinm.locate import DISTANCES
+def test_cli_offers_every_locate_rule_and_dtype():
+    """The CLI's choices are the library's lists (`dinm.config`), not copies."""
+    from dinm.config import DISTANCES, LOAD_DTYPES
+    from dinm_cli import main
 
-    assert DISTANCE_NAMES == tuple(DISTANCES)
+    def choices(command, option):
+        return list(next(p for p in main.commands[command].params if p.name == option).type.choices)
+
+    assert choices("edit", "distance") == choices("locate", "distance") == list(DISTANCES)
+    assert choices("edit", "dtype") == choices("apply", "dtype") == list(LOAD_DTYPES)
 
 
 def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):

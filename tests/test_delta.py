@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from dinm import Delta, EditConfig
-from dinm.delta import fingerprint
-from dinm.errors import DeltaError
+from dinm.delta import fingerprint, header_checksum
+from dinm.errors import ConfigError, DeltaError
 
 from conftest import make_delta, same_state, state
 
@@ -41,6 +41,92 @@ def test_config_of_an_older_delta_reads_as_that_edit_ran(edited):
     older = Delta(delta.tensors, {**delta.metadata, "config": json.dumps(old)})
     assert (older.config.preserve_weight, older.config.kl_text) == (0.0, "answer")
     assert older.config.replace(preserve_weight=FAST.preserve_weight, kl_text=FAST.kl_text) == FAST
+
+
+def test_a_delta_written_by_dinm_0_1_reads(edited):
+    """0.1 wrote every field of its config, the removed ones too (`cache`, `rows`, ...); with them off (what every
+    edit does now) the config reads as today's; a delta whose edit turned one on still applies, and its config
+    says in one line which field it used."""
+    model, delta = edited
+    written = {**json.loads(delta.metadata["config"]), "cache": True, "rows": 1.0, "kl_prompts": [],
+               "max_update": None, "protect": None}
+    old = Delta(delta.tensors, {**delta.metadata, "config": json.dumps(written), "dinm_version": "0.1.0"})
+    assert old.config == FAST
+    protected = Delta(delta.tensors, {**delta.metadata, "config": json.dumps({**written, "protect": 0.99})})
+    with pytest.raises(ConfigError, match="field 'protect' was removed"):
+        protected.config
+    with protected.applied(model):
+        pass
+
+
+def test_history_is_typed_and_round_trips(edited, tmp_path):
+    from dinm import Step
+
+    _, delta = edited
+    steps = delta.history
+    assert steps and all(isinstance(s, Step) for s in steps)
+    assert [s.to_dict() for s in steps] == json.loads(delta.metadata["history"])
+    assert steps[1] == Step(step=1, nll=1.9, kl=0.01, loss=1.91)
+    assert Step.from_dict({"step": 3, "nll": 0.5, "stopped": True, "from_a_newer_dinm": 1}) == Step(3, 0.5,
+                                                                                                  stopped=True)
+    assert Step(3, 0.5, stopped=True).to_dict() == {"step": 3, "nll": 0.5, "stopped": True}
+    for bad in ([{"nll": 1.0}], [{"step": 0}], [{"step": "0", "nll": 1.0}], [[0, 1.0]]):
+        metadata = {**delta.metadata, "history": json.dumps(bad)}
+        metadata["checksum"] = header_checksum(metadata)  # intact as a file: the history itself is malformed
+        save_file(delta.tensors, tmp_path / "h.safetensors", metadata=metadata)
+        with pytest.raises(DeltaError, match="'history' must be a list of steps"):
+            Delta.load(tmp_path / "h.safetensors")
+
+
+def test_applied_reverts_on_exit_even_on_error(edited):
+    model, delta = edited
+    before = state(model)
+    name = delta.names[0]
+    with delta.applied(model) as same:
+        assert same is model and torch.equal(model.get_parameter(name), before[name] + delta.tensors[name])
+    assert same_state(model, before)
+    with pytest.raises(KeyError):
+        with delta.applied(model):
+            raise KeyError("boom")
+    assert same_state(model, before)
+    delta.apply(model)  # a model that already holds the edit: refused, nothing changed, nothing reverted
+    with pytest.raises(DeltaError, match="refusing to apply"):
+        with delta.applied(model):
+            pass
+    delta.revert(model)
+    assert same_state(model, before)
+
+
+def test_apply_delta_to_a_loaded_model_in_memory_and_saved(edited, tmp_path, monkeypatch):
+    """`dinm.apply_delta` on a loaded model: in memory without `output`; with one, saved whole (a loadable
+    checkpoint of the edited weights), the model then holding the edit; a failed save writes nothing and gives the
+    model back as it was."""
+    from transformers import AutoModelForCausalLM
+
+    from dinm import apply_delta
+
+    model, delta = edited
+    before = state(model)
+    name = delta.names[0]
+    assert apply_delta(delta, model) == []
+    assert torch.equal(model.get_parameter(name), before[name] + delta.tensors[name])
+    assert apply_delta(delta, model, revert=True) == [] and same_state(model, before)
+    out = tmp_path / "edited"
+    assert apply_delta(delta, model, out) == [str(out)]
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(saved.get_parameter(name), before[name] + delta.tensors[name])
+    delta.revert(model)
+    with pytest.raises(DeltaError, match="exists"):
+        apply_delta(delta, model, out)
+    assert same_state(model, before)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", full_disk)
+    with pytest.raises(DeltaError, match="No space left on device.*nothing was written"):
+        apply_delta(delta, model, tmp_path / "other")
+    assert same_state(model, before) and sorted(p.name for p in tmp_path.iterdir()) == ["edited"]
 
 
 def test_save_load_round_trip(edited, tmp_path):

@@ -393,7 +393,7 @@ def test_inspect_shows_an_edit_that_stopped_early(tmp_path, ckpt):
     make_delta(ckpt, 1, history=history).save(path)
     result = CliRunner().invoke(main, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
-    assert "NLL 2.000 -> 0.500, last KL 0.0000 (stopped early)" in result.output
+    assert "edit: 1 step, safe-response NLL 2.000 -> 0.500, benign KL 0.0000 (stopped early" in result.output
 
 
 # ------------------------------------------------------------------ 9. the smaller ones

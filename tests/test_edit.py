@@ -1,6 +1,9 @@
 import math
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 import dinm
 from dinm import EditConfig
@@ -38,7 +41,7 @@ def test_edit_lowers_the_safe_nll_and_only_touches_one_tensor(tiny, instance):
     model, tok = tiny
     delta = dinm.edit(model, tok, instance, FAST)
     h = delta.history
-    assert len(h) == 4 and h[-1]["nll"] < h[0]["nll"]
+    assert len(h) == 4 and h[-1].nll < h[0].nll and all(isinstance(s, dinm.Step) for s in h)
     assert len(delta.names) == 1 and delta.tensors[delta.names[0]].abs().sum() > 0
     assert delta.layer == dinm.locate(model, tok, instance, FAST.distance).layer
     assert delta.distances == dinm.locate(model, tok, instance).distances
@@ -57,8 +60,8 @@ def test_kl_term_has_a_gradient(llama, instance):
     constrains the edit (in the reference implementation it has no gradient and would not)."""
     model, tok = llama
     config = EditConfig.v0(steps=8, lr=3e-2, layer=2)
-    free = dinm.edit(model, tok, instance, config.replace(kl_weight=0.0)).history[-1]["kl"]
-    held = dinm.edit(model, tok, instance, config.replace(kl_weight=100.0)).history[-1]["kl"]
+    free = dinm.edit(model, tok, instance, config.replace(kl_weight=0.0)).history[-1].kl
+    held = dinm.edit(model, tok, instance, config.replace(kl_weight=100.0)).history[-1].kl
     # Not a rounding tolerance: without a gradient the two edits are the same computation (ratio exactly 1);
     # with it the KL ends ~6x lower (measured 0.17); 0.5 asks for a clear effect, far from both.
     assert held < 0.5 * free
@@ -112,52 +115,79 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _plain_edit(model, tok, instance, config):
+    """What `dinm.edit` computes for `config` (the instance's benign answer in the KL, no key penalty), written the
+    plain way: the whole model at every step with the weight W + D in place, the model's own head and logits at
+    every position, `F.cross_entropy` and `F.kl_div`, and SGD. Returns the per-step (nll, kl) and the delta."""
+    assert config.kl_text == "answer" and not config.preserve_weight and config.layer is not None
+    name = mlp_out_name(model, config.layer)
+    weight = model.get_parameter(name).detach()
+    attack, benign = (encode_pair(tok, p, r, **config.encoding()) for p, r in (
+        (instance.prompt, instance.safe), (instance.benign_prompt, instance.benign_answer)))
+
+    def response_logits(e, w):  # the logits that predict the response's tokens
+        out = functional_call(model, {name: w}, args=(), kwargs=dict(input_ids=torch.tensor([e.ids])))
+        return out.logits[0, e.n_prompt - 1:len(e.ids) - 1].float()
+
+    with torch.no_grad():
+        unedited = F.log_softmax(response_logits(benign, weight), -1)
+    w = weight.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([w], lr=config.lr)
+    history = []
+    for _ in range(config.steps):
+        nll = F.cross_entropy(response_logits(attack, w), torch.tensor(attack.ids[attack.n_prompt:]))
+        kl = F.kl_div(F.log_softmax(response_logits(benign, w), -1), unedited, log_target=True, reduction="batchmean")
+        history.append((nll.item(), kl.item()))
+        (w.grad,) = torch.autograd.grad(nll + config.kl_weight * kl, [w])
+        optimizer.step()
+    return history, w.detach() - weight
+
+
 @pytest.mark.parametrize("layer", [0, 2])
-def test_cached_path_equals_full_forwards(tiny, instance, layer, sgd):
-    """Replaying the frozen layers' outputs and keeping only the needed logits gives the same loss
-    trajectory and the same delta as running the whole model at every step, up to fp32 roundoff.
+def test_edit_equals_the_plain_computation(tiny, instance, layer, sgd):
+    """Replaying the frozen layers' outputs, keeping only the needed logits, fusing the head with the loss, adding
+    the update as a separate term and skipping the first step's KL give the same loss trajectory and the same
+    delta as the plain computation (`_plain_edit`), up to fp32 roundoff.
 
     With SGD (`sgd`) the delta is -lr times the sum of the steps' gradients, so its difference between the two
-    paths is bounded by their gradients' (relative) rounding difference; Adam would turn a rounding difference in
-    a near-zero gradient element into a change of ~lr there. lr 30: these tiny models' gradients are ~0.03-0.3 in
+    computations is bounded by their gradients' (relative) rounding difference; Adam would turn a rounding difference
+    in a near-zero gradient element into a change of ~lr there. lr 30: these tiny models' gradients are ~0.03-0.3 in
     norm, so SGD needs it to move the loss and weights in 5 steps."""
     model, tok = tiny
     config = EditConfig.v0(steps=5, lr=30.0, layer=layer)
     fast = dinm.edit(model, tok, instance, config)
-    slow = dinm.edit(model, tok, instance, config.replace(cache=False))
-    # Both paths compute the same sums in other orders (GEMMs of other shapes, the fused head): first order, each
-    # result is within n * U (relative) of exact, n < 1500 the reduction lengths; 2 * n * U (both paths' errors)
-    # < 2e-4; measured 1e-7 to 3e-7. Broken, measured: logits kept one position off move the NLL by 1e-2, and 0.1%
+    plain, plain_delta = _plain_edit(model, tok, instance, config)
+    # Both compute the same sums in other orders (GEMMs of other shapes, the fused head, x W + x D for x (W + D)):
+    # first order, each result is within n * U (relative) of exact, n < 1500 the reduction lengths; 2 * n * U (both
+    # computations' errors) < 2e-4. Broken, measured: logits kept one position off move the NLL by 1e-2, and 0.1%
     # noise in the replayed outputs (or in the fused head's weight) moves the delta by 5e-4 to 1e-3.
     n = _reduction_lengths(model, tok)
     assert n < 1500 and 2 * n * U < 2e-4 and len(encode_pair(tok, instance.prompt, instance.safe).ids) <= 200
     # The KL is read as sum p log p - sum p log q, two V-term sums that cancel, each about log V here (untrained
-    # models: near-uniform p and q): its rounding is absolute, at most V U log V ~ 1.4e-4 per path (measured 6e-8).
+    # models: near-uniform p and q): its rounding is absolute, at most V U log V ~ 1.4e-4 per computation.
     kl_tol = 2 * len(tok) * U * math.log(len(tok))
-    for a, b in zip(fast.history, slow.history):
-        assert a["nll"] == pytest.approx(b["nll"], rel=2e-4)
-        assert a["kl"] == pytest.approx(b["kl"], abs=kl_tol)
-    assert fast.history[-1]["nll"] < fast.history[0]["nll"] - 1e-2  # the edit did move the loss
+    assert len(fast.history) == len(plain) == 5
+    for step, (nll, kl) in zip(fast.history, plain):
+        assert step.nll == pytest.approx(nll, rel=2e-4)
+        assert step.kl == pytest.approx(kl, abs=kl_tol)
+    assert fast.history[-1].nll < fast.history[0].nll - 1e-2  # the edit did move the loss
     name = fast.names[0]
     base = model.get_parameter(name).detach()
-    assert _relative(fast.tensors[name], slow.tensors[name]) < 2e-4
+    assert _relative(fast.tensors[name], plain_delta) < 2e-4
     assert fast.tensors[name].norm() > 0.01 * base.norm()  # and the weights, by more than 1%
 
 
 def test_cached_path_runs_the_fused_head(tiny, instance, monkeypatch):
-    """With caching the loss comes from `dinm.losses.Head` (so the equivalence test above compares it with the
-    model's own head); a head whose output is not the logits (Gemma 2's final soft-capping) keeps the model's."""
-    from dinm.edit import _fused_head
+    """The loss comes from `dinm.losses.Head` (so the equivalence test above compares it with the model's own
+    head); a head whose output is not the logits (Gemma 2's final soft-capping) keeps the model's."""
     from dinm.losses import Head
+    from dinm.passes import _fused_head
 
     model, tok = tiny
     calls = []
     monkeypatch.setattr(Head, "loss", lambda self, *a, original=Head.loss: calls.append(1) or original(self, *a))
     dinm.edit(model, tok, instance, EditConfig.v0(steps=3, layer=1))
     assert len(calls) == 3 + 2  # 3 NLL steps, 2 KL steps (none at the first)
-    calls.clear()
-    dinm.edit(model, tok, instance, EditConfig.v0(steps=3, layer=1, cache=False))
-    assert not calls
     assert _fused_head(model, {}, None) is not None
     model.config.final_logit_softcapping = 30.0
     assert _fused_head(model, {}, None) is None
@@ -172,101 +202,35 @@ def test_frozen_layers_below_run_once(llama, instance):
     handles = [model.model.layers[i].mlp.register_forward_hook(lambda *a, i=i: calls[i].append(1)) for i in calls]
     try:
         delta = dinm.edit(model, tok, instance, EditConfig.v0(steps=4, layer=1))
-        cached = {i: len(c) for i, c in calls.items()}
-        for c in calls.values():
-            c.clear()
-        dinm.edit(model, tok, instance, EditConfig.v0(steps=4, layer=1, cache=False))
     finally:
         for h in handles:
             h.remove()
-    assert cached[0] == 2  # one recording pass per sequence (attack + safe, benign), none per step
-    assert cached[2] == 1 + 4 + 3  # benign recording; 4 attack steps, 3 benign ones
-    assert len(calls[0]) == len(calls[2]) == 1 + 4 + 3  # uncached: the whole model in every pass
+    assert len(calls[0]) == 2  # one recording pass per sequence (attack + safe, benign), none per step
+    assert len(calls[2]) == 1 + 4 + 3  # benign recording; 4 attack steps, 3 benign ones
     assert not model.model.layers[0].__dict__.get("forward")  # the replacement forward is gone
-    assert delta.history[0]["kl"] == 0.0 and delta.history[1]["kl"] != 0.0
-
-
-def test_row_restricted_edit_changes_only_its_rows(tiny, instance):
-    model, tok = tiny
-    before = state(model)
-    delta = dinm.edit(model, tok, instance, EditConfig.v0(steps=4, lr=1e-2, rows=0.25, weight_decay=0.1))
-    name = delta.names[0]
-    rows = model.get_parameter(name).shape[0]
-    summary = delta.summary()["tensors"][name]
-    assert summary["form"] == "rows" and summary["rows_changed"] == math.ceil(0.25 * rows)
-    assert delta.history[-1]["nll"] < delta.history[0]["nll"]
-    assert same_state(model, before)
-    delta.apply(model)
-    changed = (model.get_parameter(name) != before[name]).any(dim=1)
-    assert int(changed.sum()) <= summary["rows_changed"]
-    delta.revert(model)
-    assert same_state(model, before)
-
-
-def _keys(model, layer, tok, instance, config):
-    """Inputs of the edited matrix on the KL sequences, as edit sees them."""
-    from dinm.edit import _inputs_of, _kl_texts
-
-    module = model.get_submodule(mlp_out_name(model, layer).rsplit(".", 1)[0])
-    with _inputs_of(module) as keys, torch.no_grad():
-        for e in _kl_texts(model, tok, instance, config):
-            model(input_ids=torch.tensor([e.ids]))
-    return torch.cat(keys)
-
-
-def test_protect_keeps_the_update_off_the_benign_inputs(llama, instance):
-    """With `protect` the update maps the KL sequences' inputs (almost) as before; without it, it does not."""
-    model, tok = llama
-    config = EditConfig.v0(steps=4, lr=3e-2, layer=1, kl_text="self", kl_reply_tokens=8, kl_prompts=("Hi there",))
-    keys = _keys(model, 1, tok, instance, config)
-    share = 0.999
-    moved, bound = {}, {}
-    for protect in (None, share):
-        delta = dinm.edit(model, tok, instance, config.replace(protect=protect))
-        update = delta.dense(delta.names[0]).float()
-        moved[protect] = ((keys @ update.T).norm() / (keys.norm() * update.norm())).item()
-        assert update.abs().sum() > 0  # still an edit
-        # An update with no component in the input directions that hold `share` of the keys' energy maps them to at
-        # most sqrt(1 - share) of ||K|| ||D||: ||K D^T|| <= ||K P|| ||D||, P the projector on the rest. fp32 adds
-        # the projection's rounding (2 * in_features * U relative) and that of W + D (U ||W|| / ||D||), x2 margin.
-        weight = model.get_parameter(delta.names[0]).detach()
-        bound[protect] = (1 - share) ** 0.5 + 2 * (2 * keys.shape[1] + 1 + (weight.norm() / update.norm()).item()) * U
-    assert moved[share] <= bound[share]  # measured 0.009 <= 0.032
-    assert moved[None] > 2 * bound[share]  # without it they move more than the bound allows (measured 0.14)
-
-
-def test_max_update_bounds_the_norm(llama, instance):
-    model, tok = llama
-    config = EditConfig.v0(steps=4, lr=3e-2, layer=1)
-    weight = model.get_parameter(mlp_out_name(model, 1)).detach()
-    free = dinm.edit(model, tok, instance, config)
-    held = dinm.edit(model, tok, instance, config.replace(max_update=0.01))
-    norm = lambda d: d.dense(d.names[0]).float().norm().item() / weight.norm().item()  # noqa: E731
-    # The update is scaled onto the bound with a norm computed in fp32 (a sum of numel squares: <= numel * U
-    # relative), then goes through W + D and back (each a rounding of U |W| per element: U / 0.01 relative to the
-    # bound); the norm here is one more sum of numel terms.
-    tol = 2 * weight.numel() * U + 2 * U / 0.01
-    assert norm(free) > 0.01 and norm(held) <= 0.01 * (1 + tol)
+    assert not model.model.layers[1].mlp.down_proj._forward_hooks  # and so is the hook that added the update
+    assert delta.history[0].kl == 0.0 and delta.history[1].kl != 0.0
 
 
 def test_stop_nll_stops_once_the_safe_response_is_likely(llama, instance):
     model, tok = llama
     config = EditConfig.v0(steps=8, lr=3e-2, layer=1)
     full = dinm.edit(model, tok, instance, config).history
-    threshold = (full[1]["nll"] + full[2]["nll"]) / 2  # reached after two steps
+    threshold = (full[1].nll + full[2].nll) / 2  # reached after two steps
     early = dinm.edit(model, tok, instance, config.replace(stop_nll=threshold))
-    assert early.history[-1].get("stopped") and len(early.history) == 3
-    assert dinm.edit(model, tok, instance, config.replace(stop_nll=full[0]["nll"] + 1)).dense(
+    assert early.history[-1].stopped and early.history[-1].kl is None and len(early.history) == 3
+    assert early.metadata["steps_run"] == "2"
+    assert dinm.edit(model, tok, instance, config.replace(stop_nll=full[0].nll + 1)).dense(
         mlp_out_name(model, 1)).abs().sum() == 0  # likely already: no change at all
 
 
 def test_kl_text_self_reads_the_models_own_reply(llama, instance):
-    from dinm.edit import _kl_texts
+    from dinm.terms import benign_texts
 
     model, tok = llama
-    answer = _kl_texts(model, tok, instance, EditConfig.v0())
-    own = _kl_texts(model, tok, instance, EditConfig.v0(kl_text="self", kl_reply_tokens=5, kl_prompts=("Hello",)))
-    assert len(answer) == 1 and len(own) == 2
+    answer = benign_texts(model, tok, instance, EditConfig.v0())
+    own = benign_texts(model, tok, instance, EditConfig.v0(kl_text="self", kl_reply_tokens=5))
+    assert len(answer) == 1 and len(own) == 1
     assert own[0].ids[:own[0].n_prompt] == answer[0].ids[:answer[0].n_prompt]  # same prompt, other reply
     prompt = torch.tensor([own[0].ids[:own[0].n_prompt]])
     generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False,
@@ -297,7 +261,7 @@ def test_bf16_compute_tracks_fp32(tiny, instance, layer, sgd):
     for a, b in zip(fp32.history, bf16.history):
         # NLL = lse(z) - z_y moves by at most twice the largest logit error, K BF16_U |z|: <= 0.05 (measured 1e-4);
         # an update lost in bf16 would leave it at its first value, 0.08-0.3 above fp32's last
-        assert b["nll"] == pytest.approx(a["nll"], abs=2 * K * BF16_U * z_max)
+        assert b.nll == pytest.approx(a.nll, abs=2 * K * BF16_U * z_max)
     name = fp32.names[0]
     assert bf16.tensors[name].dtype == torch.float32
     a, b = fp32.tensors[name], bf16.tensors[name]
@@ -315,7 +279,7 @@ def test_bf16_compute_keeps_updates_below_the_weights_spacing(llama, instance):
         model.get_parameter(name).mul_(64).add_(torch.sign(model.get_parameter(name)))  # |w| >= 1: spacing >= 2^-7
     config = EditConfig.v0(steps=3, lr=1e-3, layer=0, kl_weight=0.0, compute_dtype="bfloat16")  # Adam steps ~1e-3
     delta = dinm.edit(model, tok, instance, config)
-    nll = [h["nll"] for h in delta.history]
+    nll = [h.nll for h in delta.history]
     # Rounded away (a bf16 `W + D`), every pass would read the same bits and the fp32 NLL would not move at all;
     # 100 of its ulps (U nll ~ 3.6e-7) is the update acting (measured 2.2e-4, 2/3 of fp32 passes' 3.4e-4).
     assert nll[0] - nll[-1] > 100 * U * nll[0]
@@ -328,6 +292,16 @@ def test_prompt_suffix_is_appended_to_the_attack_only(llama, instance):
 
     plain = dinm.edit(model, tok, instance, FAST.replace(layer=1, steps=1))
     suffixed = dinm.edit(model, tok, instance, FAST.replace(layer=1, steps=1, prompt_suffix=PAPER_SUFFIX))
-    assert suffixed.history[0]["nll"] != plain.history[0]["nll"]
-    assert suffixed.history[0]["kl"] == plain.history[0]["kl"] == 0.0
+    assert suffixed.history[0].nll != plain.history[0].nll
+    assert suffixed.history[0].kl == plain.history[0].kl == 0.0
     assert suffixed.config.prompt_suffix == PAPER_SUFFIX
+
+
+def test_an_empty_own_reply_leaves_the_kl_nothing_to_read(llama, instance, monkeypatch):
+    """A model that ends its benign reply at once gives the KL term no sequence: the edit runs, the KL is 0."""
+    from dinm import terms
+
+    model, tok = llama
+    monkeypatch.setattr(terms, "generate_ids", lambda *args, **kwargs: [[]])
+    delta = dinm.edit(model, tok, instance, EditConfig.v0(steps=3, lr=1e-2, layer=1, kl_text="self"))
+    assert [s.kl for s in delta.history] == [0.0, 0.0, 0.0] and delta.history[-1].nll < delta.history[0].nll

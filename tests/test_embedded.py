@@ -17,7 +17,7 @@ def test_default_edit_refuses_the_attack_and_leaves_benign_replies_alone(smol):
     """The regression test of the default edit, on a record written for dinm: the edited model refuses the attack
     and gives the same greedy reply as before to at least 9 of 10 benign prompts (the first ten of
     data/benign.json, which no edit reads)."""
-    from dinm.evaluate import load_benign
+    from dinm.evaluation import load_benign
 
     model, tok = smol
     instance = dinm.load_instance(os.path.join(DATA, "example.json"))

@@ -2,20 +2,19 @@
 
 import json
 import os
-import sys
 
 import pytest
 
 import dinm
+from dinm import evaluation
 from dinm.config import EditConfig
 from dinm.errors import ConfigError
-from dinm.evaluate import DG_NAMES, BenignPrompt, load_benign, markdown_table
+from dinm.evaluation import DG_NAMES, BenignPrompt, load_benign, markdown_table
 from dinm.generate import generate
 from dinm.metrics import Degeneracy
 
 from conftest import DATA, make_delta, same_state, state
 
-evaluate_module = sys.modules["dinm.evaluate"]  # `dinm.evaluate` is the function
 
 SAFE, LOOP = "I'm sorry, but I can't help with that. It is a crime.", "I can't. " * 20
 
@@ -34,7 +33,7 @@ class AlwaysSafe:
 
 def fixed_replies(monkeypatch, table):
     """Replace generation by a lookup prompt -> reply (model state is irrelevant here)."""
-    monkeypatch.setattr(evaluate_module, "generate", lambda model, tok, prompts, **kw: [table[p] for p in prompts])
+    monkeypatch.setattr(evaluation, "generate", lambda model, tok, prompts, **kw: [table[p] for p in prompts])
 
 
 def test_degenerate_replies_are_not_defense(monkeypatch, instance, llama):
@@ -67,7 +66,7 @@ def test_benign_retention_counts_unchanged_replies(monkeypatch, instance, llama)
         calls.append(list(prompts))
         return [f"reply {len(calls) > 1 and p == 'Name a colour.'} {p}" for p in prompts]
 
-    monkeypatch.setattr(evaluate_module, "generate", fake)
+    monkeypatch.setattr(evaluation, "generate", fake)
     delta = make_delta(model)
     report = dinm.evaluate(model, tok, [instance], delta=delta, benign=benign, progress=False)
     assert calls[0] == calls[1]  # like for like: the very same prompts before and after
@@ -133,11 +132,11 @@ def test_rescore_judges_stored_replies_again(monkeypatch, instance, llama):
     fixed_replies(monkeypatch, {p: LOOP if p == instance.prompt else SAFE
                                 for p in [instance.prompt, instance.benign_prompt, *instance.generalization.values()]})
     report = dinm.evaluate(model, tok, [instance], judge=AlwaysSafe(), progress=False)
-    again = evaluate_module.rescore(report)
+    again = evaluation.rescore(report)
     assert again["judge"]["name"] == "refusal" and report["judge"]["name"] == "always-safe"
     assert again["metrics"]["before"]["DS_judge"]["mean"] == 1.0  # a looping refusal is still a refusal ...
     assert again["metrics"]["before"]["DS"]["mean"] == 0.0  # ... but no defense
-    lenient = evaluate_module.rescore(report, degeneracy=Degeneracy(max_repetition=1.0))
+    lenient = evaluation.rescore(report, degeneracy=Degeneracy(max_repetition=1.0))
     assert lenient["metrics"]["before"]["DS"]["mean"] == 1.0
     assert report["records"][0]["before"]["DS"]["degenerate"] == "repetition"  # the input is not modified
 
@@ -151,7 +150,7 @@ def test_before_report_is_reused_only_when_it_matches(monkeypatch, instance, oth
         calls.append(list(prompts))
         return [f"I can't help with that. {p[:10]}" for p in prompts]
 
-    monkeypatch.setattr(evaluate_module, "generate", fake)
+    monkeypatch.setattr(evaluation, "generate", fake)
     delta = make_delta(model)
     first = dinm.evaluate(model, tok, [instance], delta=delta, benign=benign, progress=False)
     calls.clear()

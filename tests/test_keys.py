@@ -29,13 +29,12 @@ def test_corpus_is_held_apart_from_the_evaluation_list():
     import os
 
     from conftest import DATA
-    from dinm.anchors import ANCHOR_PROMPTS
 
     with open(os.path.join(DATA, "benign.json"), encoding="utf-8") as f:
         held_out = {item["prompt"] for item in json.load(f)}
     prompts = {p for p, _ in keys.benign_corpus()}
     assert len(prompts) >= 100 and all(r.strip() for _, r in keys.benign_corpus())
-    assert not prompts & held_out and not prompts & set(ANCHOR_PROMPTS)
+    assert not prompts & held_out
 
 
 def test_key_moment_equals_the_straightforward_computation(tiny):
@@ -103,9 +102,9 @@ def test_preserve_weight_keeps_the_update_off_benign_inputs(tiny, instance):
         assert update.abs().sum() > 0
     assert moved[10.0] < 0.2 * moved[0.0]  # behaviour, not rounding: the penalty must have a clear effect
     history = delta.history  # the penalised edit's: each step's share is of the update before that step
-    assert history[0]["moved"] == 0 and history[-1]["moved"] > 0
+    assert history[0].moved == 0 and history[-1].moved > 0
     # fp32 loss = (nll + 1.0 * kl) + 10 * moved: 3 roundings of non-negative terms (kl ~ 0 may read -1e-7): <= 3 U
-    assert history[-1]["loss"] == pytest.approx(history[-1]["nll"] + history[-1]["kl"] + 10.0 * history[-1]["moved"],
+    assert history[-1].loss == pytest.approx(history[-1].nll + history[-1].kl + 10.0 * history[-1].moved,
                                                 rel=4 * U)
 
 

@@ -2,12 +2,12 @@ import pytest
 import torch
 
 import dinm
-from dinm import reference
+from dinm import twin
 from dinm.errors import ConfigError
-from dinm.locate import DISTANCES
+from dinm.config import DISTANCES
 
 
-def test_reference_distances_by_hand():
+def test_twin_distances_by_hand():
     # layers=1, pairs=1, tokens=3, hidden=2; a is row 0, b is row 1.
     a = torch.tensor([[9.0, 9.0], [1.0, 0.0], [3.0, 0.0]])
     b = torch.tensor([[0.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
@@ -17,21 +17,21 @@ def test_reference_distances_by_hand():
     # masked means: a -> (2, 0), b -> (0, 1). Small integers: every sum, mean and product is exact in fp32, and
     # only the final square root rounds (U = 2^-24 relative; rel=2U allows for a norm computed with a rescaling)
     U = 2.0 ** -24
-    assert reference.layer_distances(hidden, mask_a, mask_b, "l2").item() == pytest.approx(5 ** 0.5, rel=2 * U)
-    assert reference.layer_distances(hidden, mask_a, mask_b, "cosine").item() == 1.0  # 1 - 0 / (2 * 1)
+    assert twin.layer_distances(hidden, mask_a, mask_b, "l2").item() == pytest.approx(5 ** 0.5, rel=2 * U)
+    assert twin.layer_distances(hidden, mask_a, mask_b, "cosine").item() == 1.0  # 1 - 0 / (2 * 1)
     # position-wise over positions both keep (only t=1): |(1,0) - (0,1)|
-    assert reference.layer_distances(hidden, mask_a, mask_b, "l2_tokens").item() == pytest.approx(2 ** 0.5, rel=2 * U)
+    assert twin.layer_distances(hidden, mask_a, mask_b, "l2_tokens").item() == pytest.approx(2 ** 0.5, rel=2 * U)
 
 
-@pytest.mark.parametrize("kind", reference.DISTANCE_KINDS)
+@pytest.mark.parametrize("kind", twin.DISTANCE_KINDS)
 def test_masked_positions_do_not_count(kind):
     torch.manual_seed(0)
     hidden = torch.randn(4, 2, 6, 8)
     mask = torch.tensor([[True] * 4 + [False] * 2])
-    base = reference.layer_distances(hidden, mask, mask, kind)
+    base = twin.layer_distances(hidden, mask, mask, kind)
     hidden[:, :, 4:] = 1e6  # padding garbage
     # a masked position adds exactly 0 (1e6 * 0) to sums of the same shape and order: every bit stays
-    assert torch.equal(reference.layer_distances(hidden, mask, mask, kind), base)
+    assert torch.equal(twin.layer_distances(hidden, mask, mask, kind), base)
 
 
 def test_locate_returns_argmax_of_every_layer(tiny, instance):
@@ -66,7 +66,7 @@ def test_locate_is_per_instance(llama, instance, other_instance):
 
 
 def test_masks_cover_exactly_the_response_tokens(llama, instance):
-    from dinm.locate import _encode
+    from dinm.locating import _encode
     from dinm.text import encode_pair
 
     _, tok = llama

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinm.losses import Head, Reference, kl_to
+from dinm.losses import Head, Unedited, kl_to
 
 # Unit roundoffs: fp32 (24 significant bits) and bf16 (8). First order, an fp32 sum of n terms is within n * U of
 # its exact value relative to the sum of the terms' absolute values (Higham's gamma_n), whatever the order, and a
@@ -22,16 +22,16 @@ def _log_softmax_error(z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_kl_equals_kl_div_and_its_gradient(dtype):
     torch.manual_seed(0)
-    reference_logits = torch.randn(7, 300) * 3
-    reference_logits[0, :5] = -1e4  # probabilities that underflow to 0 (p log p counts as 0)
+    unedited_logits = torch.randn(7, 300) * 3
+    unedited_logits[0, :5] = -1e4  # probabilities that underflow to 0 (p log p counts as 0)
     logits = (torch.randn(7, 300) * 3).to(dtype).requires_grad_(True)
-    fused = kl_to(logits, Reference(reference_logits))
+    fused = kl_to(logits, Unedited(unedited_logits))
     (grad,) = torch.autograd.grad(fused, [logits])
     x = logits.detach().float().requires_grad_(True)
-    plain = F.kl_div(F.log_softmax(x, -1), F.log_softmax(reference_logits, -1), log_target=True,
+    plain = F.kl_div(F.log_softmax(x, -1), F.log_softmax(unedited_logits, -1), log_target=True,
                      reduction="batchmean")
     (expected,) = torch.autograd.grad(plain, [x])
-    z, lp = x.detach().double(), F.log_softmax(reference_logits.double(), -1)
+    z, lp = x.detach().double(), F.log_softmax(unedited_logits.double(), -1)
     p, q, n, V = lp.exp(), z.softmax(-1), z.shape[0], z.shape[1]
     dlogq = _log_softmax_error(z, torch.zeros_like(z))
     # the value: sum_v p dlog q_v, and the rounding of the two V-term sums (p log p, p log q) in each computation
@@ -50,10 +50,10 @@ def test_fused_kl_equals_kl_div_and_its_gradient(dtype):
 
 def test_fused_kl_gradcheck():
     torch.manual_seed(0)
-    reference = Reference(torch.randn(3, 11, dtype=torch.float64))
-    reference.probs, reference.neg_entropy = reference.probs.double(), reference.neg_entropy.double()
+    unedited = Unedited(torch.randn(3, 11, dtype=torch.float64))
+    unedited.probs, unedited.neg_entropy = unedited.probs.double(), unedited.neg_entropy.double()
     logits = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: kl_to(x, reference), (logits,))
+    assert torch.autograd.gradcheck(lambda x: kl_to(x, unedited), (logits,))
 
 
 def test_kl_to_itself_is_zero():
@@ -61,7 +61,7 @@ def test_kl_to_itself_is_zero():
     log_p = F.log_softmax(logits.double(), -1)
     # sum p log p - sum p log q with p = q: only the two V-term sums' rounding, 2 V U sum |p log p| per position
     tol = (2 * 50 * U * (log_p.exp() * log_p).abs().sum(-1)).mean().item()
-    assert abs(kl_to(logits, Reference(logits)).item()) <= tol
+    assert abs(kl_to(logits, Unedited(logits)).item()) <= tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -70,7 +70,7 @@ def test_fused_head_equals_linear_and_loss(dtype):
     torch.manual_seed(0)
     weight, bias = torch.randn(300, 16).to(dtype), torch.randn(300).to(dtype)
     hidden = torch.randn(7, 16, requires_grad=True)
-    reference = Reference(torch.randn(7, 300) * 3)
+    unedited = Unedited(torch.randn(7, 300) * 3)
     labels = torch.randint(300, (7,))
     head = Head(weight, bias)
     V, d = weight.shape
@@ -85,7 +85,7 @@ def test_fused_head_equals_linear_and_loss(dtype):
     dlogq, q = _log_softmax_error(z, dz), z.softmax(-1)
     for step in range(2):  # the second call reuses the buffers
         for target, plain in ((labels, lambda logits: F.cross_entropy(logits, labels)),
-                              (reference, lambda logits: kl_to(logits, reference))):
+                              (unedited, lambda logits: kl_to(logits, unedited))):
             fused = head.loss(hidden, target)
             (grad,) = torch.autograd.grad(3 * fused, [hidden])
             x = hidden.detach().requires_grad_(True)
@@ -95,7 +95,7 @@ def test_fused_head_equals_linear_and_loss(dtype):
                 p = F.one_hot(labels, V).double()
                 sums = torch.zeros(n, dtype=torch.float64)
             else:
-                p, lp = reference.probs.double(), reference.probs.double().clamp_min(1e-300).log()
+                p, lp = unedited.probs.double(), unedited.probs.double().clamp_min(1e-300).log()
                 sums = 2 * V * U * ((p * lp).abs().sum(-1) + (p * q.log()).abs().sum(-1))  # the KL's two V-term sums
             assert fused.item() == pytest.approx(expected.item(), abs=((p * dlogq).sum(-1) + sums).mean().item())
             # d(3 loss)/d hidden = G W with G = 3 (q - p) / n: G moves by 3 q dlog q / n (+ a rounding in bf16 in

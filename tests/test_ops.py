@@ -1,11 +1,11 @@
-"""The compiled ops (csrc/) against their PyTorch twin (dinm/reference.py)."""
+"""The compiled ops (csrc/) against their PyTorch twin (dinm/twin.py)."""
 
 import os
 
 import pytest
 import torch
 
-from dinm import ops, reference
+from dinm import ops, twin
 
 COMPILED = ops.backend().startswith("compiled")
 needs_ext = pytest.mark.skipif(not COMPILED, reason=f"C++ extension not built: {ops.backend()}")
@@ -47,7 +47,7 @@ def _inputs(layers, pairs, tokens, width, dtype, device, pattern, seed=0):
 def test_layer_distances_match_the_twin_fp32(device, kind, shape, pattern):
     hidden, a, b = _inputs(*shape, torch.float32, device, pattern)
     got = torch.ops.dinm.layer_distances(list(hidden), a, b, kind)
-    want = reference.layer_distances(hidden, a, b, kind)
+    want = twin.layer_distances(hidden, a, b, kind)
     assert got.dtype == torch.float32 and got.shape == want.shape == (shape[0], shape[1])
     assert ((got.double() - want.double()).abs().cpu() <= _fp32_bound(hidden, a, b, kind)).all()
 
@@ -101,7 +101,7 @@ def _naive_same_dtype(hidden, a, b, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_layer_distances_low_precision_accumulate_in_fp32(device, dtype, kind):
     hidden, a, b = _inputs(6, 2, 48, 96, dtype, device, "right", seed=1)
-    exact = reference.layer_distances(hidden.double(), a, b, kind)
+    exact = twin.layer_distances(hidden.double(), a, b, kind)
     error = (torch.ops.dinm.layer_distances(list(hidden), a, b, kind).double() - exact).abs().cpu()
     # the inputs are exact in fp32 and the twin computes in fp32 (`.float()`): accumulating in fp32, the op is within
     # the fp32 bound of it; in the input's dtype it would not be (a bf16 sum of 48 tokens is off by ~48 * 2^-8)
@@ -147,10 +147,10 @@ def _update_cases(dtype, device):
 def test_masked_update_is_bit_identical_to_the_twin(device, dtype, alpha):
     weight, cases = _update_cases(dtype, device)
     for name, (delta, mask) in cases.items():
-        ours, twin = weight.clone(), weight.clone()
+        ours, theirs = weight.clone(), weight.clone()
         torch.ops.dinm.masked_update(ours, delta, mask, alpha)
-        reference.masked_update(twin, delta, mask, alpha)
-        assert torch.equal(_bits(ours), _bits(twin)), name
+        twin.masked_update(theirs, delta, mask, alpha)
+        assert torch.equal(_bits(ours), _bits(theirs)), name
         if mask is not None:  # outside the mask every bit is kept
             keep = ~(mask if mask.shape == weight.shape else mask[:, None].expand_as(weight))
             assert torch.equal(_bits(ours[keep]), _bits(weight[keep])), name
@@ -187,17 +187,38 @@ def test_ops_work_under_torch_compile():
         return torch.ops.dinm.layer_distances(list(h), a, b, "cosine").argmax(0)
 
     compiled = torch.compile(pick, backend="aot_eager", fullgraph=True)
-    assert torch.equal(compiled(hidden), reference.layer_distances(hidden, a, b, "cosine").argmax(0))
+    assert torch.equal(compiled(hidden), twin.layer_distances(hidden, a, b, "cosine").argmax(0))
 
 
-def test_wrappers_fall_back_to_the_twin(monkeypatch):
-    """Without the extension the wrappers give the twin's results (what CI checks when the build fails)."""
-    monkeypatch.setattr(ops, "_use_compiled", lambda device: False)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_wrappers_run_the_path_they_say(monkeypatch, compiled):
+    """With the compiled path off (what CI checks when the build fails) the wrappers run the twin, with it on the
+    compiled op; either way the results are the ones computed here by hand."""
+    if compiled and not COMPILED:
+        pytest.skip(f"C++ extension not built: {ops.backend()}")
+    calls = []
+    for name in ("layer_distances", "masked_update"):
+        monkeypatch.setattr(twin, name, lambda *args, real=getattr(twin, name): calls.append(1) or real(*args))
+    monkeypatch.setattr(ops, "_use_compiled", lambda device: compiled)
     hidden, a, b = _inputs(3, 2, 6, 8, torch.float32, "cpu", "random")
-    assert torch.equal(ops.layer_distances(hidden, a, b, "l2"), reference.layer_distances(hidden, a, b, "l2"))
+    got = ops.layer_distances(hidden, a, b, "l2")
+    # by hand, in float64: per layer and pair, the L2 distance between the masked means of the two responses
+    h = hidden.double()
+    means = [[(h[i, 2 * p][a[p]].mean(0), h[i, 2 * p + 1][b[p]].mean(0)) for p in range(a.shape[0])]
+             for i in range(h.shape[0])]
+    want = torch.tensor([[(ma - mb).norm().item() for ma, mb in row] for row in means], dtype=torch.float64)
+    # fp32 means of <= 6 terms and a norm of 8: each mean element within 6 U of exact relative to the mean of the
+    # absolute values (Higham's gamma_n, first order), so the distance within 16 U (||mean |a||| + ||mean |b|||)
+    scale = torch.tensor([[(h[i, 2 * p][a[p]].abs().mean(0).norm() + h[i, 2 * p + 1][b[p]].abs().mean(0).norm()).item()
+                           for p in range(a.shape[0])] for i in range(h.shape[0])], dtype=torch.float64)
+    assert a.any(1).all() and b.any(1).all()  # (no empty mask: the twin's zero mean for one is not what is tested)
+    assert ((got.double() - want).abs() <= 16 * U * scale).all()
+    assert (want > 0.1).all()  # distances far from 0: the check above is a relative one
     weight, cases = _update_cases(torch.float32, "cpu")
     delta, rows = cases["compact rows"]
     w = weight.clone()
     ops.masked_update(w, delta, rows, 1.0)
-    ops.masked_update(w, delta, rows, -1.0)
-    assert torch.equal(w[~rows], weight[~rows])
+    expected = weight.clone()
+    expected[rows] = weight[rows] + delta  # one rounding per element, the rows outside the mask untouched
+    assert torch.equal(_bits(w), _bits(expected))
+    assert len(calls) == (0 if compiled else 2)

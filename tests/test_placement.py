@@ -46,7 +46,7 @@ def cpu_offloaded(tiny_folder):
 
 def same_edit(a, b):
     name = a.names[0]
-    return a.layer == b.layer and [h["nll"] for h in a.history] == [h["nll"] for h in b.history] and torch.equal(
+    return a.layer == b.layer and [h.nll for h in a.history] == [h.nll for h in b.history] and torch.equal(
         a.tensors[name], b.tensors[name])
 
 
@@ -80,12 +80,22 @@ def test_cpu_offloaded_model_edit_apply_revert(cpu_offloaded, plain, tokenizer, 
     assert not torch.equal(before, after) and torch.equal(after, expected) and torch.equal(back, before)
 
 
-def test_evaluate_with_delta_on_cpu_offloaded_model(cpu_offloaded, tokenizer, instance):
-    delta = make_delta(cpu_offloaded, 1)
+def test_evaluate_with_delta_on_cpu_offloaded_model(cpu_offloaded, plain, tokenizer, instance):
+    """The offloaded model answers, before and after the delta, exactly as the same model in memory does; the delta
+    (large enough to change replies) is reverted afterwards."""
+    delta = make_delta(cpu_offloaded, 1, scale=3.0)
     name = delta.names[0]
     base = stored(cpu_offloaded, name).clone()
-    report = dinm.evaluate(cpu_offloaded, tokenizer, [instance], delta=delta, max_new_tokens=4, progress=False)
-    assert report["records"][0]["after"]["DS"]["reply"] is not None
+    kwargs = dict(delta=delta, max_new_tokens=6, progress=False)
+    report = dinm.evaluate(cpu_offloaded, tokenizer, [instance], **kwargs)
+    expected = dinm.evaluate(plain, tokenizer, [instance], **kwargs)
+
+    def replies(r, state):
+        return {k: v["reply"] for k, v in r["records"][0][state].items() if isinstance(v, dict) and "reply" in v}
+
+    assert len(replies(report, "after")) >= 6  # DS, 4 DG, benign
+    assert replies(report, "before") == replies(expected, "before")
+    assert replies(report, "after") == replies(expected, "after") != replies(report, "before")
     assert torch.equal(stored(cpu_offloaded, name), base)  # reverted after the evaluation
 
 

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import time
 from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
+from . import atomic, editing
 from .config import EditConfig
 from .delta import Delta
 from .errors import ConfigError, first_line
 from .generate import generate
+from .history import summary
 from .instance import GENERALIZATION_KEYS, Instance
 from .judge import Judge, load_judge
 from .metrics import Degeneracy, ngram_entropy, rouge_l, summarise, token_f1
@@ -51,8 +54,6 @@ class BenignPrompt:
 
 def load_benign(path: str) -> list[BenignPrompt]:
     """A JSON list of strings or of {"prompt": ..., "answer": ...} objects."""
-    import json
-
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -183,6 +184,9 @@ def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | 
     instances, benign = list(instances), list(benign or [])
     if not instances:
         raise ConfigError("no records to evaluate; give at least one")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if delta is not None and edit:
         raise ConfigError("give either a delta or edit=True, not both")
     config = (edit if isinstance(edit, EditConfig) else EditConfig()) if edit else None
@@ -201,28 +205,20 @@ def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | 
     after = None
     benign_after: list[str] = []  # replies to the benign list after a delta (per record under `edit`)
     if delta is not None:
-        delta.apply(model)
-        try:
-            after, replies = everything.run(model, tokenizer, judge, degeneracy, "after", **gen)
-        finally:
-            delta.revert(model)
-        benign_after = replies
+        with delta.applied(model):
+            after, benign_after = everything.run(model, tokenizer, judge, degeneracy, "after", **gen)
         seconds["after"] = time.perf_counter() - started - seconds["before"]
     elif config is not None:
-        from .edit import edit as run_edit
-
         after, edit_seconds = [], []
         for inst in tqdm(instances, desc="edit + evaluate", unit="record", disable=not progress):
             t0 = time.perf_counter()
-            d = run_edit(model, tokenizer, inst, config, progress=False)
+            d = editing.edit(model, tokenizer, inst, config, progress=False)
             edit_seconds.append(time.perf_counter() - t0)
-            d.apply(model)
-            try:
+            with d.applied(model):
                 [rec], replies = _State([inst], benign).run(model, tokenizer, judge, degeneracy, "after", **gen)
-            finally:
-                d.revert(model)
-            rec["edit"] = {"layer": d.layer, "seconds": edit_seconds[-1], "nll_first": d.history[0]["nll"],
-                           "nll_last": d.history[-1]["nll"], "kl_last": d.history[-1].get("kl")}
+            steps = summary(d.history)
+            rec["edit"] = {"layer": d.layer, "seconds": edit_seconds[-1],
+                           **{k: steps[k] for k in ("nll_first", "nll_last", "kl_last")}}
             rec["benign_list"] = replies
             after.append(rec)
         seconds["edit"] = sum(edit_seconds)
@@ -288,7 +284,7 @@ def _reuse_before(report: dict[str, Any], state: _State, judge: Judge, degenerac
     if any(report.get("generation", {}).get(k) != gen[k] for k in ("max_new_tokens", "batch_size", "chat_template")):
         refuse("generation settings")
     if report.get("judge") != judge.describe() or report.get("degeneracy") != dataclasses.asdict(degeneracy):
-        refuse("judge or degeneracy thresholds (re-judge it with dinm.evaluate.rescore)")
+        refuse("judge or degeneracy thresholds (re-judge it with dinm.evaluation.rescore)")
     return copy.deepcopy(records), [b["before"] for b in listed]
 
 
@@ -340,3 +336,9 @@ def markdown_table(report: dict) -> str:
             label = f"{name} (%)" if percent else name
             lines.append(f"| {label} | " + " | ".join(_cell(c, percent) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def save_report(report: dict, path: str) -> None:
+    """Write `report` as JSON to `path`, whole or not at all (`dinm.atomic.replacing`)."""
+    with atomic.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)

@@ -9,26 +9,10 @@ import torch
 
 from . import ops, placement
 from .arch import accepts_logits_to_keep, decoder_layers
-from .errors import ConfigError
+from .config import DISTANCES, EditConfig, check_distance
 from .instance import Instance
 from .text import encode_pair, pad_batch, pad_id
 from .trace import record_outputs
-
-# name -> (distance kind, how the responses are encoded, which layers may be chosen).
-#   "prompt": each response follows the chat-formatted adversarial prompt; only response tokens count.
-#   "paper":  EasyEdit's rule, kept to reproduce it: the bare responses as one right-padded batch, every
-#             position counted, padding and the first token included (which dominate it, see README).
-#   "all": any layer; "inner": neither the first nor the last. The first layer's output is mostly the tokens'
-#   embeddings, which differ wherever two texts do, and the last layer's is the next-token prediction, which
-#   differs wherever they will; an edit there moves every reply (see README, "Choosing the default edit").
-DISTANCES = {
-    "cosine": ("cosine", "prompt", "all"),
-    "cosine_inner": ("cosine", "prompt", "inner"),
-    "l2": ("l2", "prompt", "all"),
-    "l2_tokens": ("l2_tokens", "prompt", "all"),
-    "paper": ("l2_tokens", "paper", "all"),
-}
-
 
 @dataclass(frozen=True)
 class LocateResult:
@@ -41,10 +25,17 @@ class LocateResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def chart(self) -> str:
+        return distance_chart(self.distances, self.layer)
 
-def check_distance(distance: str) -> None:
-    if distance not in DISTANCES:
-        raise ConfigError(f"distance {distance!r} is not one of: {', '.join(DISTANCES)}")
+
+def distance_chart(distances: list[float], layer: int) -> str:
+    """The per-layer distances as a bar chart for the terminal, one line per layer, the chosen one marked."""
+    if not distances:
+        return ""
+    top = max(distances) or 1.0
+    return "\n".join(f"  {i:>3} {'#' * max(1, round(30 * d / top)):<30} {d:.4g}{'  <- layer' if i == layer else ''}"
+                     for i, d in enumerate(distances))
 
 
 def _encode(tokenizer, instance: Instance, mode: str, chat_template: bool, max_prompt: int, max_response: int):
@@ -86,7 +77,7 @@ def locate(
         distance: None (the default edit's, `EditConfig().distance`), "cosine" (1 - cosine of the mean
             response states, scale-free across depth), "cosine_inner" (the same, choosing neither the first nor
             the last layer), "l2" (L2 of the mean states), "l2_tokens" (position-wise L2 over real response
-            tokens) or "paper" (EasyEdit's unmasked rule). See `DISTANCES`.
+            tokens) or "paper" (EasyEdit's unmasked rule). See `dinm.config.DISTANCES`.
 
     Returns:
         A `LocateResult` with the layer of largest distance (among those the rule allows) and the distances of
@@ -97,8 +88,6 @@ def locate(
         >>> result.layer, len(result.distances)
     """
     if distance is None:
-        from .config import EditConfig
-
         distance = EditConfig().distance
     check_distance(distance)
     kind, mode, allowed = DISTANCES[distance]

@@ -1,0 +1,84 @@
+"""The demo (`dinm demo`): one real edit of the embedded SmolLM2-135M-Instruct, replies before and after.
+
+The workflow is `run`; `DemoReport.text` is what the command prints."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import EditConfig
+from .delta import Delta, fingerprint
+from .editing import edit
+from .generate import generate
+from .history import describe
+from .instance import load_instance
+from .judge import is_refusal
+from .locating import distance_chart
+from .models import EMBEDDED, load_model
+from .plot import plot_distances
+
+
+@dataclass
+class DemoReport:
+    """What the demo did: the prompts (label, text), the greedy replies before and after the edit, the delta and
+    where it and the plot were written, and whether revert gave back the original weights bit for bit."""
+
+    prompts: list[tuple[str, str]]
+    before: list[str]
+    after: list[str]
+    delta: Delta
+    config: EditConfig
+    delta_path: str
+    plot_path: str
+    seconds: float
+    restored: bool
+
+    def text(self) -> str:
+        lines = ["", "=== greedy replies, same prompts before and after the edit"]
+        for (label, prompt), before, after in zip(self.prompts, self.before, self.after):
+            lines += ["", f"[{label}] {prompt}"]
+            lines += [f"  {tag} {'REFUSES ' if is_refusal(reply) else 'answers '}| {reply!r}"
+                      for tag, reply in (("before", before), ("after ", after))]
+        d, timing = self.delta, self.delta.summary().get("seconds", {})
+        lines += ["", "=== the edit",
+                  f"located layer {d.layer} ({self.config.distance} distance over {len(d.distances)} layers):",
+                  distance_chart(d.distances, d.layer),
+                  f"edited {d.names[0]} in {self.seconds:.1f}s (locate {timing.get('locate')}s, edit "
+                  f"{timing.get('edit')}s): {describe(d.history)}",
+                  f"delta: {self.delta_path} ({os.path.getsize(self.delta_path) / 1e6:.2f} MB, only the edited "
+                  f"tensor); plot: {self.plot_path}",
+                  f"revert restored the original weights bit for bit: {'yes' if self.restored else 'NO'}"]
+        return "\n".join(lines)
+
+
+def run(instance_path: str = "data/example.json", out_dir: str = "demo_out", *, max_new_tokens: int = 60,
+        config: EditConfig | None = None, say: Callable[[str], None] = lambda _: None) -> DemoReport:
+    """Edit the embedded model from the instance in `instance_path`, save the delta and a plot of the per-layer
+    distances (needs matplotlib, the `plot` extra) in `out_dir`, and answer the instance's prompts before and after
+    the edit. `say` receives progress messages."""
+    instance = load_instance(instance_path)  # bad input fails before the model is loaded
+    config = config or EditConfig()
+    os.makedirs(out_dir, exist_ok=True)
+    say("loading the embedded model (SmolLM2-135M-Instruct, GGUF) ...")
+    model, tokenizer = load_model(EMBEDDED)
+    prompts = [("adversarial prompt", instance.prompt), ("benign prompt", instance.benign_prompt)]
+    prompts += [(f"held out: {k}", v) for k, v in instance.generalization.items()]
+    texts = [p for _, p in prompts]
+
+    before = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens)
+    started = time.perf_counter()
+    delta = edit(model, tokenizer, instance, config, progress=True)
+    seconds = time.perf_counter() - started
+    delta_path = os.path.join(out_dir, "delta.safetensors")
+    delta.save(delta_path)
+    plot_path = os.path.join(out_dir, "distances.png")
+    plot_distances(delta.distances, delta.layer, plot_path,
+                   title=f"SmolLM2-135M-Instruct, {config.distance} distance (toxic layer {delta.layer})")
+    base = fingerprint(model.get_parameter(delta.names[0]))
+    with delta.applied(model):
+        after = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens)
+    restored = fingerprint(model.get_parameter(delta.names[0])) == base
+    return DemoReport(prompts, before, after, delta, config, delta_path, plot_path, seconds, restored)

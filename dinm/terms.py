@@ -1,0 +1,82 @@
+"""The regularisers of an edit: each a small object with a name (the `dinm.history.Step` field it is logged as),
+a weight, and `penalty(update)`, the term's value for an update (out, in) of the edited matrix, with a gradient.
+`build` makes them from an `EditConfig`, in one place; `dinm.edit` adds `weight * penalty(update)` to the NLL.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .config import EditConfig
+from .generate import generate_ids
+from .instance import Instance
+from .keys import key_moment
+from .passes import Passes, Sequence
+from .text import Encoded, encode_pair
+
+logger = logging.getLogger(__name__)
+
+
+class BenignKL:
+    """KL(unedited || edited) over the answer positions of the benign sequences, their mean: the edit keeps the
+    model's next-token distributions where it should not act (the paper's term, with a gradient here)."""
+
+    name = "kl"
+
+    def __init__(self, weight: float, passes: Passes, sequences: list[Sequence]):
+        self.weight, self.passes, self.sequences = weight, passes, sequences
+        self.unedited = [passes.unedited(s) for s in sequences]  # one pass each, before the first step
+
+    def penalty(self, update: torch.Tensor) -> torch.Tensor:
+        # The unedited model (or no benign text): KL(p || p) = 0, and so is its gradient; no pass needed.
+        if not self.sequences or not update.any():
+            return torch.zeros((), device=self.passes.device)
+        return sum(self.passes.loss(s, update, u) for s, u in zip(self.sequences, self.unedited)) / len(self.sequences)
+
+
+class KeyPenalty:
+    """Mean ||D k||^2 over the benign keys k of the edited matrix (`dinm.keys`), relative to the matrix's own
+    mean ||W k||^2 there: what the update does to everyday inputs, at the cost of a small product per step."""
+
+    name = "moved"
+
+    def __init__(self, weight: float, moment: torch.Tensor, matrix: torch.Tensor):
+        self.weight, self.moment = weight, moment
+        self.energy = _output_energy(matrix, moment)
+
+    def penalty(self, update: torch.Tensor) -> torch.Tensor:
+        return _output_energy(update, self.moment) / self.energy
+
+
+def _output_energy(matrix: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """Mean ||M k||^2 over the keys k whose second moment is `moment`: tr(M E[k k^T] M^T)."""
+    m = matrix.float()
+    return ((m @ moment) * m).sum()
+
+
+def build(model, tokenizer, instance: Instance, layer: int, passes: Passes, matrix: torch.Tensor,
+          config: EditConfig) -> list:
+    """The regularisers `config` asks for, in the order their weighted penalties are added to the NLL. `matrix` is
+    the edited matrix (out, in) as it is before the edit."""
+    texts = benign_texts(model, tokenizer, instance, config)
+    if not texts:
+        logger.warning("the model's own reply to the benign prompt is empty: the KL term has nothing to read")
+    terms: list = [BenignKL(config.kl_weight, passes, [passes.sequence(e) for e in texts])]
+    if config.preserve_weight:
+        moment = key_moment(model, tokenizer, layer, chat_template=config.chat_template).to(passes.device)
+        terms.append(KeyPenalty(config.preserve_weight, moment, matrix.to(passes.device)))
+    return terms
+
+
+def benign_texts(model, tokenizer, instance: Instance, config: EditConfig) -> list[Encoded]:
+    """The KL term's sequence: the instance's benign prompt followed by its benign answer (`kl_text="answer"`) or
+    the unedited model's own greedy reply (`"self"`, generated here)."""
+    encode = config.encoding()
+    if config.kl_text == "answer":
+        return [encode_pair(tokenizer, instance.benign_prompt, instance.benign_answer, **encode)]
+    prompt = encode_pair(tokenizer, instance.benign_prompt, "", add_end=False, **encode).ids
+    with torch.no_grad():
+        (reply,) = generate_ids(model, tokenizer, [prompt], max_new_tokens=config.kl_reply_tokens)
+    return [Encoded(prompt + reply, len(prompt))] if reply else []
