@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean cuda-build
 
 $(VENV)/.installed: setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,27 @@ demo: install
 test: install
 	DINM_REQUIRE_EXT=1 $(PY) -m pytest -q tests
 
+# The CUDA kernels, compiled and registered (nothing runs them here: no GPU). A venv of its own with torch's CUDA
+# build; the project is built from a copy of the sources, so its dinm/_C*.so never replaces the CPU venv's.
+CUDA_VENV  ?= .venv-cuda
+CUDA_TORCH ?= torch==2.14.1
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export TORCH_CUDA_ARCH_LIST
+
+cuda-build:
+	@command -v nvcc >/dev/null || { echo "make cuda-build: no nvcc on PATH (install the CUDA toolkit)"; exit 1; }
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install --upgrade pip "setuptools>=70" wheel ninja
+	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install $(CUDA_TORCH)
+	rm -rf $(CUDA_VENV)/src && mkdir -p $(CUDA_VENV)/src
+	cp -r setup.py README.md csrc cli dinm $(CUDA_VENV)/src/
+	rm -rf $(CUDA_VENV)/src/dinm/_C*.so $(CUDA_VENV)/src/dinm/__pycache__ $(CUDA_VENV)/src/cli/__pycache__
+	cd $(CUDA_VENV)/src && CUDA_HOME=$${CUDA_HOME:-$$(test -d /usr/local/cuda && echo /usr/local/cuda || dirname $$(dirname $$(readlink -f $$(command -v nvcc))))} \
+		../bin/python -m pip --disable-pip-version-check install -v --no-build-isolation --no-deps . \
+		> ../build.log 2>&1 || { tail -30 ../build.log; exit 1; }
+	@grep -E "dinm setup" $(CUDA_VENV)/build.log
+	@! grep -E "warning( #[0-9A-Za-z-]+)?:" $(CUDA_VENV)/build.log || { echo "make cuda-build: the build warned"; exit 1; }
+	cd / && $(CURDIR)/$(CUDA_VENV)/bin/python -m dinm.ops CPU CUDA
+
 clean:
-	rm -rf $(VENV) demo_out build *.egg-info dinm/_C*.so
+	rm -rf $(VENV) $(CUDA_VENV) demo_out build *.egg-info dinm/_C*.so

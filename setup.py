@@ -15,6 +15,17 @@ def _say(message: str) -> None:
     print(f"dinm setup: {message}", file=sys.stderr)
 
 
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _wheel_cuda_includes(torch) -> list:
+    """Include folders of the NVIDIA wheels installed beside torch (site-packages/nvidia/*/include)."""
+    root = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    return sorted(str(p) for p in root.glob("*/include") if p.is_dir())
+
+
 def extension():
     """The C++ ops as `dinm._C` (plus the CUDA kernels when torch has CUDA and a toolkit is present), or nothing.
 
@@ -32,18 +43,44 @@ def extension():
         return {}
 
     class OptionalBuildExtension(BuildExtension):
+        """BuildExtension whose failure is a warning: a failed extension is dropped from the build's outputs, so
+        that neither the in-place copy of an editable install nor a wheel looks for a file that was not made."""
+
+        failed: set = set()
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as e:  # noqa: BLE001 - any build failure falls back to the twin
-                _say(f"the C++ extension was not built ({type(e).__name__}: {e}); dinm will use its PyTorch twin")
+                self.failed.add(ext.name)
+                _say(f"the C++ extension was not built ({type(e).__name__}: {first_line(e)}); "
+                     f"dinm will use its PyTorch twin")
+
+        def copy_extensions_to_source(self):  # (editable installs)
+            built = [ext for ext in self.extensions if ext.name not in self.failed]
+            self.extensions, everything = built, self.extensions
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = everything
+
+        def get_outputs(self):
+            return [path for ext, path in zip(self.extensions, super().get_outputs()) if ext.name not in self.failed]
 
     sources = ["csrc/dinm_ops.cpp"]
-    args = {"cxx": ["-O3", "-fopenmp"]}
+    args = {"cxx": ["-O3", "-fopenmp", "-Wall"]}
     cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("DINM_NO_CUDA") != "1"
+    if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch picks the architectures of the GPUs it sees; with none it cannot (and fails in the build).
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        _say("no GPU visible: building CUDA kernels for sm_80 and sm_90 (set TORCH_CUDA_ARCH_LIST to choose)")
     if cuda:
         sources.append("csrc/dinm_ops_cuda.cu")
-        args["nvcc"] = ["-O3"]
+        args["nvcc"] = ["-O3", "-Xcompiler", "-Wall"]
+        # The CUDA math headers torch needs (cusparse.h, ...) come with its wheel (nvidia/cu*/include), not always
+        # with the toolkit.
+        for include in _wheel_cuda_includes(torch):
+            args["nvcc"] += ["-I", include]
     make = CUDAExtension if cuda else CppExtension
     _say(f"building dinm._C for CPU{' and CUDA' if cuda else ''}")
     ext = make("dinm._C", sources, extra_compile_args=args, extra_link_args=["-fopenmp"])

@@ -23,7 +23,20 @@ def machine() -> str:
     except OSError:
         pass
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only ({os.cpu_count()} cores)"
-    return f"{cpu}; {device}; torch {torch.__version__}; Python {platform.python_version()}"
+    capability = (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+                  f"{'yes' if cpu_bf16_native() else 'no'}")
+    return f"{cpu}; {device}; {capability}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX): without it, torch's bf16 matrix
+    products are emulated and many times slower than fp32 (Linux: read from /proc/cpuinfo; elsewhere False)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def record(section: str, body: str) -> None:

@@ -12,7 +12,7 @@
 //       mask: None (dense), bool of weight's shape (elements), or bool (rows,) (rows of a 2-D weight);
 //       with a row mask, delta is either dense or compact: only the masked rows, in order.
 //
-// The pure-PyTorch twin of both is dinm/reference.py (fallback and test oracle); the CUDA kernels are in
+// The pure-PyTorch twin of both is dinm/twin.py (fallback and test oracle); the CUDA kernels are in
 // dinm_ops_cuda.cu. Accumulation is float32 (float64 for float64 inputs) whatever the input dtype.
 
 #include <Python.h>

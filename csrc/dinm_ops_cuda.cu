@@ -1,5 +1,6 @@
-// CUDA kernels of dinm's ops (schemas and CPU kernels: dinm_ops.cpp). Built only when torch has CUDA and a
-// CUDA toolkit is present. Launched on the current stream; float32 accumulation for every input dtype.
+// CUDA kernels of dinm's ops (schemas, input checks and CPU kernels: dinm_ops.cpp). Built only when torch has CUDA
+// and a CUDA toolkit is present. Launched on the current stream of the inputs' device (a device guard); every launch
+// is checked. Accumulation as on the CPU: float32, float64 for float64 inputs (at::opmath_type).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -32,53 +33,55 @@ __device__ T block_sum(T value, T* shared) {
 // Grid (layers * pairs, chunks of hidden). Each block reads its chunk of both responses over all tokens
 // (coalesced along hidden) and adds 4 partial sums to parts[job]: dot, |a|^2, |b|^2, |a - b|^2 of the masked
 // means (or, for l2_tokens, the squared position-wise difference in slot 3).
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t>
 __global__ void distances_partial(const int64_t* __restrict__ hidden, const bool* __restrict__ mask_a,
-                                  const bool* __restrict__ mask_b, float* __restrict__ parts, int64_t pairs,
+                                  const bool* __restrict__ mask_b, acc_t* __restrict__ parts, int64_t pairs,
                                   int64_t tokens, int64_t width, bool per_token) {
-  __shared__ float shared[32];
+  __shared__ acc_t shared[32];
   const int64_t job = blockIdx.x, layer = job / pairs, pair = job % pairs;
   const scalar_t* a = reinterpret_cast<const scalar_t*>(hidden[layer]) + 2 * pair * tokens * width;
   const scalar_t* b = a + tokens * width;
   const bool* ma = mask_a + pair * tokens;
   const bool* mb = mask_b + pair * tokens;
-  float dot = 0, na2 = 0, nb2 = 0, diff = 0;
+  acc_t dot = 0, na2 = 0, nb2 = 0, diff = 0;
   const int64_t first = static_cast<int64_t>(blockIdx.y) * kChunk;
   const int64_t last = first + kChunk < width ? first + kChunk : width;
   for (int64_t i = first + threadIdx.x; i < last; i += blockDim.x) {
     if (per_token) {
       for (int64_t t = 0; t < tokens; ++t) {
         if (ma[t] && mb[t]) {
-          const float d = static_cast<float>(a[t * width + i]) - static_cast<float>(b[t * width + i]);
+          const acc_t d = static_cast<acc_t>(a[t * width + i]) - static_cast<acc_t>(b[t * width + i]);
           diff += d * d;
         }
       }
       continue;
     }
-    float sa = 0, sb = 0;
+    acc_t sa = 0, sb = 0;
     int64_t ca = 0, cb = 0;
     for (int64_t t = 0; t < tokens; ++t) {
-      if (ma[t]) { sa += static_cast<float>(a[t * width + i]); ++ca; }
-      if (mb[t]) { sb += static_cast<float>(b[t * width + i]); ++cb; }
+      if (ma[t]) { sa += static_cast<acc_t>(a[t * width + i]); ++ca; }
+      if (mb[t]) { sb += static_cast<acc_t>(b[t * width + i]); ++cb; }
     }
-    const float x = sa / static_cast<float>(ca > 0 ? ca : 1), y = sb / static_cast<float>(cb > 0 ? cb : 1);
+    const acc_t x = sa / static_cast<acc_t>(ca > 0 ? ca : 1), y = sb / static_cast<acc_t>(cb > 0 ? cb : 1);
     dot += x * y;
     na2 += x * x;
     nb2 += y * y;
     diff += (x - y) * (x - y);
   }
-  const float sums[4] = {dot, na2, nb2, diff};
+  const acc_t sums[4] = {dot, na2, nb2, diff};
   for (int k = 0; k < 4; ++k) {
-    const float total = block_sum(sums[k], shared);
+    const acc_t total = block_sum(sums[k], shared);
     if (threadIdx.x == 0) atomicAdd(parts + job * 4 + k, total);
   }
 }
 
-__global__ void distances_finish(const float* __restrict__ parts, float* __restrict__ out, int64_t jobs, int kind) {
+template <typename acc_t>
+__global__ void distances_finish(const acc_t* __restrict__ parts, float* __restrict__ out, int64_t jobs, int kind) {
   const int64_t job = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (job >= jobs) return;
-  const float* p = parts + job * 4;
-  out[job] = kind == static_cast<int>(DistanceKind::Cosine) ? cosine_distance(p[0], p[1], p[2]) : ::sqrtf(p[3]);
+  const acc_t* p = parts + job * 4;
+  out[job] = static_cast<float>(kind == static_cast<int>(DistanceKind::Cosine) ? cosine_distance(p[0], p[1], p[2])
+                                                                                : ::sqrt(p[3]));
 }
 
 // Masked rows (count of them): element e of the grid is column e % cols of row rows[e / cols].
@@ -106,7 +109,7 @@ __global__ void update_elements_kernel(scalar_t* __restrict__ weight, const scal
   }
 }
 
-int grid_for(int64_t n) { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535))); }
+inline int grid_for(int64_t n) { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535))); }
 
 at::Tensor layer_distances_cuda(at::TensorList hidden_in, const at::Tensor& mask_a_in,
                                 const at::Tensor& mask_b_in, c10::string_view kind_name) {
@@ -124,20 +127,23 @@ at::Tensor layer_distances_cuda(at::TensorList hidden_in, const at::Tensor& mask
   const int64_t tokens = hidden[0].size(1), width = hidden[0].size(2), jobs = layers * pairs;
   const auto options = hidden[0].options();
   const at::Tensor pointers = at::tensor(addresses, at::kLong).to(options.device(), at::kLong, /*non_blocking=*/false);
-  at::Tensor parts = at::zeros({jobs, 4}, options.dtype(at::kFloat));
   at::Tensor out = at::empty({layers, pairs}, options.dtype(at::kFloat));
   if (jobs == 0) return out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(jobs), static_cast<unsigned>((width + kChunk - 1) / kChunk));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, options.dtype().toScalarType(), "dinm_layer_distances_cuda", [&] {
-    distances_partial<scalar_t><<<grid, kThreads, 0, stream>>>(
-        pointers.data_ptr<int64_t>(), mask_a.data_ptr<bool>(), mask_b.data_ptr<bool>(), parts.data_ptr<float>(),
-        pairs, tokens, width, kind == DistanceKind::L2Tokens);
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor parts = at::zeros({jobs, 4}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    if (width > 0) {  // (no hidden features: zero sums, as on the CPU)
+      distances_partial<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+          pointers.data_ptr<int64_t>(), mask_a.data_ptr<bool>(), mask_b.data_ptr<bool>(), parts.data_ptr<acc_t>(),
+          pairs, tokens, width, kind == DistanceKind::L2Tokens);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    distances_finish<acc_t><<<static_cast<unsigned>((jobs + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        parts.data_ptr<acc_t>(), out.data_ptr<float>(), jobs, static_cast<int>(kind));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  distances_finish<<<static_cast<unsigned>((jobs + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      parts.data_ptr<float>(), out.data_ptr<float>(), jobs, static_cast<int>(kind));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

@@ -45,8 +45,22 @@ def _register_fakes() -> None:
         return None
 
 
+OPS = ("layer_distances", "masked_update")
+
+
+def kernels() -> dict[str, list[str]]:
+    """For each op, the dispatch keys ("CPU", "CUDA") the loaded extension registered a kernel for (none when the
+    twin runs)."""
+    if not _compiled()[0]:
+        return {op: [] for op in OPS}
+    return {op: [d for d in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(f"dinm::{op}", d)]
+            for op in OPS}
+
+
 def _devices() -> list[str]:
-    return [d for d in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key("dinm::layer_distances", d)]
+    """The devices on which every op has a kernel."""
+    registered = kernels()
+    return [d for d in ("CPU", "CUDA") if all(d in keys for keys in registered.values())]
 
 
 def backend() -> str:
@@ -75,3 +89,26 @@ def masked_update(weight: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor 
         torch.ops.dinm.masked_update(weight, delta, mask, float(alpha))
     else:
         twin.masked_update(weight, delta, mask, alpha)
+
+
+def check(require: tuple[str, ...] = ("CPU",)) -> str:
+    """One line saying where `dinm._C` was loaded from and which kernels each op has; `RuntimeError` when an op lacks
+    a kernel for a device in `require` (what `make cuda-build` runs, with `require=("CPU", "CUDA")`)."""
+    loaded, why = _compiled()
+    if not loaded:
+        raise RuntimeError(f"dinm._C is not loaded: {why}")
+    from . import _C
+
+    registered = kernels()
+    missing = [f"{op} on {d}" for op, keys in registered.items() for d in require if d not in keys]
+    line = (f"dinm._C {_C.__file__}: " + ", ".join(f"{op} {'+'.join(keys) or 'none'}" for op, keys in registered.items())
+            + f" (torch {torch.__version__}, CUDA {torch.version.cuda or 'none'})")
+    if missing:
+        raise RuntimeError(f"{line}; no kernel for {', '.join(missing)}")
+    return line
+
+
+if __name__ == "__main__":  # python -m dinm.ops [CPU CUDA ...]: the one-line check
+    import sys
+
+    print(check(tuple(sys.argv[1:]) or ("CPU",)))
