@@ -36,7 +36,7 @@ export TORCH_CUDA_ARCH_LIST
 cuda-build:
 	@command -v nvcc >/dev/null || { echo "make cuda-build: no nvcc on PATH (install the CUDA toolkit)"; exit 1; }
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install --upgrade pip "setuptools>=70" wheel ninja
+	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install --upgrade pip "setuptools>=70" wheel ninja numpy
 	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install $(CUDA_TORCH)
 	rm -rf $(CUDA_VENV)/src && mkdir -p $(CUDA_VENV)/src
 	cp -r setup.py README.md csrc cli dinm $(CUDA_VENV)/src/
@@ -45,7 +45,9 @@ cuda-build:
 		../bin/python -m pip --disable-pip-version-check install -v --no-build-isolation --no-deps . \
 		> ../build.log 2>&1 || { tail -30 ../build.log; exit 1; }
 	@grep -E "dinm setup" $(CUDA_VENV)/build.log
-	@! grep -E "warning( #[0-9A-Za-z-]+)?:" $(CUDA_VENV)/build.log || { echo "make cuda-build: the build warned"; exit 1; }
+	@# compiler warnings only (file(line): warning #..., file:line:col: warning: ...), not setuptools' own
+	@! grep -E "(\.(cpp|cu|h|cuh|hpp)(\([0-9]+\):?|:[0-9]+:[0-9]+:) warning)|nvcc warning" $(CUDA_VENV)/build.log \
+		|| { echo "make cuda-build: the compiler warned (above)"; exit 1; }
 	cd / && $(CURDIR)/$(CUDA_VENV)/bin/python -m dinm.ops CPU CUDA
 
 clean:

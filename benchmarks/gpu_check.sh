@@ -49,7 +49,7 @@ else
 fi
 stage build 300 bash -c "$PY -m pip --disable-pip-version-check install -v --no-build-isolation --no-deps -e . \
   && $PY -m dinm.ops $REQUIRE | tee -a '$FIGURES'"
-stage tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_ops.py
+stage tests 150 env DINM_REQUIRE_EXT=1 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_ops.py
 SUMMARY=$(tail -n 1 "$OUT/tests.log")
 echo "- tests: $SUMMARY" >> "$FIGURES"
 if [ -z "$DRY" ] && echo "$SUMMARY" | grep -q skipped; then FAILED+=("tests (skipped on a GPU: see $OUT/tests.log)"); fi

@@ -27,6 +27,7 @@ def _command(direction: str, doc: str):
 
         from dinm import Delta, apply_delta
         from dinm.atomic import check_new_folder
+        from dinm.errors import DinmError
 
         if bool(output) == in_place:
             raise click.UsageError("give either -o NEW_FOLDER or --in-place")
@@ -34,7 +35,10 @@ def _command(direction: str, doc: str):
         if in_place and not folder:
             raise click.UsageError(f"--in-place needs a checkpoint folder; `{model}` is not one")
         if output:
-            check_new_folder(output)  # before a model is loaded
+            try:
+                check_new_folder(output)  # before a model is loaded
+            except DinmError as e:
+                raise click.UsageError(str(e)) from None
         delta = Delta.load(delta_path)  # a bad delta fails before the model is touched
         target, tokenizer = (model, None) if folder else load(model, dtype, trust_remote_code)
         written = apply_delta(delta, target, output, revert=direction == "revert", force=force, link=not copy,

@@ -196,6 +196,7 @@ def apply_delta(delta: Delta, target, output: str | os.PathLike | None = None, *
         return apply_to_folder(delta, os.fspath(target), output, revert=revert, force=force, link=link, wait=wait)
     if output is not None:
         atomic.check_new_folder(output)
+    undo = delta.undoer(target, revert=revert, force=force) if output is not None else None
     (delta.revert if revert else delta.apply)(target, force=force)
     if output is None:
         return []
@@ -205,7 +206,7 @@ def apply_delta(delta: Delta, target, output: str | os.PathLike | None = None, *
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
     except BaseException as e:
-        (delta.apply if revert else delta.revert)(target, force=True)  # undo: the model is as it was
+        undo()  # the model is as it was
         if isinstance(e, OSError):
             raise DeltaError(f"could not write `{output}` ({first_line(e)}); nothing was written") from None
         raise

@@ -263,7 +263,8 @@ class Delta:
                   for key, kind in (("distances", list), ("history", list), ("config", dict), ("seconds", dict))
                   if key in self.metadata}
         if not all(isinstance(h, dict) and isinstance(h.get("step"), int) and isinstance(h.get("nll"), (int, float))
-                   for h in parsed.get("history", [])):
+                   and all(isinstance(h.get(k), (int, float, type(None))) for k in ("kl", "moved", "loss"))
+                   and isinstance(h.get("stopped", False), bool) for h in parsed.get("history", [])):
             raise DeltaError(f"delta {where}: metadata field 'history' must be a list of steps (objects with 'step' "
                              f"and 'nll'); use an intact copy")
         if "layer" in self.metadata and not re.fullmatch(r"\d{1,6}", self.metadata["layer"]):
@@ -379,14 +380,29 @@ class Delta:
 
     @contextlib.contextmanager
     def applied(self, model, force: bool = False) -> Iterator[Any]:
-        """Inside the block `model` holds the edit; on leaving it, even by an exception, it is reverted bit for bit.
+        """Inside the block `model` holds the edit; on leaving it, even by an exception, it is as it was, bit for
+        bit (by `revert`, or with `force`, whose base may not be the delta's, from a copy of the changed tensors).
 
         Example:
             >>> with delta.applied(model):
             ...     replies = dinm.generate.generate(model, tokenizer, prompts)
         """
+        undo = self.undoer(model, revert=False, force=force)
         self.apply(model, force=force)
         try:
             yield model
         finally:
-            self.revert(model, force=force)
+            undo()
+
+    def undoer(self, model, revert: bool, force: bool):
+        """A function that undoes `apply` (or, with `revert`, `revert`) of this delta on `model`, to call after it:
+        the inverse operation, checked; with `force`, a copy of the tensors as they are now, written back."""
+        if not force:
+            return lambda: self._change(model, "base" if revert else "edited", False)
+        saved = [(tensor, tensor.detach().clone()) for _, tensor in self._targets(model, "any", True)]
+
+        def restore():
+            with torch.no_grad():
+                for tensor, copy in saved:
+                    tensor.copy_(copy)
+        return restore

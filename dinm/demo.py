@@ -32,7 +32,7 @@ class DemoReport:
     delta: Delta
     config: EditConfig
     delta_path: str
-    plot_path: str
+    plot_path: str | None
     seconds: float
     restored: bool
 
@@ -43,13 +43,13 @@ class DemoReport:
             lines += [f"  {tag} {'REFUSES ' if is_refusal(reply) else 'answers '}| {reply!r}"
                       for tag, reply in (("before", before), ("after ", after))]
         d, timing = self.delta, self.delta.summary().get("seconds", {})
-        lines += ["", "=== the edit",
-                  f"located layer {d.layer} ({self.config.distance} distance over {len(d.distances)} layers):",
-                  distance_chart(d.distances, d.layer),
+        where = (f"located layer {d.layer} ({self.config.distance} distance over {len(d.distances)} layers):\n"
+                 + distance_chart(d.distances, d.layer)) if d.distances else f"layer {d.layer} (given, not located)"
+        lines += ["", "=== the edit", where,
                   f"edited {d.names[0]} in {self.seconds:.1f}s (locate {timing.get('locate')}s, edit "
                   f"{timing.get('edit')}s): {describe(d.history)}",
                   f"delta: {self.delta_path} ({os.path.getsize(self.delta_path) / 1e6:.2f} MB, only the edited "
-                  f"tensor); plot: {self.plot_path}",
+                  f"tensor)" + (f"; plot: {self.plot_path}" if self.plot_path else ""),
                   f"revert restored the original weights bit for bit: {'yes' if self.restored else 'NO'}"]
         return "\n".join(lines)
 
@@ -74,9 +74,10 @@ def run(instance_path: str = "data/example.json", out_dir: str = "demo_out", *, 
     seconds = time.perf_counter() - started
     delta_path = os.path.join(out_dir, "delta.safetensors")
     delta.save(delta_path)
-    plot_path = os.path.join(out_dir, "distances.png")
-    plot_distances(delta.distances, delta.layer, plot_path,
-                   title=f"SmolLM2-135M-Instruct, {config.distance} distance (toxic layer {delta.layer})")
+    plot_path = os.path.join(out_dir, "distances.png") if delta.distances else None  # (none for a given layer)
+    if plot_path:
+        plot_distances(delta.distances, delta.layer, plot_path,
+                       title=f"SmolLM2-135M-Instruct, {config.distance} distance (toxic layer {delta.layer})")
     base = fingerprint(model.get_parameter(delta.names[0]))
     with delta.applied(model):
         after = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens)

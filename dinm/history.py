@@ -42,11 +42,12 @@ class Step:
 
 
 def summary(history: list[Step]) -> dict:
-    """First and last NLL, last KL, steps run: what the CLI, `evaluate`'s report and the demo show of an edit."""
-    ran = [s for s in history if not s.stopped]
-    return {"steps_run": len(ran), "nll_first": history[0].nll if history else None,
-            "nll_last": history[-1].nll if history else None, "kl_last": ran[-1].kl if ran else None,
-            "stopped": bool(history) and history[-1].stopped}
+    """Steps run, first and last NLL, the last record's KL: what the CLI and `evaluate`'s report give of an edit."""
+    if not history:
+        return {"steps_run": 0, "nll_first": None, "nll_last": None, "kl_last": None, "stopped": False}
+    return {"steps_run": sum(not s.stopped for s in history), "nll_first": history[0].nll,
+            "nll_last": history[-1].nll, "kl_last": history[-1].kl,  # (None for a stopped edit's last record)
+            "stopped": history[-1].stopped}
 
 
 def describe(history: list[Step]) -> str:
@@ -54,8 +55,9 @@ def describe(history: list[Step]) -> str:
     if not history:
         return "no steps"
     s = summary(history)
+    kl = next((step.kl for step in reversed(history) if step.kl is not None), None)
     line = (f"{s['steps_run']} step{'' if s['steps_run'] == 1 else 's'}, safe-response NLL {s['nll_first']:.3f} -> "
             f"{s['nll_last']:.3f}")
-    if s["kl_last"] is not None:
-        line += f", benign KL {s['kl_last']:.4f}"
+    if kl is not None:
+        line += f", benign KL {kl:.4f}"
     return line + (" (stopped early: the safe response was likely enough)" if s["stopped"] else "")

@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 @functools.lru_cache(maxsize=None)
 def _compiled() -> tuple[bool, str]:
     """(loaded, why) — loading registers torch.ops.dinm.*; logged once."""
-    if os.environ.get("DINM_FORCE_TWIN") == "1":
-        return False, "DINM_FORCE_TWIN=1"
+    for name in ("DINM_FORCE_TWIN", "DINM_FORCE_REFERENCE"):  # (the second: dinm 0.1's name)
+        if os.environ.get(name) == "1":
+            return False, f"{name}=1"
     try:
         from . import _C  # noqa: F401
     except ImportError as e:

@@ -24,33 +24,50 @@ def source(tmp_path_factory):
     return src
 
 
-def _pip(*args, cwd):
+def _pip(*args, cwd, python=None):
+    """pip install ARGS with a compiler that always fails (into `python`'s environment when given)."""
     env = {**os.environ, "CXX": "false", "CC": "false", "MAX_JOBS": "1"}
-    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "-v",
+    where = ["--python", str(python)] if python else []
+    return subprocess.run([sys.executable, "-m", "pip", *where, "--disable-pip-version-check", "install", "-v",
                            "--no-build-isolation", "--no-deps", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
-def _backend(path) -> str:
-    code = "import dinm.ops; print(dinm.ops.backend())"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(path)}, cwd="/",
+def _venv(folder):
+    """A venv that sees this environment's packages (torch, setuptools, ...) through a .pth line, but not dinm's
+    own installation (its editable-install hook is a .pth of this environment, which a plain path line does not
+    run), and that pip treats as another environment (it never uninstalls anything here)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    here = next(p for p in sys.path if p.endswith("site-packages"))
+    (site,) = (folder / "lib").glob("python*/site-packages")
+    (site / "parent.pth").write_text(here + "\n")
+    return folder / "bin" / "python"
+
+
+def _backend(python, path) -> str:
+    """`dinm.ops.backend()` of the dinm installed at `path` (checked to be the one imported)."""
+    code = "import dinm.ops; print(dinm.ops.__file__); print(dinm.ops.backend())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(python), "-c", code], env={**env, "PYTHONPATH": str(path)}, cwd="/",
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    where, backend = out.stdout.strip().splitlines()[-2:]
+    assert where.startswith(str(path)), f"imported {where}, not the dinm installed at {path}"
+    return backend
 
 
 @pytest.mark.parametrize("editable", [False, True])
 def test_a_failed_build_still_installs_and_runs_the_twin(source, tmp_path, editable):
-    target = tmp_path / "site"
+    python = _venv(tmp_path / "venv")
     if editable:  # the source tree itself is imported: nothing may be copied into it that was not built
-        result = _pip("--prefix", str(tmp_path / "prefix"), "-e", str(source), cwd=tmp_path)
+        result = _pip("-e", str(source), cwd=tmp_path, python=python)
         where = source
     else:
-        result = _pip("--target", str(target), str(source), cwd=tmp_path)
-        where = target
+        where = tmp_path / "site"
+        result = _pip("--target", str(where), str(source), cwd=tmp_path, python=python)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "the C++ extension was not built" in log
     assert not list((where / "dinm").glob("_C*.so"))
-    backend = _backend(where)
+    backend = _backend(python, where)
     assert backend.startswith("twin (not built"), backend

@@ -147,9 +147,20 @@ def test_evaluate_bad_input_is_one_line_and_writes_nothing(tiny_folder, tmp_path
     bad = tmp_path / "data.json"
     bad.write_text(json.dumps([{"id": 7, "adversarial prompt": "p", "unsafe generation": "u",
                                 "safe generation": " ", "knowledge constrain": {"prompt": "b", "answer": "a"}}]))
-    one_line_error(run("evaluate", tiny_folder, "--data", bad, "-o", out), "id 7", "'safe generation'", "empty")
-    one_line_error(run("evaluate", tiny_folder, "--data", tmp_path / "none.json"), "does not exist")
-    one_line_error(run("evaluate", tiny_folder, "--data", EXAMPLE, "--judge", tmp_path / "nojudge"), "nojudge")
+    bad_config = tmp_path / "config.json"
+    bad_config.write_text('{"stepz": 3}')
+    bad_benign = tmp_path / "benign.json"
+    bad_benign.write_text("{not json")
+    for args, fragments in [
+            (("--data", bad, "-o", out), ("id 7", "'safe generation'", "empty")),
+            (("--data", tmp_path / "none.json"), ("does not exist",)),
+            (("--data", EXAMPLE, "--judge", tmp_path / "nojudge"), ("nojudge",)),
+            (("--data", EXAMPLE, "--edit", "--config", bad_config), ("stepz", "Did you mean 'steps'")),
+            (("--data", EXAMPLE, "--benign", bad_benign), ("benign.json",)),
+            (("--data", EXAMPLE, "--delta", tmp_path / "none.safetensors"), ("does not exist",))]:
+        result = run("evaluate", tiny_folder, *args)
+        one_line_error(result, *fragments)
+        assert "loading" not in result.stderr  # refused before the model is loaded
     result = run("evaluate", tiny_folder, "--data", EXAMPLE, "--edit", "--delta", tmp_path / "d.safetensors")
     assert result.exit_code == 2 and "not both" in result.output
     assert not out.exists()

@@ -70,7 +70,8 @@ def test_history_is_typed_and_round_trips(edited, tmp_path):
     assert Step.from_dict({"step": 3, "nll": 0.5, "stopped": True, "from_a_newer_dinm": 1}) == Step(3, 0.5,
                                                                                                   stopped=True)
     assert Step(3, 0.5, stopped=True).to_dict() == {"step": 3, "nll": 0.5, "stopped": True}
-    for bad in ([{"nll": 1.0}], [{"step": 0}], [{"step": "0", "nll": 1.0}], [[0, 1.0]]):
+    for bad in ([{"nll": 1.0}], [{"step": 0}], [{"step": "0", "nll": 1.0}], [[0, 1.0]],
+                [{"step": 0, "nll": 1.0, "kl": "x"}], [{"step": 0, "nll": 1.0, "stopped": "yes"}]):
         metadata = {**delta.metadata, "history": json.dumps(bad)}
         metadata["checksum"] = header_checksum(metadata)  # intact as a file: the history itself is malformed
         save_file(delta.tensors, tmp_path / "h.safetensors", metadata=metadata)
@@ -89,6 +90,14 @@ def test_applied_reverts_on_exit_even_on_error(edited):
         with delta.applied(model):
             raise KeyError("boom")
     assert same_state(model, before)
+    with torch.no_grad():  # weights that are not the delta's base, with force: the same weights back, every bit
+        model.get_parameter(name).mul_(1.37)
+    other = state(model)
+    with delta.applied(model, force=True):
+        assert not same_state(model, other)
+    assert same_state(model, other)
+    with torch.no_grad():
+        model.get_parameter(name).copy_(before[name])
     delta.apply(model)  # a model that already holds the edit: refused, nothing changed, nothing reverted
     with pytest.raises(DeltaError, match="refusing to apply"):
         with delta.applied(model):
@@ -127,6 +136,12 @@ def test_apply_delta_to_a_loaded_model_in_memory_and_saved(edited, tmp_path, mon
     with pytest.raises(DeltaError, match="No space left on device.*nothing was written"):
         apply_delta(delta, model, tmp_path / "other")
     assert same_state(model, before) and sorted(p.name for p in tmp_path.iterdir()) == ["edited"]
+    with torch.no_grad():  # with force on weights that are not the base: given back as they were, every bit
+        model.get_parameter(name).mul_(1.37)
+    other = state(model)
+    with pytest.raises(DeltaError, match="nothing was written"):
+        apply_delta(delta, model, tmp_path / "other", force=True)
+    assert same_state(model, other)
 
 
 def test_save_load_round_trip(edited, tmp_path):

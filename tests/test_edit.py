@@ -91,6 +91,8 @@ def test_master_dtype_model_in_bf16(llama, instance):
     assert delta.tensors[delta.names[0]].dtype == torch.bfloat16
     fp32_master = dinm.edit(model, tok, instance, FAST.replace(layer=0))
     assert fp32_master.tensors[fp32_master.names[0]].dtype == torch.bfloat16
+    # a bf16 master rounds every step's update, an fp32 one only the result: not the same edit
+    assert not torch.equal(delta.tensors[delta.names[0]], fp32_master.tensors[fp32_master.names[0]])
 
 
 def test_metadata_records_config_and_model(llama, instance):
@@ -285,15 +287,21 @@ def test_bf16_compute_keeps_updates_below_the_weights_spacing(llama, instance):
     assert nll[0] - nll[-1] > 100 * U * nll[0]
 
 
-def test_prompt_suffix_is_appended_to_the_attack_only(llama, instance):
+def test_prompt_suffix_is_appended_to_the_attack_only(llama, instance, monkeypatch):
     """The NLL term reads prompt + suffix (so the loss differs); the benign KL sequence does not."""
     model, tok = llama
     from dinm.config import PAPER_SUFFIX
 
+    from dinm.terms import benign_texts
+
     plain = dinm.edit(model, tok, instance, FAST.replace(layer=1, steps=1))
     suffixed = dinm.edit(model, tok, instance, FAST.replace(layer=1, steps=1, prompt_suffix=PAPER_SUFFIX))
     assert suffixed.history[0].nll != plain.history[0].nll
-    assert suffixed.history[0].kl == plain.history[0].kl == 0.0
+    calls = []
+    real = benign_texts
+    monkeypatch.setattr("dinm.terms.benign_texts", lambda m, t, inst, c: calls.append(inst) or real(m, t, inst, c))
+    dinm.edit(model, tok, instance, FAST.replace(layer=1, steps=1, prompt_suffix=PAPER_SUFFIX))
+    assert [i.benign_prompt for i in calls] == [instance.benign_prompt] and PAPER_SUFFIX not in calls[0].benign_prompt
     assert suffixed.config.prompt_suffix == PAPER_SUFFIX
 
 
