@@ -32,11 +32,8 @@ def test_default_edit_refuses_the_attack_and_leaves_benign_replies_alone(smol):
     assert delta.names == [f"model.layers.{delta.layer}.mlp.down_proj.weight"]
     assert len(delta.distances) == 30
 
-    delta.apply(model)
-    try:
+    with delta.applied(model):
         after_replies = generate(model, tok, prompts, max_new_tokens=40)
-    finally:
-        delta.revert(model)
     assert is_refusal(after_replies[0]), after_replies[0]
     assert not is_refusal(after_replies[1]) and "100" in after_replies[1], after_replies[1]
     changed = [(p, b, a) for p, b, a in zip(benign, before_replies[2:], after_replies[2:]) if a != b]

@@ -222,3 +222,13 @@ def test_wrappers_run_the_path_they_say(monkeypatch, compiled):
     expected[rows] = weight[rows] + delta  # one rounding per element, the rows outside the mask untouched
     assert torch.equal(_bits(w), _bits(expected))
     assert len(calls) == (0 if compiled else 2)
+
+
+@needs_ext
+def test_check_is_one_line_and_fails_on_a_missing_kernel():
+    """`python -m dinm.ops CPU CUDA` is what `make cuda-build` runs: one line, and an error where a kernel is missing."""
+    line = ops.check(("CPU",))
+    assert "\n" not in line and "layer_distances CPU" in line and "masked_update CPU" in line
+    if "CUDA" not in ops._devices():
+        with pytest.raises(RuntimeError, match="no kernel for layer_distances on CUDA, masked_update on CUDA"):
+            ops.check(("CPU", "CUDA"))
