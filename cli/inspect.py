@@ -40,8 +40,9 @@ def inspect_cmd(delta_path, as_json):
                      f"|update| {t['update_norm']:.4g}, max {t['max_abs']:.3g}, "
                      f"{t['exactness_fixups']} exactness fixups")
         lines.append(f"    base sha256 {t['base_sha256'][:16]}…  edited sha256 {t['edited_sha256'][:16]}…")
-    if delta.history:
-        lines.append(f"edit: {describe(delta.history)}")
+    history = delta.history
+    if history:
+        lines.append(f"edit: {describe(history)}")
     if summary.get("config"):
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["config"].items())))
     emit(summary, as_json, "\n".join(lines))

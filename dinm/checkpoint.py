@@ -194,12 +194,13 @@ def apply_delta(delta: Delta, target, output: str | os.PathLike | None = None, *
     output = None if output is None else os.fspath(output)
     if isinstance(target, (str, os.PathLike)):
         return apply_to_folder(delta, os.fspath(target), output, revert=revert, force=force, link=link, wait=wait)
-    if output is not None:
-        atomic.check_new_folder(output)
-    undo = delta.undoer(target, revert=revert, force=force) if output is not None else None
-    (delta.revert if revert else delta.apply)(target, force=force)
+    change = delta.revert if revert else delta.apply
     if output is None:
+        change(target, force=force)
         return []
+    atomic.check_new_folder(output)
+    undo = delta.undoer(target, revert=revert, force=force)  # (before the change: with force, a copy of now)
+    change(target, force=force)
     try:
         with atomic.new_folder(output) as tmp:
             target.save_pretrained(tmp)

@@ -40,6 +40,12 @@ KL_TEXTS = ("answer", "self")
 REMOVED_FIELDS = {"cache": True, "rows": 1.0, "kl_prompts": [], "max_update": None, "protect": None}
 
 
+def check_positive_int(name: str, value) -> None:
+    """A one-line `ConfigError` naming `name` unless `value` is an int >= 1 (not a bool)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 def check_distance(distance: str) -> None:
     if distance not in DISTANCES:
         raise ConfigError(f"distance {distance!r} is not one of: {', '.join(DISTANCES)}")
@@ -106,9 +112,7 @@ class EditConfig:
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
             raise ConfigError(f"layer must be a non-negative integer or None, got {self.layer!r}")
         for name in ("steps", "max_prompt_tokens", "max_response_tokens", "kl_reply_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         for name, low in (("lr", 0.0), ("kl_weight", 0.0), ("weight_decay", 0.0), ("preserve_weight", 0.0)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 from tqdm.auto import tqdm
 
 from . import atomic, editing
-from .config import EditConfig
+from .config import EditConfig, check_positive_int
 from .delta import Delta
 from .errors import ConfigError, first_line
 from .generate import generate
@@ -184,9 +184,8 @@ def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | 
     instances, benign = list(instances), list(benign or [])
     if not instances:
         raise ConfigError("no records to evaluate; give at least one")
-    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("batch_size", batch_size)
     if delta is not None and edit:
         raise ConfigError("give either a delta or edit=True, not both")
     config = (edit if isinstance(edit, EditConfig) else EditConfig()) if edit else None
