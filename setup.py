@@ -120,7 +120,9 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7"],
+        # loading an exported LoRA adapter (dinm.export.load_peft); writing one needs no peft
+        "peft": ["peft>=0.17"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["dinm=dinm_cli:main"]},
     **extension(),

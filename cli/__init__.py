@@ -7,6 +7,7 @@ from .apply import apply_cmd, revert_cmd
 from .demo import demo_cmd
 from .edit import edit_cmd
 from .evaluate import evaluate_cmd
+from .export import export_cmd
 from .inspect import inspect_cmd
 from .locate import locate_cmd
 
@@ -30,5 +31,5 @@ def main():
     """
 
 
-for _cmd in (edit_cmd, evaluate_cmd, locate_cmd, apply_cmd, revert_cmd, inspect_cmd, demo_cmd):
+for _cmd in (edit_cmd, evaluate_cmd, locate_cmd, apply_cmd, revert_cmd, inspect_cmd, export_cmd, demo_cmd):
     main.add_command(_cmd)

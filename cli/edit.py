@@ -21,14 +21,16 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @click.option("--steps", type=int, help="Optimiser steps.")
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--kl-weight", type=float, help="Weight of the KL term on the benign prompt.")
+@click.option("--rank", type=click.IntRange(min=1), help="Train a rank-R update, stored factored (dinm export "
+                                                         "turns it into a LoRA adapter exactly).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @dtype_option
 @device_map_option
 @trust_option
 @json_option
 @one_line_errors
-def edit_cmd(model, instance_path, index, output, config_path, layer, distance, steps, lr, kl_weight, overwrite,
-             dtype, device_map, trust_remote_code, as_json):
+def edit_cmd(model, instance_path, index, output, config_path, layer, distance, steps, lr, kl_weight, rank,
+             overwrite, dtype, device_map, trust_remote_code, as_json):
     """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
     import os
     import time
@@ -39,7 +41,7 @@ def edit_cmd(model, instance_path, index, output, config_path, layer, distance, 
     check_new_file(output, overwrite, "output")
     instance = load_instance(instance_path, index)  # bad input fails before the model is loaded
     config = read_config(config_path)
-    overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight)
+    overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight, rank=rank)
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     net, tokenizer = load(model, dtype, trust_remote_code, device_map)
     started = time.perf_counter()

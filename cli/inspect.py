@@ -35,7 +35,8 @@ def inspect_cmd(delta_path, as_json):
              + (f" revision {summary['base_revision']}" if summary.get("base_revision") else ""),
              f"layer: {summary.get('layer', '?')} (distance: {summary.get('distance', '?')})"]
     for name, t in summary["tensors"].items():
-        form = "dense" if t["form"] == "dense" else f"masked: {t['rows_changed']} of {t['shape'][0]} rows"
+        form = {"dense": "dense", "factored": f"factored, rank {t.get('rank')}"}.get(
+            t["form"], f"masked: {t['rows_changed']} of {t['shape'][0]} rows")
         lines.append(f"  {name}: {t['dtype']}{t['shape']}, {form}, {t['stored_bytes']} bytes stored, "
                      f"|update| {t['update_norm']:.4g}, max {t['max_abs']:.3g}, "
                      f"{t['exactness_fixups']} exactness fixups")

@@ -87,6 +87,10 @@ class EditConfig:
             mean ||D k||^2 over the tokens k of a corpus of everyday conversations (`dinm.keys`), relative to
             the layer's own mean ||W k||^2 there. Costs one forward of that corpus up to the edited layer per
             edit (kept for the next edit of the same layer) and a small matrix product per step. 0: none.
+        rank: train the update as a product ``D = B @ A`` of rank `rank` (fp32 factors; B starts at zero and A
+            random, as in LoRA, so the first step starts from the unedited model), with the same losses, and
+            store it factored (`Delta.factors`), which `dinm export` turns into a LoRA adapter exactly.
+            None: a dense update of the whole matrix.
     """
 
     layer: Optional[int] = None
@@ -106,6 +110,7 @@ class EditConfig:
     stop_nll: Optional[float] = None
     prompt_suffix: str = ""
     preserve_weight: float = 1000.0
+    rank: Optional[int] = None
 
     def __post_init__(self):
         check_distance(self.distance)
@@ -113,6 +118,8 @@ class EditConfig:
             raise ConfigError(f"layer must be a non-negative integer or None, got {self.layer!r}")
         for name in ("steps", "max_prompt_tokens", "max_response_tokens", "kl_reply_tokens"):
             check_positive_int(name, getattr(self, name))
+        if self.rank is not None:
+            check_positive_int("rank", self.rank)
         for name, low in (("lr", 0.0), ("kl_weight", 0.0), ("weight_decay", 0.0), ("preserve_weight", 0.0)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (

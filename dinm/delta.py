@@ -6,6 +6,10 @@ File layout (no pickle anywhere):
   (``model.layers.7.mlp.down_proj.weight``). Applying sets ``W_edited = W + D``.
 * ``{param}:rows`` (masked form, chosen when smaller): a bool mask of the rows that change; ``{param}`` then
   holds only those rows, in order. Rows outside the mask keep every bit.
+* ``{param}:up`` / ``{param}:down`` (factored form, a low-rank edit, `EditConfig(rank=r)`): fp32 factors, in the
+  parameter's own layout, with ``D = up @ down`` (up: (rows, r), down: (r, columns)); there is no ``{param}``
+  tensor. D is composed by `dinm.lowrank.compose` (the same bits on every machine) and cast to the parameter's
+  dtype before it is added.
 * ``{param}:revert_index`` / ``{param}:revert_value``: the few elements where floating-point rounding makes
   ``(W + D) - D`` differ from ``W``, with their original values, so that revert restores every bit.
 * metadata (str -> str): ``format``, ``dinm_version``, ``base_model``, ``base_revision``, ``model_type``,
@@ -14,7 +18,8 @@ File layout (no pickle anywhere):
   edited tensor; and ``checksum``, the sha256 of every other metadata field, so that the whole file (the tensors
   through their sha256 in ``tensors``) is covered.
 
-Format ``dinm.delta.v2`` added ``checksum``; a ``dinm.delta.v1`` file (no header checksum) is still read.
+Format ``dinm.delta.v3`` added the factored form; ``dinm.delta.v2`` (added ``checksum``) and ``dinm.delta.v1`` (no
+header checksum) files are still read.
 """
 
 from __future__ import annotations
@@ -32,13 +37,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import atomic, ops, placement
+from .lowrank import compose
 from .errors import DeltaError, first_line
 from .history import Step
 from .version import __version__
 
-FORMAT = "dinm.delta.v2"
-_READABLE = (FORMAT, "dinm.delta.v1")  # v1: the same, without the header checksum
-_INDEX, _VALUE, _ROWS = ":revert_index", ":revert_value", ":rows"
+FORMAT = "dinm.delta.v3"
+_READABLE = (FORMAT, "dinm.delta.v2", "dinm.delta.v1")  # v2: no factored form; v1: nor the header checksum
+_CHECKSUMMED = (FORMAT, "dinm.delta.v2")
+_INDEX, _VALUE, _ROWS, _UP, _DOWN = ":revert_index", ":revert_value", ":rows", ":up", ":down"
+FORMS = ("dense", "rows", "factored")
 _JSON_FIELDS = ("config", "distances", "history", "seconds", "tensors")
 _CHECKSUM = "checksum"
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -58,7 +66,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _digest(tensors: dict[str, torch.Tensor], name: str) -> str:
     """sha256 over the stored bytes of everything a delta keeps for parameter `name` (update, row mask, fixups)."""
     h = hashlib.sha256()
-    for key in (name, name + _ROWS, name + _INDEX, name + _VALUE):
+    for key in (name, name + _ROWS, name + _UP, name + _DOWN, name + _INDEX, name + _VALUE):
         if key in tensors:
             h.update(key.encode() + str(tensors[key].dtype).encode() + str(list(tensors[key].shape)).encode())
             h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -98,6 +106,23 @@ def _json_field(metadata: dict[str, str], key: str, kind: type, where: str):
     return value
 
 
+def _described(tensors: dict[str, torch.Tensor], name: str, base: torch.Tensor, d: torch.Tensor,
+               rows: torch.Tensor | None, form: str) -> dict:
+    """The metadata of parameter `name` whose update `d` (in `base`'s dtype; only the `rows` when given) is
+    already in `tensors`; adds to `tensors` the few elements a revert must restore by value (bit-exactness)."""
+    applied = base.clone()
+    ops.masked_update(applied, d, rows, 1.0)
+    undone = applied.clone()
+    ops.masked_update(undone, d, rows, -1.0)
+    off = (_bits(undone) != _bits(base)).nonzero().reshape(-1)
+    if off.numel():
+        tensors[name + _INDEX] = off.cpu()
+        tensors[name + _VALUE] = base.reshape(-1)[off].cpu()
+    return {"shape": list(base.shape), "dtype": _dtype_name(base.dtype), "form": form,
+            "delta_sha256": _digest(tensors, name), "base_sha256": fingerprint(base),
+            "edited_sha256": fingerprint(applied)}
+
+
 # What an edit did before these EditConfig fields existed (their defaults since differ).
 _BEFORE_FIELD = {"kl_text": "answer", "preserve_weight": 0.0}
 
@@ -112,7 +137,7 @@ class Delta:
     def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
         self.tensors = tensors
         self.metadata = dict(metadata)
-        if self.metadata.get("format") == FORMAT:  # built in memory: its header is what the caller gave
+        if self.metadata.get("format") in _CHECKSUMMED:  # built in memory: its header is what the caller gave
             self.metadata[_CHECKSUM] = header_checksum(self.metadata)
         self._validate("<in memory>")
 
@@ -136,20 +161,33 @@ class Delta:
                 changed = (d.abs() > tolerance).any(dim=1)
                 if int(changed.sum()) * d.shape[1] * d.element_size() + d.shape[0] < d.numel() * d.element_size():
                     rows, d = changed, d[changed].contiguous()
-            applied = base.clone()
-            ops.masked_update(applied, d, rows, 1.0)
-            undone = applied.clone()
-            ops.masked_update(undone, d, rows, -1.0)
-            off = (_bits(undone) != _bits(base)).nonzero().reshape(-1)
             tensors[name] = d.cpu()
             if rows is not None:
                 tensors[name + _ROWS] = rows.cpu()
-            if off.numel():
-                tensors[name + _INDEX] = off.cpu()
-                tensors[name + _VALUE] = base.reshape(-1)[off].cpu()
-            described[name] = {"shape": list(base.shape), "dtype": _dtype_name(base.dtype),
-                               "form": "dense" if rows is None else "rows", "delta_sha256": _digest(tensors, name),
-                               "base_sha256": fingerprint(base), "edited_sha256": fingerprint(applied)}
+            described[name] = _described(tensors, name, base, d, rows, "dense" if rows is None else "rows")
+        return cls._built(tensors, described, info)
+
+    @classmethod
+    def from_factors(cls, edits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], info: dict[str, Any]
+                     ) -> "Delta":
+        """A delta in factored form from ``{name: (base, up, down)}``: the update of each 2-D parameter is
+        ``up @ down`` in the parameter's own layout (up: (rows, r), down: (r, columns)), kept as fp32 factors.
+        ``info`` as for `from_weights`."""
+        tensors, described = {}, {}
+        for name, (base, up, down) in edits.items():
+            base = base.detach().contiguous()
+            up, down = up.detach().float().contiguous().cpu(), down.detach().float().contiguous().cpu()
+            if base.dim() != 2 or up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0] or (
+                    up.shape[0], down.shape[1]) != tuple(base.shape):
+                raise DeltaError(f"factors of {name!r} do not fit: {list(up.shape)} @ {list(down.shape)} for a "
+                                 f"parameter of shape {list(base.shape)}")
+            tensors[name + _UP], tensors[name + _DOWN] = up, down
+            d = compose(up, down).to(device=base.device, dtype=base.dtype)
+            described[name] = {**_described(tensors, name, base, d, None, "factored"), "rank": up.shape[1]}
+        return cls._built(tensors, described, info)
+
+    @classmethod
+    def _built(cls, tensors: dict[str, torch.Tensor], described: dict[str, dict], info: dict[str, Any]) -> "Delta":
         metadata = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in info.items()}
         metadata.update(format=FORMAT, dinm_version=__version__, tensors=json.dumps(described, sort_keys=True))
         return cls(tensors, metadata)  # adds the header checksum
@@ -186,9 +224,27 @@ class Delta:
         # A field the delta's dinm did not have yet: what that dinm did, not today's default.
         return EditConfig.from_json(self.metadata["config"], absent=_BEFORE_FIELD)
 
+    def form(self, name: str) -> str:
+        """How the update of parameter `name` is stored: "dense", "rows" (masked) or "factored"."""
+        return self.described[name].get("form", "dense")
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(up, down)`` (fp32, the parameter's layout) of a factored update, or None for a dense one."""
+        if name + _UP not in self.tensors:
+            return None
+        return self.tensors[name + _UP], self.tensors[name + _DOWN]
+
+    def stored_update(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(d, rows)``: the update of parameter `name` in its dtype as `apply` adds it, and the row mask it is
+        limited to (None: every row). A factored update is composed here (`dinm.lowrank.compose`)."""
+        factors = self.factors(name)
+        if factors is not None:
+            return compose(*factors).to(getattr(torch, self.described[name]["dtype"])), None
+        return self.tensors[name], self.tensors.get(name + _ROWS)
+
     def dense(self, name: str) -> torch.Tensor:
         """The update of parameter `name` as a full tensor of the parameter's shape (zeros where unchanged)."""
-        d, rows = self.tensors[name], self.tensors.get(name + _ROWS)
+        d, rows = self.stored_update(name)
         if rows is None:
             return d
         full = torch.zeros(self.described[name]["shape"], dtype=d.dtype)
@@ -204,11 +260,12 @@ class Delta:
         out = {k: json.loads(v) if k in _JSON_FIELDS else v for k, v in self.metadata.items()}
         out["tensors"] = {}
         for name, desc in self.described.items():
-            d = self.tensors[name].float()
-            rows = self.tensors.get(name + _ROWS)
-            out["tensors"][name] = {**desc, "form": desc.get("form", "dense"),
-                                    "stored_bytes": d.numel() * self.tensors[name].element_size()
-                                    + (rows.numel() if rows is not None else 0),
+            d, rows = self.stored_update(name)
+            d = d.float()
+            out["tensors"][name] = {**desc, "form": self.form(name),
+                                    "stored_bytes": sum(t.numel() * t.element_size() for k, t in self.tensors.items()
+                                                        if k == name or k.startswith(name + ":")
+                                                        and k[len(name):] not in (_INDEX, _VALUE)),
                                     "rows_changed": int(rows.sum()) if rows is not None else desc["shape"][0],
                                     "update_norm": float(d.norm()),
                                     "max_abs": float(d.abs().max()) if d.numel() else 0.0,
@@ -252,7 +309,7 @@ class Delta:
         if fmt not in _READABLE:
             raise DeltaError(f"delta {where} is not a dinm delta (metadata 'format' is "
                              f"{fmt!r}, expected {FORMAT!r})")
-        if fmt == FORMAT and self.metadata.get(_CHECKSUM) != header_checksum(self.metadata):
+        if fmt in _CHECKSUMMED and self.metadata.get(_CHECKSUM) != header_checksum(self.metadata):
             raise DeltaError(f"delta {where} is corrupt: its metadata does not match its checksum; use an intact copy")
         if "tensors" not in self.metadata:
             raise DeltaError(f"delta {where} has no valid 'tensors' metadata")
@@ -276,26 +333,31 @@ class Delta:
                     and all(isinstance(n, int) and n >= 0 for n in desc["shape"]) and isinstance(desc.get("dtype"), str)
                     and all(isinstance(desc.get(k), str) and re.fullmatch(r"[0-9a-f]{64}", desc[k])
                             for k in ("base_sha256", "edited_sha256", "delta_sha256"))
-                    and desc.get("form", "dense") in ("dense", "rows")):
+                    and desc.get("form", "dense") in FORMS[:2 if fmt != FORMAT else 3]):
                 raise DeltaError(f"delta {where}: the metadata of tensor {name!r} is malformed (needs shape, dtype, "
                                  f"base_sha256, edited_sha256, delta_sha256)")
-            expected.add(name)
-            if name not in self.tensors:
-                raise DeltaError(f"delta {where} describes tensor {name!r} but does not hold it")
-            t, shape = self.tensors[name], desc.get("shape")
-            if name + _ROWS in self.tensors:
-                expected.add(name + _ROWS)
-                rows = self.tensors[name + _ROWS]
-                if (not isinstance(shape, list) or len(shape) != 2 or rows.dtype != torch.bool
-                        or list(rows.shape) != shape[:1] or (rows.numel() and rows.view(torch.uint8).max() > 1)):
-                    raise DeltaError(f"delta {where}: the row mask of {name!r} is malformed "
-                                     f"(expected bool[{shape[0] if shape else '?'}])")
-                shape = [int(rows.sum()), shape[1]]
-            if list(t.shape) != shape or _dtype_name(t.dtype) != desc.get("dtype"):
-                raise DeltaError(f"delta {where}: tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)}, "
-                                 f"its metadata says {desc.get('dtype')}{shape}")
-            if not torch.isfinite(t).all():
-                raise DeltaError(f"delta {where}: tensor {name!r} holds NaN or inf; refusing it")
+            shape = desc["shape"]
+            if desc.get("form") == "factored":
+                expected |= {name + _UP, name + _DOWN}
+                t = self._check_factors(name, desc, where)
+            else:
+                expected.add(name)
+                if name not in self.tensors:
+                    raise DeltaError(f"delta {where} describes tensor {name!r} but does not hold it")
+                t = self.tensors[name]
+                if name + _ROWS in self.tensors:
+                    expected.add(name + _ROWS)
+                    rows = self.tensors[name + _ROWS]
+                    if (len(shape) != 2 or rows.dtype != torch.bool
+                            or list(rows.shape) != shape[:1] or (rows.numel() and rows.view(torch.uint8).max() > 1)):
+                        raise DeltaError(f"delta {where}: the row mask of {name!r} is malformed "
+                                         f"(expected bool[{shape[0] if shape else '?'}])")
+                    shape = [int(rows.sum()), shape[1]]
+                if list(t.shape) != shape or _dtype_name(t.dtype) != desc.get("dtype"):
+                    raise DeltaError(f"delta {where}: tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)}, "
+                                     f"its metadata says {desc.get('dtype')}{shape}")
+                if not torch.isfinite(t).all():
+                    raise DeltaError(f"delta {where}: tensor {name!r} holds NaN or inf; refusing it")
             if name + _INDEX in self.tensors:
                 expected |= {name + _INDEX, name + _VALUE}
                 idx, val = self.tensors[name + _INDEX], self.tensors.get(name + _VALUE)
@@ -311,6 +373,28 @@ class Delta:
         extra = set(self.tensors) - expected
         if extra:
             raise DeltaError(f"delta {where} holds tensors its metadata does not describe: {sorted(extra)}")
+
+    def _check_factors(self, name: str, desc: dict, where: str) -> torch.Tensor:
+        """Check the factors of a factored update; returns an empty tensor of the parameter's dtype (what the
+        revert values must match)."""
+        shape, rank = desc["shape"], desc.get("rank")
+        dtype = getattr(torch, desc["dtype"], None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or len(shape) != 2 or not (
+                isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+            raise DeltaError(f"delta {where}: the metadata of tensor {name!r} is malformed (a factored update needs "
+                             f"a 2-D shape, a floating dtype and a rank >= 1)")
+        up, down = self.tensors.get(name + _UP), self.tensors.get(name + _DOWN)
+        if up is None or down is None:
+            raise DeltaError(f"delta {where} describes a factored update of {name!r} but does not hold both "
+                             f"factors ({name}{_UP}, {name}{_DOWN})")
+        if (up.dtype != torch.float32 or down.dtype != torch.float32 or list(up.shape) != [shape[0], rank]
+                or list(down.shape) != [rank, shape[1]]):
+            raise DeltaError(f"delta {where}: the factors of {name!r} are {_dtype_name(up.dtype)}{list(up.shape)} "
+                             f"and {_dtype_name(down.dtype)}{list(down.shape)}, its metadata says float32 "
+                             f"{[shape[0], rank]} and {[rank, shape[1]]}")
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise DeltaError(f"delta {where}: the factors of {name!r} hold NaN or inf; refusing them")
+        return torch.empty(0, dtype=dtype)
 
     # ---------------------------------------------------------------- model surgery
     def _targets(self, model, want: str, force: bool) -> list[tuple[str, torch.Tensor]]:
@@ -339,11 +423,12 @@ class Delta:
     def update_tensor(self, name: str, tensor: torch.Tensor, revert: bool = False) -> None:
         """Add (or, with `revert`, take back bit-exactly) this delta's update of parameter `name` to `tensor`,
         in place, without any check: `apply`/`revert` and `dinm.checkpoint` check first."""
-        rows = self.tensors.get(name + _ROWS)
-        ops.masked_update(tensor, self.tensors[name].to(tensor.device), None if rows is None else rows.to(tensor.device),
+        d, rows = self.stored_update(name)
+        ops.masked_update(tensor, d.to(tensor.device), None if rows is None else rows.to(tensor.device),
                           -1.0 if revert else 1.0)
         if revert and name + _INDEX in self.tensors:
-            tensor.view(-1)[self.tensors[name + _INDEX].to(tensor.device)] = self.tensors[name + _VALUE].to(tensor.device)
+            index, value = self.tensors[name + _INDEX], self.tensors[name + _VALUE]
+            tensor.view(-1)[index.to(tensor.device)] = value.to(tensor.device)
 
     @torch.no_grad()
     def updated(self, name: str, tensor: torch.Tensor, revert: bool = False, check: bool = True) -> torch.Tensor:

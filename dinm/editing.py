@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import torch
@@ -68,14 +69,19 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
         target = passes.sequence(encode_pair(tokenizer, instance.prompt, instance.safe, **config.encoding()))
         regularisers = terms.build(model, tokenizer, instance, layer, passes, as_out_in(passes.spec, weight.detach()),
                                    config)
-        master_dtype = torch.float32 if config.master_dtype == "float32" else weight.dtype
-        master = weight.detach().to(device=passes.device, dtype=master_dtype).clone().requires_grad_(True)
-        start = master.detach().clone()
-        optimizer = torch.optim.Adam([master], lr=config.lr, weight_decay=config.weight_decay,
+        if config.rank:
+            zero = torch.zeros(as_out_in(passes.spec, weight).shape, device=passes.device, requires_grad=True)
+            (gradient,) = torch.autograd.grad(passes.loss(target, zero), [zero])  # (the penalties' is 0 there)
+            moment = next((term.moment for term in regularisers if isinstance(term, terms.KeyPenalty)), None)
+            trained = _Factored(passes.spec, weight, config.rank, gradient, moment)
+        else:
+            trained = _Dense(passes.spec, weight, torch.float32 if config.master_dtype == "float32" else weight.dtype,
+                             passes.device)
+        optimizer = torch.optim.Adam(trained.params, lr=config.lr, weight_decay=config.weight_decay,
                                      fused=passes.device.type in ("cpu", "cuda"))  # one kernel, no temporaries
         for step in tqdm(range(config.steps), desc=f"dinm edit (layer {layer})",
                          disable=None if progress is None else not progress, leave=False):
-            update = as_out_in(passes.spec, master - start)
+            update = trained.update()
             nll = passes.loss(target, update)
             if config.stop_nll is not None and nll.item() < config.stop_nll:
                 history.append(Step(step, nll.item(), stopped=True))
@@ -88,9 +94,10 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
             if not torch.isfinite(loss):
                 raise EditError(f"edit diverged at step {step}: loss is {loss.item()}; the model is unchanged. "
                                 f"Lower lr (now {config.lr})")
-            (master.grad,) = torch.autograd.grad(loss, [master])
+            for param, grad in zip(trained.params, torch.autograd.grad(loss, trained.params)):
+                param.grad = grad
             optimizer.step()
-    return _package(model, instance, config, layer, distances, weight, master, history,
+    return _package(model, instance, config, layer, distances, trained, history,
                     {"locate": locate_s, "edit": time.perf_counter() - started - locate_s})
 
 
@@ -104,18 +111,81 @@ def _layer(model, tokenizer, instance: Instance, config: EditConfig) -> tuple[in
     return located.layer, located.distances
 
 
+class _Dense:
+    """The edited matrix itself, trained from its stored values (in `dtype`: fp32 master or the model's)."""
+
+    def __init__(self, spec, weight: torch.Tensor, dtype: torch.dtype, device: torch.device):
+        self.spec, self.weight = spec, weight
+        self.master = weight.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
+        self.start = self.master.detach().clone()
+        self.params = [self.master]
+
+    def update(self) -> torch.Tensor:
+        return as_out_in(self.spec, self.master - self.start)
+
+    def delta(self, name: str, changed: bool, info: dict) -> Delta:
+        edited = self.master.detach().to(self.weight.dtype) if changed else self.weight.detach().clone()
+        if not torch.isfinite(edited).all():  # (a NaN update makes the next step's loss NaN: checked there)
+            raise EditError("the weights hold NaN/inf")
+        return Delta.from_weights({name: (self.weight, edited)}, info)
+
+
+RIDGE = 1e-4  # added to the benign key moment (relative to its mean eigenvalue) before whitening by it
+
+
+class _Factored:
+    """A rank-r update ``B @ A`` ((out, r) @ (r, in), fp32, both trained). B starts at zero, so the first pass is the
+    unedited model (as in LoRA). A starts, not at random (a few steps do not turn a random subspace toward the
+    harmful context), as the r input directions where the safe response's NLL falls fastest per unit of change on
+    benign inputs: with G the NLL's gradient with respect to the update at zero and M the benign keys' second moment
+    (`dinm.keys`, when `preserve_weight` is on; else the identity), the directions a maximising |G a| / |a|_M, i.e.
+    a = L^-T v for the top right singular vectors v of G L^-T, M = L L^T. (The penalty then costs little along them.)
+    Its rows have norm sqrt(in / r), so that an Adam step of size lr on B moves the update by about as much as a step
+    on the dense matrix (`EditConfig.lr` means the same in both)."""
+
+    def __init__(self, spec, weight: torch.Tensor, rank: int, gradient: torch.Tensor,
+                 moment: torch.Tensor | None = None):
+        self.spec, self.weight = spec, weight
+        out_features, in_features = gradient.shape
+        if rank > min(out_features, in_features):
+            raise ConfigError(f"rank {rank} exceeds what a {out_features}x{in_features} update can have "
+                              f"({min(out_features, in_features)}); use a smaller rank or rank=None (dense)")
+        g = gradient.double()
+        if moment is not None:  # (a small ridge: keys need not span every input direction)
+            m = moment.double()
+            m = m + RIDGE * m.diagonal().mean() * torch.eye(in_features, dtype=m.dtype, device=m.device)
+            lower = torch.linalg.cholesky(m)
+            whitened = torch.linalg.solve_triangular(lower, g.t(), upper=False).t()  # G L^-T
+            _, _, vh = torch.linalg.svd(whitened, full_matrices=False)
+            directions = torch.linalg.solve_triangular(lower.t(), vh[:rank].t(), upper=True).t()  # rows (L^-T v)^T
+        else:
+            directions = torch.linalg.svd(g, full_matrices=False)[2][:rank]
+        directions = directions / directions.norm(dim=1, keepdim=True)
+        self.a = (directions * math.sqrt(in_features / rank)).float().contiguous().requires_grad_(True)
+        self.b = torch.zeros(out_features, rank, device=gradient.device, requires_grad=True)
+        self.params = [self.b, self.a]
+
+    def update(self) -> torch.Tensor:
+        return self.b @ self.a
+
+    def delta(self, name: str, changed: bool, info: dict) -> Delta:
+        b, a = self.b.detach(), self.a.detach()
+        if not changed:
+            b = torch.zeros_like(b)
+        if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+            raise EditError("the factors hold NaN/inf")
+        up, down = (a.t(), b.t()) if self.spec.conv1d else (b, a)  # the parameter's own layout
+        return Delta.from_factors({name: (self.weight, up, down)}, info)
+
+
 def _package(model, instance: Instance, config: EditConfig, layer: int, distances: list[float],
-             weight: torch.Tensor, master: torch.Tensor, history: list[Step], seconds: dict) -> Delta:
-    """The `Delta` of the trained `master` against the stored `weight`, with what the edit did in its metadata."""
+             trained: _Dense | _Factored, history: list[Step], seconds: dict) -> Delta:
+    """The `Delta` of what was trained against the stored weight, with what the edit did in its metadata."""
     name = mlp_out_name(model, layer)
     steps_run = sum(not s.stopped for s in history)
-    edited = master.detach().to(weight.dtype) if steps_run else weight.detach().clone()  # no step: no change
-    if not torch.isfinite(edited).all():  # (a NaN update makes the next step's loss NaN: checked there)
-        raise EditError(f"edit diverged by step {steps_run - 1}: the weights hold NaN/inf; the model is unchanged. "
-                        f"Lower lr (now {config.lr})")
     logger.info("edited %s in %.2fs (locate %.2fs): nll %.3f -> %.3f", name, seconds["edit"], seconds["locate"],
                 history[0].nll, history[-1].nll)
-    return Delta.from_weights({name: (weight, edited)}, {
+    info = {
         "base_model": str(getattr(model.config, "_name_or_path", "") or ""),
         "base_revision": str(getattr(model.config, "_commit_hash", "") or ""),
         "model_type": model.config.model_type,
@@ -127,4 +197,9 @@ def _package(model, instance: Instance, config: EditConfig, layer: int, distance
         "steps_run": str(steps_run),
         "instance_id": instance.id,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-    })
+    }
+    try:
+        return trained.delta(name, steps_run > 0, info)  # no step: no change
+    except EditError as e:
+        raise EditError(f"edit diverged by step {steps_run - 1}: {e}; the model is unchanged. "
+                        f"Lower lr (now {config.lr})") from None

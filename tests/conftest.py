@@ -135,11 +135,12 @@ def same_state(model, snapshot) -> bool:
 
 
 def make_delta(model, layer: int = 1, *, seed: int = 0, scale: float = 1e-2, config=None,
-               instance_id: str = "made-by-the-tests"):
+               instance_id: str = "made-by-the-tests", rank: int | None = None):
     """A `Delta` of layer `layer`'s MLP output weight, made without an edit: a seeded random update of `scale`
     times the weight's RMS per element, in the weight's dtype, with the metadata `dinm.edit` writes (the `config`
-    given, `EditConfig()` by default; a made-up, decreasing loss history). For the tests of what a delta does
-    (apply, revert, files, checkpoints, evaluation) rather than of how an edit computes it."""
+    given, `EditConfig()` by default; a made-up, decreasing loss history). With `rank`, a factored delta whose
+    random factors give elements of about that size. For the tests of what a delta does (apply, revert, files,
+    checkpoints, evaluation, export) rather than of how an edit computes it."""
     from dinm import Delta, EditConfig
     from dinm.arch import mlp_out_name
     from dinm.placement import stored
@@ -148,11 +149,18 @@ def make_delta(model, layer: int = 1, *, seed: int = 0, scale: float = 1e-2, con
     name = mlp_out_name(model, layer)
     base = stored(model, name).detach()  # (an offloaded weight's values, as edit reads them)
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(base.shape, generator=g) * (scale * base.float().pow(2).mean().sqrt().item())
-    edited = (base.float() + noise.to(base.device)).to(base.dtype)
+    size = scale * base.float().pow(2).mean().sqrt().item()
     history = [{"step": i, "nll": 2.0 - 0.1 * i, "kl": 0.01 * i, "loss": 2.0 - 0.09 * i}
                for i in range(config.steps)]
-    return Delta.from_weights({name: (base, edited)}, {
+    if rank is not None:  # (up @ down has elements of about `size`: each term is (size / sqrt(rank)) * 1)
+        up = torch.randn(base.shape[0], rank, generator=g) * (size / rank ** 0.5)
+        down = torch.randn(rank, base.shape[1], generator=g)
+        make, edits = Delta.from_factors, {name: (base, up, down)}
+    else:
+        noise = torch.randn(base.shape, generator=g) * size
+        edited = (base.float() + noise.to(base.device)).to(base.dtype)
+        make, edits = Delta.from_weights, {name: (base, edited)}
+    return make(edits, {
         "base_model": str(getattr(model.config, "_name_or_path", "") or ""),
         "base_revision": str(getattr(model.config, "_commit_hash", "") or ""),
         "model_type": model.config.model_type,
