@@ -47,9 +47,10 @@ def measure(model, tokenizer, inst, delta, before, benign, gen) -> dict:
         listed = generate(model, tokenizer, prompts, batch_size=len(prompts), **gen)
     record_after = report["records"][0]["after"]
     fixups = sum(t.numel() * t.element_size() for k, t in delta.tensors.items() if k.endswith(REVERT))
+    count = sum(t.numel() for k, t in delta.tensors.items() if k.endswith(REVERT[0]))
     metrics = {k: after[k]["mean"] for k in METRICS if k in after}
     metrics["benign_list_unchanged"] = sum(a == b for a, b in zip(listed, unedited)) / len(listed)
-    return {"metrics": metrics, "bytes": delta.nbytes - fixups, "fixup_bytes": fixups,
+    return {"metrics": metrics, "bytes": delta.nbytes - fixups, "fixup_bytes": fixups, "fixups": count,
             "replies": [record_after[n]["reply"] for n in SAFETY_INPUTS if n in record_after]
             + [record_after["benign"]["reply"]] + listed}
 
@@ -129,7 +130,7 @@ def table(results: list[dict], ranks, trained) -> str:
     rows += [(f"trained at rank {k}", [r["trained"][str(k)] for r in results], "distance_to_dense") for k in trained]
     cols = ["DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ", "benign_unchanged", "benign_list_unchanged"]
     head = ["| delta | " + " | ".join(cols) + " | replies as dense | rel. Frobenius distance to dense | update bytes "
-            "| + revert fixups | edit s |",
+            "| revert fixups (elements) | edit s |",
             "|---|" + "---|" * (len(cols) + 5)]
     lines = []
     for label, entries, err in rows:
@@ -138,7 +139,8 @@ def table(results: list[dict], ranks, trained) -> str:
         cells.append(cell([same_as(e["replies"], d) for e, d in zip(entries, dense_replies)]))
         cells.append(cell([e[err] for e in entries], percent=False) if err else "0")
         cells.append(f"{sum(e['bytes'] for e in entries) / len(entries):,.0f}")
-        cells.append(f"{sum(e['fixup_bytes'] for e in entries) / len(entries):,.0f}")
+        # (results measured while positions were int64: 8 + 4 bytes per fixup of this fp32 model)
+        cells.append(f"{sum(e.get('fixups', e['fixup_bytes'] / 12) for e in entries) / len(entries):,.0f}")
         cells.append(f"{sum(e['seconds'] for e in entries) / len(entries):.1f}" if "seconds" in entries[0] else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(head + lines)

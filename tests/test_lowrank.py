@@ -155,10 +155,12 @@ def test_a_damaged_factor_is_refused_even_when_every_checksum_is_recomputed(llam
         loaded.apply(model)
     assert same_state(model, before)
     delta.save(path)
-    with open(path, "r+b") as f:  # a flipped byte in the stored factors, checksums left alone
-        f.seek(-9, os.SEEK_END)
+    with open(path, "r+b") as f:  # a flipped byte in the stored factor `up`, checksums left alone
+        header_len = int.from_bytes(f.read(8), "little")
+        start, _ = json.loads(f.read(header_len))[name + ":up"]["data_offsets"]
+        f.seek(8 + header_len + start + 5)
         byte = f.read(1)
-        f.seek(-9, os.SEEK_END)
+        f.seek(8 + header_len + start + 5)
         f.write(bytes([byte[0] ^ 0x40]))
     with pytest.raises(DeltaError, match="corrupt"):
         Delta.load(path)
@@ -183,17 +185,24 @@ def test_malformed_factored_deltas_are_refused_naming_what_is_wrong(llama, tmp_p
 
 
 def test_older_formats_still_read_and_cannot_hold_factors(llama, tmp_path):
+    from dinm.delta import _digest
+
     model, _ = llama
     before = state(model)
     for old in ("dinm.delta.v2", "dinm.delta.v1"):
-        for delta in (make_delta(model), make_delta(model, rank=2)):
-            metadata = {**delta.metadata, "format": old}
+        for delta in (make_delta(model, scale=3.0), make_delta(model, rank=2, scale=3.0)):
+            name = delta.names[0]
+            tensors = {k: v.long() if k.endswith(":revert_index") else v for k, v in delta.tensors.items()}
+            assert name + ":revert_index" in tensors  # (a large update: some elements need one)
+            described = delta.described
+            described[name]["delta_sha256"] = _digest(tensors, name)  # as the older dinm wrote it: int64 positions
+            metadata = {**delta.metadata, "format": old, "tensors": json.dumps(described, sort_keys=True)}
             metadata.pop("checksum")
             if old == "dinm.delta.v2":
                 metadata["checksum"] = header_checksum(metadata)
             path = tmp_path / f"{old}.safetensors"
-            save_file(delta.tensors, str(path), metadata=metadata)
-            if delta.factors(delta.names[0]) is None:
+            save_file(tensors, str(path), metadata=metadata)
+            if delta.factors(name) is None:
                 loaded = Delta.load(path)
                 with loaded.applied(model):
                     pass
@@ -201,6 +210,15 @@ def test_older_formats_still_read_and_cannot_hold_factors(llama, tmp_path):
             else:
                 with pytest.raises(DeltaError, match="malformed"):
                     Delta.load(path)
+        # int32 positions are v3's: an older file holding them is refused
+        dense = make_delta(model, scale=3.0)
+        metadata = {k: v for k, v in dense.metadata.items() if k != "checksum"}
+        metadata["format"] = old
+        if old == "dinm.delta.v2":
+            metadata["checksum"] = header_checksum(metadata)
+        save_file(dense.tensors, str(path), metadata=metadata)
+        with pytest.raises(DeltaError, match="revert index"):
+            Delta.load(path)
 
 
 # ------------------------------------------------------------------------------------------------ EditConfig(rank=r)
