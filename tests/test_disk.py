@@ -99,13 +99,19 @@ def test_a_second_writer_waits_for_the_first_and_both_edits_land(ckpt, tmp_path,
     while not flag.exists() and a.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert flag.exists(), a.communicate()
-    b = _python(WRITER, tmp_path / f"d{second}.safetensors", ckpt, 120)
-    time.sleep(3)  # b has had the time to import dinm and reach the lock
-    assert b.poll() is None, b.communicate()  # b waits: a holds the lock between reading and committing
+    log = tmp_path / "b.stderr"
+    with open(log, "w") as err:
+        b = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / f"d{second}.safetensors"), str(ckpt), "120"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    # b says it waits once it has reached the lock (however long importing dinm takes on a loaded machine) ...
+    deadline = time.time() + 120
+    while "waiting for another process" not in log.read_text() and b.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert b.poll() is None, (b.communicate(), log.read_text())  # ... and still waits: a holds the lock
+    assert "waiting for another process" in log.read_text()
     release.touch()
     out_a, out_b = a.communicate(timeout=120), b.communicate(timeout=120)
-    assert a.returncode == 0 and b.returncode == 0, (out_a, out_b)
-    assert "waiting for another process" in out_b[1]
+    assert a.returncode == 0 and b.returncode == 0, (out_a, out_b, log.read_text())
     now = read(ckpt)
     for layer, d in deltas.items():
         expected = original[down(layer)] + d.tensors[down(layer)]
