@@ -87,10 +87,10 @@ class EditConfig:
             mean ||D k||^2 over the tokens k of a corpus of everyday conversations (`dinm.keys`), relative to
             the layer's own mean ||W k||^2 there. Costs one forward of that corpus up to the edited layer per
             edit (kept for the next edit of the same layer) and a small matrix product per step. 0: none.
-        rank: train the update as a product ``D = B @ A`` of rank `rank` (fp32 factors; B starts at zero and A
-            random, as in LoRA, so the first step starts from the unedited model), with the same losses, and
-            store it factored (`Delta.factors`), which `dinm export` turns into a LoRA adapter exactly.
-            None: a dense update of the whole matrix.
+        rank: train the update as a product ``D = B @ A`` of rank `rank` (fp32 factors; B starts at zero, as in
+            LoRA, and A at the input directions where the safe response's NLL falls fastest per unit of change on
+            benign inputs: `dinm.editing._Factored`), with the same losses, and store it factored (`Delta.factors`),
+            which `dinm export` turns into a LoRA adapter exactly. None: a dense update of the whole matrix.
     """
 
     layer: Optional[int] = None
