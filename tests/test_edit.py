@@ -103,14 +103,14 @@ def test_metadata_records_config_and_model(llama, instance):
     assert delta.metadata["instance_id"] == instance.id
 
 
-def _reduction_lengths(model, tok) -> int:
-    """Sum of the lengths of the reductions a tiny model's loss gradient goes through: the vocabulary (softmax,
-    the head's product back to the hidden state), and per layer the hidden and MLP widths and up to 200 positions
-    (attention) - about 400 + 3 * (32 + 128 + 200) < 1500 here."""
+def _reduction_lengths(model, tok, positions: int = 200) -> int:
+    """Sum of the lengths of the reductions a model's loss gradient goes through: the vocabulary (softmax,
+    the head's product back to the hidden state), and per layer the hidden and MLP widths and up to `positions`
+    positions (attention) - for a tiny model, about 400 + 3 * (32 + 128 + 200) < 1500."""
     c = model.config
     width = getattr(c, "hidden_size", None) or c.n_embd
     inner = getattr(c, "intermediate_size", None) or 4 * width
-    return len(tok) + c.num_hidden_layers * (width + inner + 200)
+    return len(tok) + c.num_hidden_layers * (width + inner + positions)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

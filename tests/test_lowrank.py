@@ -23,6 +23,7 @@ from dinm.lowrank import compose, rank_for_energy, truncate
 from dinm_cli import main
 
 from conftest import make_delta, same_state, state
+from test_edit import _reduction_lengths
 
 U = 2.0 ** -24  # fp32 unit roundoff
 
@@ -343,13 +344,6 @@ def _check_adapter(model, deltas, folder, ids, n_total):
         assert (diff <= 2 * bound).all()
 
 
-def _reductions(model, tok_len, positions=16):
-    c = model.config
-    width = getattr(c, "hidden_size", None) or c.n_embd
-    inner = getattr(c, "intermediate_size", None) or 4 * width
-    return tok_len + c.num_hidden_layers * (width + inner + positions)
-
-
 def test_factored_deltas_export_exactly_to_one_peft_adapter(tiny, tmp_path):
     model, tok = tiny
     before = state(model)
@@ -366,7 +360,8 @@ def test_factored_deltas_export_exactly_to_one_peft_adapter(tiny, tmp_path):
         assert f.get_tensor(keys[0]).shape[0] == 3 or f.get_tensor(keys[0]).shape[1] == 3  # padded to r = 3
     module = mlp_out_name(model, 0).rpartition(".")[0]
     assert f"base_model.model.{module}.lora_A.weight" in keys and len(keys) == 4
-    _check_adapter(model, deltas, folder, torch.tensor([[1, 5, 9, 20, 33, 7, 2]]), _reductions(model, len(tok)))
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2]])
+    _check_adapter(model, deltas, folder, ids, _reduction_lengths(model, tok, 16))
     assert same_state(model, before)
 
 
@@ -386,7 +381,8 @@ def test_a_dense_delta_exports_by_truncated_svd_with_its_error(llama, tmp_path):
     d = delta.dense(name).double()
     measured = ((d - truncated.dense(name).double()).norm() / d.norm()).item()
     assert measured == pytest.approx(error, abs=1e-5) and 0 < error < 1
-    _check_adapter(model, [truncated], tmp_path / "r4", torch.tensor([[3, 4, 5, 6]]), _reductions(model, len(tok)))
+    _check_adapter(model, [truncated], tmp_path / "r4", torch.tensor([[3, 4, 5, 6]]),
+                   _reduction_lengths(model, tok, 16))
     full = to_peft([delta], tmp_path / "all", energy=1.0)
     assert full[0].rank == 32 and full[0].error < 1e-6
 
@@ -406,7 +402,7 @@ def test_deltas_of_one_matrix_add_up_in_the_adapter(llama, tmp_path):
     adapted = load_peft(copy.deepcopy(model), tmp_path / "a")
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     want, got = both(ids).logits.double(), adapted(ids).logits.double()
-    assert ((got - want).norm() / want.norm()).item() <= 2 * _reductions(model, len(tok)) * U
+    assert ((got - want).norm() / want.norm()).item() <= 2 * _reduction_lengths(model, tok, 16) * U
 
 
 def test_export_refuses_what_it_cannot_write_and_writes_nothing(llama, tmp_path, tokenizer):
@@ -470,7 +466,8 @@ def test_embedded_model_adapter_matches_the_applied_delta(smol, tmp_path):
     written = to_peft([factored, dense], tmp_path / "adapter", rank=8)
     assert [w.exact for w in written] == [True, False] and written[1].error == pytest.approx(error)
     ids = tok("How do I kill a stuck process on Linux?", return_tensors="pt").input_ids
-    _check_adapter(model, [factored, truncated], tmp_path / "adapter", ids, _reductions(model, len(tok), ids.shape[1]))
+    _check_adapter(model, [factored, truncated], tmp_path / "adapter", ids,
+                   _reduction_lengths(model, tok, ids.shape[1]))
     assert same_state(model, before)
     assert math.isfinite(error)
 
