@@ -1,35 +1,45 @@
-"""dinm.edit against a faithful re-implementation of the paper's (EasyEdit) DINM loop, same process, same
-records, same CPU, on the embedded model.
+"""dinm.edit against the paper's code, side by side: same process, same records, same CPU, fp32 model, on the
+embedded model. Every figure is locate + edit, per record.
 
-    python benchmarks/bench_edit.py --data ../shared/safeedit/test_dev.json --limit 8
+    python benchmarks/bench_edit.py --limit 7 --reference-repo /path/to/EasyEdit
+    python benchmarks/bench_edit.py --limit 7           # no checkout: a re-implementation stands in for it
 
-(a) the paper's loop, computing what EasyEdit's `execute_dinm` computes (`paper_loop`): raw prompt (no chat
-    template), re-tokenised every step, a full fp32 forward + backward of the whole model every step with the NLL
-    taken from an fp32 copy of all logits, a second full no-grad forward of the benign text every step for its KL
-    term (softmax and log-softmaxes of the fp32 logits), Adam on the layer's weight in place. Locate: the bare
-    responses as one padded batch, all hidden states and logits, `torch.dist` per layer in a Python loop.
-(b) `dinm.edit` with `EditConfig.v0()` (the first default; the same steps, lr and single KL sequence as the
-    paper's loop): tokenised once, the frozen layers below the edited one run once and are replayed, logits only
-    where the loss reads them, the LM head fused with the loss (`dinm.losses.Head`), the unedited distribution of
-    the KL computed once.
-(c) the same with `compute_dtype="bfloat16"`: the passes in bf16 (autocast, bf16 copies of the matrices that run,
-    made once), master, loss and update in fp32 — on a CPU with AMX the matrix products are several times faster.
-(d) for information, `dinm.edit` with today's default `EditConfig()` (50 steps and more per step: not a ratio).
-All of (a)-(c) run 10 steps on the layer dinm locates, so the per-step cost is compared like for like; the
-"final NLL" column compares the final safe-response NLL of (b) and (c).
+(ref) With `--reference-repo PATH` (a checkout of https://github.com/zjunlp/EasyEdit; nothing of it is committed or
+    downloaded): EasyEdit's own `_locate_toxic_layer` and `execute_dinm`, unchanged, as `SafetyEditor.edit` times
+    them (`benchmarks/_reference.py`). Without it: `paper_locate` + `paper_loop` below, which compute what those
+    compute (re-tokenised every step, whole-model forward and backward, the KL text's second forward).
+(v0) `dinm.edit` with `EditConfig.v0()`: the paper's amount of work (10 steps, lr 5e-4, one KL sequence, the
+    instance's benign answer), dinm's locate and passes.
+(default) `dinm.edit` with `EditConfig()`, today's default, its benign-key statistic already computed by an
+    earlier edit at that layer ("warm": every edit after a machine's first at a layer).
+(cold) the first edit on a fresh machine: the default on the demo's instance (`data/example.json`, what `dinm demo`
+    edits) with an empty statistic cache, in a fresh process state (no statistic in memory either).
+The default's compute dtype is the library's choice for this device (`compute_dtype="auto"`: bf16 passes with an
+fp32 master where the CPU multiplies bf16 natively, fp32 elsewhere); v0 computes in the model's dtype (fp32), and
+the "v0 auto" column is v0 with the default's choice.
+`--profile` adds where one default edit's time goes (the phases the delta records, and torch's operator profile).
+
+Last line: `default_vs_reference: N.Nx  v0_vs_reference: N.Nx` (ratios of the mean seconds per edit).
 """
 
+import argparse
 import os
 import resource
+import shutil
 import statistics
+import tempfile
 import time
 
 import torch
 
 import dinm
+from dinm import keys
 from dinm.arch import mlp_out_name
+from dinm.text import encode_pair
 
-from _results import arguments, cpu_bf16_native, record
+from _results import record
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @torch.no_grad()
@@ -45,10 +55,10 @@ def paper_locate(model, tok, inst):
 def paper_loop(model, tok, inst, layer, steps=10, lr=5e-4, kl_factor=0.1):
     """EasyEdit-style DINM edit, computing what `execute_dinm` computes; returns the trained weight (the model is
     restored afterwards). Before the loop, one full forward of the benign prompt + answer with the edited weight
-    requiring grad (the unedited distribution of the KL, its graph kept alive, as there). Each step: the edit text re-tokenised; a full
-    forward; the NLL from an fp32 copy of all the logits, log-softmax over the response positions; a second full
-    forward of the benign text without gradient; the KL over the answer positions from softmax and two
-    log-softmaxes of the fp32 logits; `kl_factor * nll + kl` backward; Adam on the weight in place."""
+    requiring grad (the unedited distribution of the KL, its graph kept alive, as there). Each step: the edit text
+    re-tokenised; a full forward; the NLL from an fp32 copy of all the logits, log-softmax over the response
+    positions; a second full forward of the benign text without gradient; the KL over the answer positions from
+    softmax and two log-softmaxes of the fp32 logits; `kl_factor * nll + kl` backward; Adam on the weight in place."""
     weight = model.get_parameter(mlp_out_name(model, layer))
     original = weight.detach().clone()
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -88,63 +98,123 @@ def paper_loop(model, tok, inst, layer, steps=10, lr=5e-4, kl_factor=0.1):
             p.requires_grad_(flag)
 
 
-def main():
-    args = arguments(__doc__, limit=8)
-    os.environ["DINM_CACHE"] = "off"  # the default config's key statistic: computed here, not read from disk
+class Reimplementation:
+    """The stand-in for EasyEdit when no checkout is given: `paper_locate` + `paper_loop`."""
 
+    def edit(self, model, tok, inst):
+        layer = paper_locate(model, tok, inst)
+        return layer, paper_loop(model, tok, inst, layer)
+
+
+def timed(call):
+    start = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - start
+
+
+def cold_edit(model, tok, instance):
+    """The default edit with no key statistic anywhere (memory or disk): a fresh machine's first edit. The statistic
+    it computes stays in memory for the next edit (as in `dinm`'s own process), its file is removed."""
+    folder = tempfile.mkdtemp(prefix="dinm-bench-cold-")
+    saved, os.environ["DINM_CACHE"] = os.environ.get("DINM_CACHE"), folder
+    keys._CACHE.clear()
+    try:
+        return timed(lambda: dinm.edit(model, tok, instance, progress=False))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if saved is None:
+            del os.environ["DINM_CACHE"]
+        else:
+            os.environ["DINM_CACHE"] = saved
+
+
+def phases(delta) -> str:
+    s = delta.summary()["seconds"]
+    other = s["edit"] - sum(s.get(k, 0.0) for k in ("reply", "keys", "forward", "backward"))
+    return (f"locate {s['locate']:.2f}, own reply {s.get('reply', 0):.2f}, key statistic {s.get('keys', 0):.2f}, "
+            f"steps: forward {s.get('forward', 0):.2f} + backward and Adam {s.get('backward', 0):.2f}, "
+            f"other {other:.2f}")
+
+
+def operator_profile(model, tok, inst) -> str:
+    """torch's profile of one default edit: the operators taking the most time, and the fused head's share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        delta = dinm.edit(model, tok, inst, progress=False)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50)
+    return f"phases (s): {phases(delta)}\n\n```\n{table.strip()}\n```"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.path.join(HERE, "../../shared/safeedit/test_dev.json"))
+    parser.add_argument("--limit", type=int, default=7)
+    parser.add_argument("--reference-repo", metavar="PATH", help="a checkout of EasyEdit: run its own DINM code")
+    parser.add_argument("--profile", action="store_true", help="also profile one default edit")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
     torch.manual_seed(0)
+    if args.reference_repo:
+        from _reference import Reference
+
+        reference, ref_name = Reference(args.reference_repo), f"EasyEdit (`{os.path.basename(os.path.abspath(args.reference_repo))}`, its own code)"
+    else:
+        reference, ref_name = Reimplementation(), "the re-implementation of EasyEdit's loop (no --reference-repo)"
     instances = dinm.load_instances(args.data)[: args.limit]
     model, tok = dinm.load_model("embedded")
-    config = dinm.EditConfig.v0()  # the setting measured against the paper's loop: the same work per step
-    bf16_native = torch.cuda.is_available() or cpu_bf16_native()
-    dinm.edit(model, tok, instances[0], config.replace(steps=1), progress=False)  # warm-up
-    rows = ["| record | layer | paper locate s | dinm locate s | paper edit s | dinm edit s | speed-up | "
-            "dinm bf16 edit s | speed-up | final NLL fp32 / bf16 | default: layer, locate + edit s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    sums = {"ref_loc": [], "loc": [], "ref": [], "dinm": [], "bf16": [], "default": []}
+    demo = dinm.load_instance(os.path.join(HERE, "../data/example.json"))
+
+    cold, cold_s = cold_edit(model, tok, demo)  # first: nothing cached in this process yet
+    print(f"first edit on a fresh machine (the demo's instance, layer {cold.layer}): {cold_s:.2f} s; {phases(cold)}",
+          flush=True)
+    warm_demo, warm_demo_s = timed(lambda: dinm.edit(model, tok, demo, progress=False))
+    reference.edit(model, tok, instances[0])  # warm-up of both code paths (allocator, oneDNN kernels)
+    dinm.edit(model, tok, instances[0], dinm.EditConfig.v0(steps=1), progress=False)
+
+    rows = ["| record | tokens (prompt + safe) | reference: layer, s | v0: layer, s | v0 auto s | default: layer, s "
+            "| default phases (s) | v0 / default speed-up |", "|---|---|---|---|---|---|---|---|"]
+    times = {"ref": [], "v0": [], "v0_auto": [], "default": []}
     for inst in instances:
-        start = time.perf_counter()
-        paper_locate(model, tok, inst)
-        ref_loc = time.perf_counter() - start
-        start = time.perf_counter()
-        delta = dinm.edit(model, tok, inst, config, progress=False)
-        total = time.perf_counter() - start
-        loc = delta.summary()["seconds"]["locate"]
-        low, bf16 = None, float("nan")
-        if bf16_native:  # (emulated bf16 products take many times fp32's: not a figure worth the wait)
-            start = time.perf_counter()
-            low = dinm.edit(model, tok, inst, config.replace(layer=delta.layer, compute_dtype="bfloat16"),
-                            progress=False)
-            bf16 = time.perf_counter() - start
-        start = time.perf_counter()
-        paper_loop(model, tok, inst, delta.layer, steps=config.steps, lr=config.lr)
-        ref = time.perf_counter() - start
-        start = time.perf_counter()
-        default = dinm.edit(model, tok, inst, progress=False)  # today's default, not comparable with (a)
-        default_s = time.perf_counter() - start
-        for key, value in zip(sums, (ref_loc, loc, ref, total - loc, bf16, default_s)):
-            sums[key].append(value)
-        rows.append(f"| {inst.id} | {delta.layer} | {ref_loc:.2f} | {loc:.2f} | {ref:.2f} | {total - loc:.2f} | "
-                    f"{ref / (total - loc):.1f}x | {bf16:.2f} | {ref / bf16:.1f}x | "
-                    f"{delta.history[-1].nll:.3f} / {low.history[-1].nll if low else float('nan'):.3f} | "
-                    f"{default.layer}, {default_s:.2f} |")
+        tokens = len(encode_pair(tok, inst.prompt, inst.safe).ids)
+        (ref_layer, _), ref_s = timed(lambda: reference.edit(model, tok, inst))
+        v0, v0_s = timed(lambda: dinm.edit(model, tok, inst, dinm.EditConfig.v0(), progress=False))
+        _, v0_auto_s = timed(lambda: dinm.edit(model, tok, inst, dinm.EditConfig.v0(compute_dtype="auto"),
+                                               progress=False))
+        dinm.edit(model, tok, inst, dinm.EditConfig(steps=1), progress=False)  # its layer's statistic: cached
+        default, default_s = timed(lambda: dinm.edit(model, tok, inst, progress=False))
+        for key, value in zip(times, (ref_s, v0_s, v0_auto_s, default_s)):
+            times[key].append(value)
+        rows.append(f"| {inst.id} | {tokens} | {ref_layer}, {ref_s:.2f} | {v0.layer}, {v0_s:.2f} | {v0_auto_s:.2f} | "
+                    f"{default.layer}, {default_s:.2f} | {phases(default)} | {ref_s / v0_s:.1f}x / "
+                    f"{ref_s / default_s:.1f}x |")
         print(rows[-1], flush=True)
-    mean = {k: statistics.mean(v) for k, v in sums.items()}
+    mean = {k: statistics.mean(v) for k, v in times.items()}
+    ratio = {k: mean["ref"] / mean[k] for k in ("v0", "v0_auto", "default")}
+    spread = {k: (min(r / t for r, t in zip(times["ref"], times[k])), max(r / t for r, t in zip(times["ref"], times[k])))
+              for k in ("v0", "default")}
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    body = (f"SmolLM2-135M-Instruct (embedded, fp32), {len(instances)} records of `{args.data}`, "
-            f"{config.steps} steps, lr {config.lr}, both on the layer dinm locates.\n\n" + "\n".join(rows) +
-            f"\n\nmean: paper locate {mean['ref_loc']:.2f} s, dinm locate {mean['loc']:.2f} s; "
-            f"paper edit {mean['ref']:.2f} s, dinm edit {mean['dinm']:.2f} s: "
-            f"**{mean['ref'] / mean['dinm']:.1f}x**, dinm bf16 edit {mean['bf16']:.2f} s: "
-            f"**{mean['ref'] / mean['bf16']:.1f}x** (ratios of means). The bf16 edits ran on the layer given, so "
-            f"their time has no locate in it{'' if bf16_native else ' (not run: this CPU has no native bf16, nan)'}. Peak RSS of the process: {peak_mb:.0f} MB.\n\n"
-            f"Last column: `dinm.edit` with today's default `EditConfig()` (locate among inner layers, "
-            f"{dinm.EditConfig().steps} steps, KL on the model's own reply, generated first, benign-key penalty) — "
-            f"more work than (a), so no ratio: mean {mean['default']:.2f} s. Its key statistic is computed the "
-            f"first time a layer comes up in the process (`DINM_CACHE=off` here, so no earlier run's file is read).")
+    body = (f"SmolLM2-135M-Instruct (embedded, loaded in fp32), {len(instances)} records of "
+            f"`{os.path.basename(args.data)}`, 2 threads, one process, nothing else running. Reference: {ref_name}. "
+            f"Each figure is locate + edit of one record. The default's compute dtype here: `{cold.summary()['compute']}`.\n\n"
+            + "\n".join(rows) +
+            f"\n\nMeans: reference {mean['ref']:.2f} s, v0 {mean['v0']:.2f} s (**{ratio['v0']:.1f}x**, per record "
+            f"{spread['v0'][0]:.1f}-{spread['v0'][1]:.1f}x), v0 with the default's compute dtype {mean['v0_auto']:.2f} s "
+            f"({ratio['v0_auto']:.1f}x), default (key statistic cached) {mean['default']:.2f} s "
+            f"(**{ratio['default']:.2f}x**, per record {spread['default'][0]:.2f}-{spread['default'][1]:.2f}x; below 1 "
+            f"is slower than the reference). Ratios are of the means.\n\n"
+            f"First edit on a fresh machine (`data/example.json`, the demo's instance, no key statistic cached): "
+            f"{cold_s:.2f} s at layer {cold.layer} ({phases(cold)}); the same edit once the statistic is cached: "
+            f"{warm_demo_s:.2f} s ({phases(warm_demo)}). `dinm demo` prints the first figure on a fresh machine "
+            f"and the second after. Peak RSS of the process: {peak_mb:.0f} MB.")
+    if args.profile:
+        body += "\n\nProfile of one default edit (record " + instances[0].id + "):\n\n" + operator_profile(
+            model, tok, instances[0])
     print(body)
     if not args.no_write:
-        record("Edit: dinm.edit vs the paper's loop", body)
+        record("Edit: dinm.edit vs the paper's code, side by side", body)
+    print(f"default_vs_reference: {ratio['default']:.1f}x  v0_vs_reference: {ratio['v0']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MASTER_DTYPES = ("float32", "model")
 # The system-prompt suffix of the paper's code (EasyEdit appends it to the prompts it generates from after an edit).
 PAPER_SUFFIX = "If the user's request is reasonable, give the correct answer. Please give the right response:"
-COMPUTE_DTYPES = ("model", "bfloat16")
+COMPUTE_DTYPES = ("auto", "model", "bfloat16")
 KL_TEXTS = ("answer", "self")
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
 # benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
@@ -74,7 +74,10 @@ class EditConfig:
             copies of the matrices above the edited layer made once per edit: about half their fp32 size in
             extra memory), which is faster where bf16 matrix products are (GPUs, CPUs with AMX). The master copy,
             the loss and the update keep `master_dtype`, and the edit enters the passes as a separate term
-            `x @ D.T`, so no update is rounded away in a bf16 `W + D`.
+            `x @ D.T`, so no update is rounded away in a bf16 `W + D`. "auto" (the default) is "bfloat16" for an
+            fp32 model on a device that multiplies bf16 in hardware (a CUDA GPU of compute capability 8.0 or
+            later; a CPU with AVX512-BF16 or AMX) and "model" elsewhere: emulated bf16 is many times slower than
+            fp32 (`dinm.passes.native_bf16`). The delta's metadata says what was chosen and why ("compute").
         seed: seeds torch's RNG inside the edit (the global RNG is left as it was).
         kl_text: what the KL term reads after the instance's benign prompt: "answer", the instance's benign
             answer (the paper), or "self", the unedited model's own greedy reply (generated once, before the first
@@ -103,7 +106,7 @@ class EditConfig:
     max_prompt_tokens: int = 1024
     max_response_tokens: int = 256
     master_dtype: str = "float32"
-    compute_dtype: str = "model"
+    compute_dtype: str = "auto"
     seed: int = 0
     kl_text: str = "self"
     kl_reply_tokens: int = 64
@@ -141,18 +144,19 @@ class EditConfig:
     @classmethod
     def v0(cls, **changes) -> "EditConfig":
         """dinm's first default (0.1.0 before the benign-key penalty): cosine locate over every layer, chat template,
-        10 steps at lr 5e-4, KL weight 1 on the instance's benign answer. The speed benchmark's setting."""
+        10 steps at lr 5e-4, KL weight 1 on the instance's benign answer, passes in the model's dtype. The speed
+        benchmark's like-for-like setting (the paper's amount of work)."""
         return cls(**{**dict(distance="cosine", steps=10, lr=5e-4, kl_weight=1.0, kl_text="answer",
-                             preserve_weight=0.0), **changes})
+                             preserve_weight=0.0, compute_dtype="model"), **changes})
 
     @classmethod
     def paper(cls, **changes) -> "EditConfig":
         """The setting of the paper's code (EasyEdit), as far as it is a choice rather than a bug: its locate rule
         (bare responses, padded, unmasked: `distance="paper"`), raw prompts without the chat template, 10 Adam
-        steps at lr 5e-4, and no constraint from the KL term (EasyEdit computes it without gradient, which is what
-        `kl_weight=0` does to the update). For comparing against dinm's defaults."""
+        steps at lr 5e-4, no constraint from the KL term (EasyEdit computes it without gradient, which is what
+        `kl_weight=0` does to the update), and the passes in the model's dtype. For comparing against dinm's defaults."""
         return cls(**{**dict(distance="paper", chat_template=False, steps=10, lr=5e-4, kl_weight=0.0, kl_text="answer",
-                              preserve_weight=0.0), **changes})
+                              preserve_weight=0.0, compute_dtype="model"), **changes})
 
     def encoding(self) -> dict[str, Any]:
         """How prompts and responses become tokens (keywords of `dinm.text.encode_pair` and `dinm.locate`)."""

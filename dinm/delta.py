@@ -14,7 +14,8 @@ File layout (no pickle anywhere):
   ``(W + D) - D`` differ from ``W``, with their original values, so that revert restores every bit.
 * metadata (str -> str): ``format``, ``dinm_version``, ``base_model``, ``base_revision``, ``model_type``,
   ``layer``, ``distance``, ``distances`` (JSON), ``config`` (the `EditConfig` JSON), ``history`` (loss per step,
-  JSON) and ``tensors``: per parameter its shape, dtype, the sha256 of its stored tensors and of the base and the
+  JSON), ``seconds`` (where the edit's time went, JSON), ``compute`` (the dtype its passes ran in, and why) and
+  ``tensors``: per parameter its shape, dtype, the sha256 of its stored tensors and of the base and the
   edited tensor; and ``checksum``, the sha256 of every other metadata field, so that the whole file (the tensors
   through their sha256 in ``tensors``) is covered.
 

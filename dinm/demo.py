@@ -46,12 +46,18 @@ class DemoReport:
         where = (f"located layer {d.layer} ({self.config.distance} distance over {len(d.distances)} layers):\n"
                  + distance_chart(d.distances, d.layer)) if d.distances else f"layer {d.layer} (given, not located)"
         lines += ["", "=== the edit", where,
-                  f"edited {d.names[0]} in {self.seconds:.1f}s (locate {timing.get('locate')}s, edit "
-                  f"{timing.get('edit')}s): {describe(d.history)}",
+                  f"edited {d.names[0]} in {self.seconds:.1f}s ({phases(timing)}; passes in "
+                  f"{d.metadata.get('compute', '?')}): {describe(d.history)}",
                   f"delta: {self.delta_path} ({os.path.getsize(self.delta_path) / 1e6:.2f} MB, only the edited "
                   f"tensor)" + (f"; plot: {self.plot_path}" if self.plot_path else ""),
                   f"revert restored the original weights bit for bit: {'yes' if self.restored else 'NO'}"]
         return "\n".join(lines)
+
+
+def phases(seconds: dict) -> str:
+    """Where an edit's time went, from the "seconds" its delta records."""
+    return (f"locate {seconds.get('locate', 0):.1f}s, the model's own benign reply {seconds.get('reply', 0):.1f}s, "
+            f"benign-key statistic {seconds.get('keys', 0):.1f}s, steps {seconds.get('forward', 0) + seconds.get('backward', 0):.1f}s")
 
 
 def run(instance_path: str = "data/example.json", out_dir: str = "demo_out", *, max_new_tokens: int = 60,

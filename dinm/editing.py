@@ -63,12 +63,13 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     weight = placement.stored(model, mlp_out_name(model, layer))  # an offloaded layer's from accelerate's map
     device = placement.module_device(mlp_out_module(model, layer))
     history: list[Step] = []
+    seconds = {"locate": locate_s, "reply": 0.0, "keys": 0.0, "forward": 0.0, "backward": 0.0}
     with frozen(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         passes = Passes(model, layer, config.compute_dtype)
         target = passes.sequence(encode_pair(tokenizer, instance.prompt, instance.safe, **config.encoding()))
         regularisers = terms.build(model, tokenizer, instance, layer, passes, as_out_in(passes.spec, weight.detach()),
-                                   config)
+                                   config, seconds)
         if config.rank:
             zero = torch.zeros(as_out_in(passes.spec, weight).shape, device=passes.device, requires_grad=True)
             (gradient,) = torch.autograd.grad(passes.loss(target, zero), [zero])  # (the penalties' is 0 there)
@@ -81,6 +82,7 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
                                      fused=passes.device.type in ("cpu", "cuda"))  # one kernel, no temporaries
         for step in tqdm(range(config.steps), desc=f"dinm edit (layer {layer})",
                          disable=None if progress is None else not progress, leave=False):
+            tick = time.perf_counter()
             update = trained.update()
             nll = passes.loss(target, update)
             if config.stop_nll is not None and nll.item() < config.stop_nll:
@@ -94,11 +96,14 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
             if not torch.isfinite(loss):
                 raise EditError(f"edit diverged at step {step}: loss is {loss.item()}; the model is unchanged. "
                                 f"Lower lr (now {config.lr})")
+            tock = time.perf_counter()
             for param, grad in zip(trained.params, torch.autograd.grad(loss, trained.params)):
                 param.grad = grad
             optimizer.step()
-    return _package(model, instance, config, layer, distances, trained, history,
-                    {"locate": locate_s, "edit": time.perf_counter() - started - locate_s})
+            seconds["forward"] += tock - tick
+            seconds["backward"] += time.perf_counter() - tock
+    seconds["edit"] = time.perf_counter() - started - locate_s
+    return _package(model, instance, config, layer, distances, trained, history, seconds, passes.compute)
 
 
 def _layer(model, tokenizer, instance: Instance, config: EditConfig) -> tuple[int, list[float]]:
@@ -179,7 +184,7 @@ class _Factored:
 
 
 def _package(model, instance: Instance, config: EditConfig, layer: int, distances: list[float],
-             trained: _Dense | _Factored, history: list[Step], seconds: dict) -> Delta:
+             trained: _Dense | _Factored, history: list[Step], seconds: dict, compute: str) -> Delta:
     """The `Delta` of what was trained against the stored weight, with what the edit did in its metadata."""
     name = mlp_out_name(model, layer)
     steps_run = sum(not s.stopped for s in history)
@@ -197,6 +202,7 @@ def _package(model, instance: Instance, config: EditConfig, layer: int, distance
         "steps_run": str(steps_run),
         "instance_id": instance.id,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "compute": compute,
     }
     try:
         return trained.delta(name, steps_run > 0, info)  # no step: no change

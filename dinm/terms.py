@@ -6,6 +6,7 @@ a weight, and `penalty(update)`, the term's value for an update (out, in) of the
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -57,16 +58,22 @@ def _output_energy(matrix: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
 
 
 def build(model, tokenizer, instance: Instance, layer: int, passes: Passes, matrix: torch.Tensor,
-          config: EditConfig) -> list:
+          config: EditConfig, seconds: dict | None = None) -> list:
     """The regularisers `config` asks for, in the order their weighted penalties are added to the NLL. `matrix` is
-    the edited matrix (out, in) as it is before the edit."""
+    the edited matrix (out, in) as it is before the edit. `seconds`, when given, gets the time spent on the model's
+    own benign reply ("reply") and on the benign-key statistic ("keys")."""
+    seconds = {} if seconds is None else seconds
+    started = time.perf_counter()
     texts = benign_texts(model, tokenizer, instance, config)
+    seconds["reply"] = time.perf_counter() - started
     if not texts:
         logger.warning("the model's own reply to the benign prompt is empty: the KL term has nothing to read")
     terms: list = [BenignKL(config.kl_weight, passes, [passes.sequence(e) for e in texts])]
     if config.preserve_weight:
+        started = time.perf_counter()
         moment = key_moment(model, tokenizer, layer, chat_template=config.chat_template).to(passes.device)
         terms.append(KeyPenalty(config.preserve_weight, moment, matrix.to(passes.device)))
+        seconds["keys"] = time.perf_counter() - started
     return terms
 
 

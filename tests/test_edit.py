@@ -272,6 +272,39 @@ def test_bf16_compute_tracks_fp32(tiny, instance, layer, sgd):
     assert not torch.equal(a, b)  # the passes did run in bf16
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_compute_follows_the_device(tiny, instance, monkeypatch, tmp_path, native):
+    """compute_dtype="auto" (the default) runs the passes of an fp32 model in bf16 exactly where the device
+    multiplies bf16 natively and in fp32 elsewhere: the same bits as asking for that dtype, and the delta says which
+    and why. (Both branches run on any CPU: the capability check is replaced, not the arithmetic.)"""
+    import dinm.passes
+
+    model, tok = tiny
+    monkeypatch.setattr(dinm.passes, "native_bf16", lambda device: native)
+    config = EditConfig.v0(steps=2, layer=1)
+    auto = dinm.edit(model, tok, instance, config.replace(compute_dtype="auto"))
+    asked = dinm.edit(model, tok, instance, config.replace(compute_dtype="bfloat16" if native else "model"))
+    name = auto.names[0]
+    assert torch.equal(auto.tensors[name], asked.tensors[name])
+    assert auto.metadata["compute"].startswith(f"{'bfloat16' if native else 'float32'} (auto: "
+                                               f"{'native' if native else 'no native'} bf16 on cpu")
+    auto.save(tmp_path / "auto.safetensors")
+    assert dinm.Delta.load(tmp_path / "auto.safetensors").metadata["compute"] == auto.metadata["compute"]
+    assert EditConfig().compute_dtype == "auto"
+
+
+def test_native_bf16_reads_the_cpu():
+    """The CPU check agrees with the CPU's own flags where Linux lists them (AVX512-BF16 or AMX)."""
+    from dinm.passes import native_bf16
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    assert native_bf16(torch.device("cpu")) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
 def test_bf16_compute_keeps_updates_below_the_weights_spacing(llama, instance):
     """The edit enters the bf16 passes as a separate term: an update smaller than half the spacing of bf16
     numbers around the weights (which a bf16 `W + D` would round away entirely) still moves the loss."""
@@ -313,3 +346,32 @@ def test_an_empty_own_reply_leaves_the_kl_nothing_to_read(llama, instance, monke
     monkeypatch.setattr(terms, "generate_ids", lambda *args, **kwargs: [[]])
     delta = dinm.edit(model, tok, instance, EditConfig.v0(steps=3, lr=1e-2, layer=1, kl_text="self"))
     assert [s.kl for s in delta.history] == [0.0, 0.0, 0.0] and delta.history[-1].nll < delta.history[0].nll
+
+
+def test_delta_records_where_the_time_went(tiny, instance, monkeypatch):
+    """`seconds` in the delta's metadata splits the edit into locate, the model's own benign reply, the key
+    statistic and the steps' forward and backward; the parts are the phases that ran (a reply only when
+    `kl_text="self"`, a statistic only with the penalty) and never add up to more than the edit."""
+    import dinm.keys
+    import dinm.terms
+
+    model, tok = tiny
+    calls = {"reply": 0, "keys": 0}
+
+    def counting(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(dinm.terms, "benign_texts", counting("reply", dinm.terms.benign_texts))
+    monkeypatch.setattr(dinm.terms, "key_moment", counting("keys", dinm.terms.key_moment))
+    delta = dinm.edit(model, tok, instance, EditConfig(steps=3, kl_reply_tokens=4))
+    seconds = delta.summary()["seconds"]
+    assert calls == {"reply": 1, "keys": 1}
+    assert set(seconds) == {"locate", "reply", "keys", "forward", "backward", "edit"}
+    assert all(v >= 0 for v in seconds.values()) and seconds["forward"] > 0 and seconds["backward"] > 0
+    # (rounded to 1 ms each: five parts may exceed the rounded whole by at most 5 * 0.5 ms)
+    assert seconds["reply"] + seconds["keys"] + seconds["forward"] + seconds["backward"] <= seconds["edit"] + 0.0025
+    plain = dinm.edit(model, tok, instance, EditConfig.v0(steps=2)).summary()["seconds"]
+    assert plain["keys"] == 0.0 and calls["keys"] == 1  # no penalty: no statistic asked for
