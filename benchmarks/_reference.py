@@ -51,13 +51,25 @@ class Reference:
         device = importlib.import_module("easyeditor.util.device")
         self.locate_fn = _method(os.path.join(root, "editors", "safety_editor.py"), "SafetyEditor",
                                  "_locate_toxic_layer", {"torch": torch, "move_to_device": device.move_to_device})
-        self.hparams = self.main.DINMHyperParams.from_hparams(os.path.join(os.path.abspath(repo), HPARAMS))
+        hparams = os.path.join(os.path.abspath(repo), HPARAMS)
+        if not os.path.isfile(hparams):
+            raise SystemExit(f"--reference-repo {repo}: no {HPARAMS} there; point it at a whole EasyEdit checkout")
+        self.hparams = self.main.DINMHyperParams.from_hparams(hparams)
         self.hparams.device = "cpu"
+        self._tokenizers: dict = {}
+
+    def tokenizer(self, tokenizer):
+        """A copy of `tokenizer` set up as SafetyEditor sets its own (pad = end token), made once, outside the
+        timed edit; the caller's tokenizer is left alone."""
+        if id(tokenizer) not in self._tokenizers:
+            tok = copy.deepcopy(tokenizer)
+            tok.pad_token_id = tok.eos_token_id
+            self._tokenizers[id(tokenizer)] = (tokenizer, tok)  # (the original kept alive: its id stays its own)
+        return self._tokenizers[id(tokenizer)][1]
 
     def edit(self, model, tokenizer, instance) -> tuple[int, dict]:
         """EasyEdit's locate + `execute_dinm` on one instance: (the layer it edited, the update it computed)."""
-        tok = copy.deepcopy(tokenizer)
-        tok.pad_token_id = tok.eos_token_id  # as SafetyEditor sets it
+        tok = self.tokenizer(tokenizer)
         suffix = self.hparams.suffix_system_prompt
         request = {"prompt": instance.prompt, "target_new": instance.safe, "ground_truth": instance.unsafe,
                    "locality": {}}
