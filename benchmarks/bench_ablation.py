@@ -41,6 +41,8 @@ VARIANTS = {
                       EditConfig(steps=30)),
     "inner_steps50": ("**default**: lr 2e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner`, 50 steps",
                       EditConfig()),
+    "inner_steps50_fp32": ("the default with fp32 passes (`compute_dtype=\"model\"`; the default's `auto` is bf16 "
+                           "where the CPU multiplies bf16 natively)", EditConfig(compute_dtype="model")),
     "inner_steps30_lr4e-3": ("lr 4e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner`, 30 steps",
                              EditConfig(steps=30, lr=4e-3)),
 }

@@ -136,14 +136,30 @@ def phases(delta) -> str:
             f"other {other:.2f}")
 
 
+# the regions dinm labels for the profiler (`torch.profiler.record_function`), in the order an edit runs them
+REGIONS = (("dinm::locate", "locate"), ("dinm::own_reply", "the model's own benign reply (64 greedy tokens)"),
+           ("dinm::key_statistic", "benign-key statistic (cached here)"),
+           ("dinm::nll_pass", "forward of the attack + safe response, NLL"),
+           ("dinm::kl_pass", "forward of the benign reply, KL"),
+           ("dinm::head", "  of which the fused LM head + loss (both passes)"),
+           ("dinm::key_penalty", "benign-key penalty"), ("dinm::backward", "backward (all terms)"),
+           ("dinm::adam", "Adam"))
+
+
 def operator_profile(model, tok, inst) -> str:
-    """torch's profile of one default edit: the operators taking the most time, and the fused head's share."""
+    """torch's profile of one default edit: dinm's labelled regions, then the operators taking the most time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         delta = dinm.edit(model, tok, inst, progress=False)
+    events = {e.key: e for e in prof.key_averages()}
+    lines = ["| region | calls | s |", "|---|---|---|"]
+    for key, label in REGIONS:
+        if key in events:
+            lines.append(f"| {label} | {events[key].count} | {events[key].cpu_time_total / 1e6:.2f} |")
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50)
-    return f"phases (s): {phases(delta)}\n\n```\n{table.strip()}\n```"
+    return (f"phases the delta records (s): {phases(delta)}\n\n" + "\n".join(lines) +
+            f"\n\nOperators (self time):\n\n```\n{table.strip()}\n```")
 
 
 def main():

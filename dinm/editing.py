@@ -13,6 +13,7 @@ import math
 import time
 
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from . import placement, terms
@@ -58,7 +59,8 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     if config.prompt_suffix.strip():
         instance = dataclasses.replace(instance, prompt=f"{instance.prompt} {config.prompt_suffix.strip()}")
     started = time.perf_counter()
-    layer, distances = _layer(model, tokenizer, instance, config)
+    with record_function("dinm::locate"):
+        layer, distances = _layer(model, tokenizer, instance, config)
     locate_s = time.perf_counter() - started
     weight = placement.stored(model, mlp_out_name(model, layer))  # an offloaded layer's from accelerate's map
     device = placement.module_device(mlp_out_module(model, layer))
@@ -84,7 +86,8 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
                          disable=None if progress is None else not progress, leave=False):
             tick = time.perf_counter()
             update = trained.update()
-            nll = passes.loss(target, update)
+            with record_function("dinm::nll_pass"):
+                nll = passes.loss(target, update)
             if config.stop_nll is not None and nll.item() < config.stop_nll:
                 history.append(Step(step, nll.item(), stopped=True))
                 break  # the safe response is likely enough: no further change
@@ -97,9 +100,12 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
                 raise EditError(f"edit diverged at step {step}: loss is {loss.item()}; the model is unchanged. "
                                 f"Lower lr (now {config.lr})")
             tock = time.perf_counter()
-            for param, grad in zip(trained.params, torch.autograd.grad(loss, trained.params)):
+            with record_function("dinm::backward"):
+                grads = torch.autograd.grad(loss, trained.params)
+            for param, grad in zip(trained.params, grads):
                 param.grad = grad
-            optimizer.step()
+            with record_function("dinm::adam"):
+                optimizer.step()
             seconds["forward"] += tock - tick
             seconds["backward"] += time.perf_counter() - tock
     seconds["edit"] = time.perf_counter() - started - locate_s

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 
 # e^-87 ~ 1.6e-38, about the smallest normal float32. Probabilities below it are raised to it: a change smaller than
@@ -97,7 +98,8 @@ class Head:
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, head: Head, target):
-        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes here are chosen, not autocast's
+        # (the whole head runs here: its backward only scales the input gradient computed now)
+        with torch.autocast(hidden.device.type, enabled=False), record_function("dinm::head"):
             return _HeadLoss._forward(ctx, hidden, head, target)
 
     @staticmethod

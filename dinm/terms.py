@@ -9,6 +9,7 @@ import logging
 import time
 
 import torch
+from torch.profiler import record_function
 
 from .config import EditConfig
 from .generate import generate_ids
@@ -34,7 +35,9 @@ class BenignKL:
         # The unedited model (or no benign text): KL(p || p) = 0, and so is its gradient; no pass needed.
         if not self.sequences or not update.any():
             return torch.zeros((), device=self.passes.device)
-        return sum(self.passes.loss(s, update, u) for s, u in zip(self.sequences, self.unedited)) / len(self.sequences)
+        with record_function("dinm::kl_pass"):
+            return sum(self.passes.loss(s, update, u) for s, u in zip(self.sequences, self.unedited)
+                       ) / len(self.sequences)
 
 
 class KeyPenalty:
@@ -48,13 +51,29 @@ class KeyPenalty:
         self.energy = _output_energy(matrix, moment)
 
     def penalty(self, update: torch.Tensor) -> torch.Tensor:
-        return _output_energy(update, self.moment) / self.energy
+        with record_function("dinm::key_penalty"):
+            return _output_energy(update, self.moment) / self.energy
 
 
 def _output_energy(matrix: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
-    """Mean ||M k||^2 over the keys k whose second moment is `moment`: tr(M E[k k^T] M^T)."""
-    m = matrix.float()
-    return ((m @ moment) * m).sum()
+    """Mean ||M k||^2 over the keys k whose second moment is `moment`: tr(M E[k k^T] M^T), with its gradient."""
+    return _Energy.apply(matrix.float(), moment)
+
+
+class _Energy(torch.autograd.Function):
+    """tr(M C M^T) = sum((M C) * M) for a symmetric C, whose gradient 2 M C reuses the forward's product: one
+    (out, in) x (in, in) product per step where autograd would make two (the forward's and M C^T in the backward)."""
+
+    @staticmethod
+    def forward(ctx, m, moment):
+        product = m @ moment
+        ctx.save_for_backward(product)
+        return (product * m).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (product,) = ctx.saved_tensors
+        return product * (2 * grad), None
 
 
 def build(model, tokenizer, instance: Instance, layer: int, passes: Passes, matrix: torch.Tensor,
@@ -64,14 +83,16 @@ def build(model, tokenizer, instance: Instance, layer: int, passes: Passes, matr
     own benign reply ("reply") and on the benign-key statistic ("keys")."""
     seconds = {} if seconds is None else seconds
     started = time.perf_counter()
-    texts = benign_texts(model, tokenizer, instance, config)
+    with record_function("dinm::own_reply"):
+        texts = benign_texts(model, tokenizer, instance, config)
     seconds["reply"] = time.perf_counter() - started
     if not texts:
         logger.warning("the model's own reply to the benign prompt is empty: the KL term has nothing to read")
     terms: list = [BenignKL(config.kl_weight, passes, [passes.sequence(e) for e in texts])]
     if config.preserve_weight:
         started = time.perf_counter()
-        moment = key_moment(model, tokenizer, layer, chat_template=config.chat_template).to(passes.device)
+        with record_function("dinm::key_statistic"):
+            moment = key_moment(model, tokenizer, layer, chat_template=config.chat_template).to(passes.device)
         terms.append(KeyPenalty(config.preserve_weight, moment, matrix.to(passes.device)))
         seconds["keys"] = time.perf_counter() - started
     return terms

@@ -173,3 +173,22 @@ def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("DINM_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert keys.cache_dir() == str(tmp_path / "xdg" / "dinm")
+
+
+
+def test_key_penalty_gradient_is_the_plain_one():
+    """The penalty's own backward (2 M C, reusing the forward's product) equals autograd's through the plain
+    sum((M C) * M), for a symmetric C (a second moment): float64, so the bound is roundoff of n-term sums."""
+    from dinm.terms import _Energy
+
+    torch.manual_seed(0)
+    keys = torch.randn(50, 12, dtype=torch.float64)
+    moment = keys.T @ keys / 50
+    moment = (moment + moment.T) / 2
+    m = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    value = _Energy.apply(m, moment)
+    (grad,) = torch.autograd.grad(value, [m])
+    plain = ((m @ moment) * m).sum()
+    (expected,) = torch.autograd.grad(plain, [m])
+    assert value.item() == pytest.approx(plain.item(), rel=1e-12)
+    assert torch.allclose(grad, expected, rtol=1e-12, atol=1e-14)
