@@ -2,7 +2,7 @@
 
 import click
 
-from dinm.config import DISTANCES
+from dinm.config import COMPUTE_DTYPES, DISTANCES
 
 from ._common import (check_new_file, device_map_option, dtype_option, emit, json_option, load,
                       model_argument, one_line_errors, read_config, trust_option)
@@ -23,6 +23,8 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @click.option("--kl-weight", type=float, help="Weight of the KL term on the benign prompt.")
 @click.option("--rank", type=click.IntRange(min=1), help="Train a rank-R update, stored factored (dinm export "
                                                          "turns it into a LoRA adapter exactly).")
+@click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES),
+              help="dtype of the edit's passes: auto (bf16 where the device multiplies it natively), model, bfloat16.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @dtype_option
 @device_map_option
@@ -30,7 +32,7 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @json_option
 @one_line_errors
 def edit_cmd(model, instance_path, index, output, config_path, layer, distance, steps, lr, kl_weight, rank,
-             overwrite, dtype, device_map, trust_remote_code, as_json):
+             compute_dtype, overwrite, dtype, device_map, trust_remote_code, as_json):
     """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
     import os
     import time
@@ -41,7 +43,8 @@ def edit_cmd(model, instance_path, index, output, config_path, layer, distance, 
     check_new_file(output, overwrite, "output")
     instance = load_instance(instance_path, index)  # bad input fails before the model is loaded
     config = read_config(config_path)
-    overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight, rank=rank)
+    overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight, rank=rank,
+                     compute_dtype=compute_dtype)
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     net, tokenizer = load(model, dtype, trust_remote_code, device_map)
     started = time.perf_counter()
@@ -50,5 +53,6 @@ def edit_cmd(model, instance_path, index, output, config_path, layer, distance, 
     delta.save(output)
     data = {"output": output, "bytes": os.path.getsize(output), "layer": delta.layer, "tensors": delta.names,
             "seconds": round(seconds, 3), **summary(delta.history)}
-    emit(data, as_json, f"edited layer {delta.layer} ({', '.join(delta.names)}) in {seconds:.1f}s: "
-                        f"{describe(delta.history)}\nwrote {output} ({data['bytes'] / 1e6:.2f} MB)")
+    data["compute"] = delta.metadata.get("compute")
+    emit(data, as_json, f"edited layer {delta.layer} ({', '.join(delta.names)}) in {seconds:.1f}s, passes in "
+                        f"{data['compute']}: {describe(delta.history)}\nwrote {output} ({data['bytes'] / 1e6:.2f} MB)")

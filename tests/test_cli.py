@@ -39,7 +39,7 @@ def test_help_does_not_import_torch():
 
 def test_cli_offers_every_locate_rule_and_dtype():
     """The CLI's choices are the library's lists (`dinm.config`), not copies."""
-    from dinm.config import DISTANCES, LOAD_DTYPES
+    from dinm.config import COMPUTE_DTYPES, DISTANCES, LOAD_DTYPES
     from dinm_cli import main
 
     def choices(command, option):
@@ -47,6 +47,7 @@ def test_cli_offers_every_locate_rule_and_dtype():
 
     assert choices("edit", "distance") == choices("locate", "distance") == list(DISTANCES)
     assert choices("edit", "dtype") == choices("apply", "dtype") == list(LOAD_DTYPES)
+    assert choices("edit", "compute_dtype") == list(COMPUTE_DTYPES)
 
 
 def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
@@ -60,6 +61,11 @@ def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["config"]["steps"] == 3 and len(summary["history"]) == 3
+    assert summary["compute"] == report["compute"] and summary["config"]["compute_dtype"] == "auto"
+    forced = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", tmp_path / "f.safetensors", "--steps", 1,
+                 "--compute-dtype", "model", "--json")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.output[forced.output.index("{"):])["compute"].startswith("float32 (asked")
     assert list(summary["tensors"]) == [f"model.layers.{report['layer']}.mlp.down_proj.weight"]
     shown = run("inspect", delta_path).output
     assert "layer" in shown and "dense" in shown and "bytes stored" in shown
