@@ -74,10 +74,12 @@ class EditConfig:
             copies of the matrices above the edited layer made once per edit: about half their fp32 size in
             extra memory), which is faster where bf16 matrix products are (GPUs, CPUs with AMX). The master copy,
             the loss and the update keep `master_dtype`, and the edit enters the passes as a separate term
-            `x @ D.T`, so no update is rounded away in a bf16 `W + D`. "auto" (the default) is "bfloat16" for an
-            fp32 model on a device that multiplies bf16 in hardware (a CUDA GPU of compute capability 8.0 or
-            later; a CPU with AVX512-BF16 or AMX) and "model" elsewhere: emulated bf16 is many times slower than
-            fp32 (`dinm.passes.native_bf16`). The delta's metadata says what was chosen and why ("compute").
+            `x @ D.T`, so no update is rounded away in a bf16 `W + D`. The benign KL's passes always run in the
+            model's dtype: bf16 rounding of the logits is larger than the differences the KL keeps small.
+            "auto" (the default) is "bfloat16" for an fp32 model on a device that multiplies bf16 in hardware (a
+            CUDA GPU of compute capability 8.0 or later; a CPU with AVX512-BF16 or AMX) and "model" elsewhere:
+            emulated bf16 is many times slower than fp32 (`dinm.passes.native_bf16`). The delta's metadata says
+            what was chosen and why ("compute").
         seed: seeds torch's RNG inside the edit (the global RNG is left as it was).
         kl_text: what the KL term reads after the instance's benign prompt: "answer", the instance's benign
             answer (the paper), or "self", the unedited model's own greedy reply (generated once, before the first

@@ -44,7 +44,9 @@ class Sequence:
     """One prompt + response, ready for repeated passes: the ids, the positions whose logits predict the response,
     and the recorded outputs of the frozen layers below the edited one (after its first pass)."""
 
-    def __init__(self, encoded: Encoded, device: torch.device, labels_device: torch.device, keep_logits: bool):
+    def __init__(self, encoded: Encoded, device: torch.device, labels_device: torch.device, keep_logits: bool,
+                 precise: bool = False):
+        self.precise = precise  # passes in the model's dtype even when the others run in bf16 (`Passes.sequence`)
         self.ids = torch.tensor([encoded.ids], device=device)  # (1, tokens)
         # logits at position t predict token t + 1
         self.positions = torch.arange(encoded.n_prompt - 1, len(encoded.ids) - 1, device=device)
@@ -80,49 +82,64 @@ class Passes:
             why = f"asked; {'native' if native else 'no native'} bf16 on {device_capability(self.device)}"
         self.low = compute_dtype == "bfloat16" and stored != torch.bfloat16
         # what the delta's metadata says: the dtype the passes ran in, and why
-        self.compute = f"{'bfloat16' if self.low else str(stored).replace('torch.', '')} ({why})"
+        model_dtype = str(stored).replace("torch.", "")
+        self.compute = (f"bfloat16, the benign KL pass {model_dtype} ({why})" if self.low else f"{model_dtype} ({why})")
         self.override = _low_precision_copies(model, layer, torch.bfloat16) if self.low else {}
         self.head = _fused_head(model, self.override, torch.bfloat16 if self.low else None)
+        self.precise_head = _fused_head(model, {}, None) if self.low else self.head
         # Logits only where the loss reads them, when the model can (`logits_to_keep`): the LM head over a
         # 49k vocabulary at every prompt position is most of a small model's cost.
         self.keep_logits = accepts_logits_to_keep(model)
 
-    def sequence(self, encoded: Encoded) -> Sequence:
+    def sequence(self, encoded: Encoded, precise: bool = False) -> Sequence:
+        """`encoded` ready for passes; `precise`: they run in the model's dtype even when the others run in bf16.
+        A KL term needs that: it keeps distributions within ~1e-5 of the unedited ones, and bf16 rounds logits by
+        ~1e-2, so in bf16 it would see rounding, not the edit (measured: the record's benign reply kept in 50% of
+        16 records with a bf16 KL pass, against 100% in fp32)."""
         labels_device = self.head.weight.device if self.head is not None else self.device
-        return Sequence(encoded, self.device, labels_device, self.keep_logits)
+        return Sequence(encoded, self.device, labels_device, self.keep_logits, precise)
 
-    def computing(self):
-        """The autocast context of the passes (a no-op unless they run in bf16 on a model in another dtype)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.low)
+    def computing(self, seq: Sequence | None = None):
+        """The autocast context of a pass over `seq` (a no-op unless the passes run in bf16 on a model in another
+        dtype and `seq` is not a precise one)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.low and not (seq is not None and seq.precise))
+
+    def _head(self, seq: Sequence) -> Head | None:
+        return self.precise_head if seq.precise else self.head
 
     @torch.no_grad()
     def unedited(self, seq: Sequence) -> Unedited:
         """The unedited model's distributions over `seq`'s response positions, from one pass that also records
         the outputs of the layers below the edited one (which cannot change) for the later passes."""
-        with record_outputs(self.below, whole=True) as outputs, self.computing():
+        with record_outputs(self.below, whole=True) as outputs, self.computing(seq):
             out = self._outputs(seq, lambda: self.model(**seq.kwargs))
             seq.below = outputs
-            return Unedited(out if self.head is None else self.head.logits(out))
+            head = self._head(seq)
+            return Unedited(out if head is None else head.logits(out))
 
     def loss(self, seq: Sequence, update: torch.Tensor, target: Unedited | None = None) -> torch.Tensor:
         """With `update` ((out, in), any dtype) added to the edited matrix: the mean NLL of `seq`'s response, or
         KL(target || model) over its positions. The first pass over `seq` records the outputs of the layers
         below the edited one; later passes replay them."""
         first = self.below and not seq.below
+        override = {} if seq.precise else self.override
         with (record_outputs(self.below, whole=True) if first else replay_outputs(self.below, seq.below)) as recorded, \
-                adding(self.module, update), self.computing():
-            out = self._outputs(seq, lambda: functional_call(self.model, self.override, args=(), kwargs=seq.kwargs,
+                adding(self.module, update), self.computing(seq):
+            out = self._outputs(seq, lambda: functional_call(self.model, override, args=(), kwargs=seq.kwargs,
                                                              tie_weights=False))
             if first:
                 seq.below = recorded
             want = seq.labels if target is None else target
-            if self.head is not None:
-                return self.head.loss(out, want)
+            head = self._head(seq)
+            if head is not None:
+                return head.loss(out, want)
             return F.cross_entropy(out.float(), want) if target is None else kl_to(out, target)
 
     def _outputs(self, seq: Sequence, call) -> torch.Tensor:
         """(response tokens, vocab) logits, or (response tokens, hidden) final states with a fused head."""
-        with passthrough(self.model.get_output_embeddings()) if self.head is not None else contextlib.nullcontext():
+        fused = self._head(seq) is not None
+        with passthrough(self.model.get_output_embeddings()) if fused else contextlib.nullcontext():
             out = call().logits
         return out[0] if "logits_to_keep" in seq.kwargs else out[0, seq.positions]
 

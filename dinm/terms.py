@@ -88,7 +88,7 @@ def build(model, tokenizer, instance: Instance, layer: int, passes: Passes, matr
     seconds["reply"] = time.perf_counter() - started
     if not texts:
         logger.warning("the model's own reply to the benign prompt is empty: the KL term has nothing to read")
-    terms: list = [BenignKL(config.kl_weight, passes, [passes.sequence(e) for e in texts])]
+    terms: list = [BenignKL(config.kl_weight, passes, [passes.sequence(e, precise=True) for e in texts])]
     if config.preserve_weight:
         started = time.perf_counter()
         with record_function("dinm::key_statistic"):

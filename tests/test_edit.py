@@ -286,8 +286,8 @@ def test_auto_compute_follows_the_device(tiny, instance, monkeypatch, tmp_path, 
     asked = dinm.edit(model, tok, instance, config.replace(compute_dtype="bfloat16" if native else "model"))
     name = auto.names[0]
     assert torch.equal(auto.tensors[name], asked.tensors[name])
-    assert auto.metadata["compute"].startswith(f"{'bfloat16' if native else 'float32'} (auto: "
-                                               f"{'native' if native else 'no native'} bf16 on cpu")
+    said = "bfloat16, the benign KL pass float32 (auto: native" if native else "float32 (auto: no native"
+    assert auto.metadata["compute"].startswith(f"{said} bf16 on cpu")
     auto.save(tmp_path / "auto.safetensors")
     assert dinm.Delta.load(tmp_path / "auto.safetensors").metadata["compute"] == auto.metadata["compute"]
     assert EditConfig().compute_dtype == "auto"
@@ -375,3 +375,25 @@ def test_delta_records_where_the_time_went(tiny, instance, monkeypatch):
     assert seconds["reply"] + seconds["keys"] + seconds["forward"] + seconds["backward"] <= seconds["edit"] + 0.0025
     plain = dinm.edit(model, tok, instance, EditConfig.v0(steps=2)).summary()["seconds"]
     assert plain["keys"] == 0.0 and calls["keys"] == 1  # no penalty: no statistic asked for
+
+
+def test_kl_passes_keep_the_models_dtype_under_bf16_compute(tiny, instance):
+    """With bf16 passes, the benign KL's sequence still runs in the model's dtype (`Passes.sequence(precise=True)`):
+    its KL for an update is bit for bit the fp32 passes' own, while a bf16 pass of the same sequence is not (bf16
+    rounds logits by ~1e-2; the KL it must see is ~1e-5)."""
+    from dinm.arch import arch_spec, as_out_in
+    from dinm.passes import Passes, frozen
+
+    model, tok = tiny
+    encoded = encode_pair(tok, instance.benign_prompt, instance.benign_answer)
+    with frozen(model):
+        low, full = Passes(model, 1, "bfloat16"), Passes(model, 1, "model")
+        shape = as_out_in(arch_spec(model), model.get_parameter(mlp_out_name(model, 1))).shape
+        update = 1e-2 * torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        values = []
+        for passes, precise in ((low, True), (full, False), (low, False)):
+            seq = passes.sequence(encoded, precise=precise)
+            with torch.no_grad():
+                values.append(passes.loss(seq, update, passes.unedited(seq)).item())
+    assert values[0] == values[1] and values[0] > 0
+    assert values[2] != values[1]
