@@ -44,6 +44,11 @@ def inspect_cmd(delta_path, as_json):
     history = delta.history
     if history:
         lines.append(f"edit: {describe(history)}")
+    if "seconds" in summary:
+        from dinm.history import phases
+
+        compute = f"; passes in {summary['compute']}" if "compute" in summary else ""
+        lines.append(f"time: {phases(summary['seconds'])}{compute}")
     if summary.get("config"):
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["config"].items())))
     emit(summary, as_json, "\n".join(lines))

@@ -13,7 +13,7 @@ from .config import EditConfig
 from .delta import Delta, fingerprint
 from .editing import edit
 from .generate import generate
-from .history import describe
+from .history import describe, phases
 from .instance import load_instance
 from .judge import is_refusal
 from .locating import distance_chart
@@ -52,12 +52,6 @@ class DemoReport:
                   f"tensor)" + (f"; plot: {self.plot_path}" if self.plot_path else ""),
                   f"revert restored the original weights bit for bit: {'yes' if self.restored else 'NO'}"]
         return "\n".join(lines)
-
-
-def phases(seconds: dict) -> str:
-    """Where an edit's time went, from the "seconds" its delta records."""
-    return (f"locate {seconds.get('locate', 0):.1f}s, the model's own benign reply {seconds.get('reply', 0):.1f}s, "
-            f"benign-key statistic {seconds.get('keys', 0):.1f}s, steps {seconds.get('forward', 0) + seconds.get('backward', 0):.1f}s")
 
 
 def run(instance_path: str = "data/example.json", out_dir: str = "demo_out", *, max_new_tokens: int = 60,

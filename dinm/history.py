@@ -2,6 +2,7 @@
 
 Stored in a delta's metadata as JSON objects (`Step.to_dict`), the keys present only when set: a stopped edit's
 last record has no `kl` (the step did not run), an edit without the benign-key penalty records no `moved`.
+`describe` and `phases` put a history and a delta's recorded seconds into words for the CLI and the demo.
 """
 
 from __future__ import annotations
@@ -61,3 +62,13 @@ def describe(history: list[Step]) -> str:
     if kl is not None:
         line += f", benign KL {kl:.4f}"
     return line + (" (stopped early: the safe response was likely enough)" if s["stopped"] else "")
+
+
+def phases(seconds: dict) -> str:
+    """Where an edit's time went, from the "seconds" its delta records (a delta from before dinm recorded the
+    phases has only locate and edit)."""
+    if "forward" not in seconds:
+        return f"locate {seconds.get('locate', 0):.1f}s, edit {seconds.get('edit', 0):.1f}s"
+    return (f"locate {seconds.get('locate', 0):.1f}s, the model's own benign reply {seconds.get('reply', 0):.1f}s, "
+            f"benign-key statistic {seconds.get('keys', 0):.1f}s, "
+            f"steps {seconds.get('forward', 0) + seconds.get('backward', 0):.1f}s")

@@ -69,6 +69,7 @@ def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
     assert list(summary["tensors"]) == [f"model.layers.{report['layer']}.mlp.down_proj.weight"]
     shown = run("inspect", delta_path).output
     assert "layer" in shown and "dense" in shown and "bytes stored" in shown
+    assert "time: locate" in shown and "steps" in shown and f"passes in {report['compute']}" in shown
 
     edited_dir, restored_dir = tmp_path / "edited", tmp_path / "restored"
     result = run("apply", delta_path, tiny_folder, "-o", edited_dir)
