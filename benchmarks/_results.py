@@ -16,6 +16,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 def machine() -> str:
     import torch
 
+    from dinm.passes import native_bf16  # the check `compute_dtype="auto"` makes
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -24,19 +26,8 @@ def machine() -> str:
         pass
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only ({os.cpu_count()} cores)"
     capability = (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
-                  f"{'yes' if cpu_bf16_native() else 'no'}")
+                  f"{'yes' if native_bf16(torch.device('cpu')) else 'no'}")
     return f"{cpu}; {device}; {capability}; torch {torch.__version__}; Python {platform.python_version()}"
-
-
-def cpu_bf16_native() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX): without it, torch's bf16 matrix
-    products are emulated and many times slower than fp32 (Linux: read from /proc/cpuinfo; elsewhere False)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def record(section: str, body: str) -> None:

@@ -75,11 +75,10 @@ class Passes:
         # run at every step as bf16 copies made once; the master, the loss and the update keep their dtype.
         stored = placement.stored(model, mlp_out_name(model, layer)).dtype
         native = native_bf16(self.device)
+        why = (f"{'auto:' if compute_dtype == 'auto' else 'asked;'} {'native' if native else 'no native'} bf16 on "
+               f"{device_capability(self.device)}")
         if compute_dtype == "auto":
             compute_dtype = "bfloat16" if stored == torch.float32 and native else "model"
-            why = f"auto: {'native' if native else 'no native'} bf16 on {device_capability(self.device)}"
-        else:
-            why = f"asked; {'native' if native else 'no native'} bf16 on {device_capability(self.device)}"
         self.low = compute_dtype == "bfloat16" and stored != torch.bfloat16
         # what the delta's metadata says: the dtype the passes ran in, and why
         model_dtype = str(stored).replace("torch.", "")
@@ -99,14 +98,17 @@ class Passes:
         labels_device = self.head.weight.device if self.head is not None else self.device
         return Sequence(encoded, self.device, labels_device, self.keep_logits, precise)
 
-    def computing(self, seq: Sequence | None = None):
-        """The autocast context of a pass over `seq` (a no-op unless the passes run in bf16 on a model in another
-        dtype and `seq` is not a precise one)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.low and not (seq is not None and seq.precise))
+    def _low(self, seq: Sequence) -> bool:
+        """Whether passes over `seq` run in bf16 (autocast, the bf16 copies and head): the passes do and `seq` is not
+        a precise one."""
+        return self.low and not seq.precise
+
+    def computing(self, seq: Sequence):
+        """The autocast context of a pass over `seq` (a no-op unless `_low(seq)`)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._low(seq))
 
     def _head(self, seq: Sequence) -> Head | None:
-        return self.precise_head if seq.precise else self.head
+        return self.head if self._low(seq) else self.precise_head
 
     @torch.no_grad()
     def unedited(self, seq: Sequence) -> Unedited:
@@ -123,7 +125,7 @@ class Passes:
         KL(target || model) over its positions. The first pass over `seq` records the outputs of the layers
         below the edited one; later passes replay them."""
         first = self.below and not seq.below
-        override = {} if seq.precise else self.override
+        override = self.override if self._low(seq) else {}
         with (record_outputs(self.below, whole=True) if first else replay_outputs(self.below, seq.below)) as recorded, \
                 adding(self.module, update), self.computing(seq):
             out = self._outputs(seq, lambda: functional_call(self.model, override, args=(), kwargs=seq.kwargs,

@@ -352,7 +352,6 @@ def test_delta_records_where_the_time_went(tiny, instance, monkeypatch):
     """`seconds` in the delta's metadata splits the edit into locate, the model's own benign reply, the key
     statistic and the steps' forward and backward; the parts are the phases that ran (a reply only when
     `kl_text="self"`, a statistic only with the penalty) and never add up to more than the edit."""
-    import dinm.keys
     import dinm.terms
 
     model, tok = tiny

@@ -175,7 +175,6 @@ def test_cache_dir(monkeypatch, tmp_path):
     assert keys.cache_dir() == str(tmp_path / "xdg" / "dinm")
 
 
-
 def test_key_penalty_gradient_is_the_plain_one():
     """The penalty's own backward (2 M C, reusing the forward's product) equals autograd's through the plain
     sum((M C) * M), for a symmetric C (a second moment): float64, so the bound is roundoff of n-term sums."""
