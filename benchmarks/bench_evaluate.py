@@ -1,15 +1,17 @@
 """The SafeEdit evaluation of dinm's default edit on the embedded model, single-instance protocol, plus the
-measurements the evaluator's defaults rest on: the judge's agreement with labelled texts and the
+measurements the evaluator's defaults rest on: the judges' agreement with labelled texts and the
 degenerate-reply threshold.
 
     python benchmarks/bench_evaluate.py --data ../shared/safeedit/test_dev.json --limit 44 \
         --report /tmp/dinm-eval.json
 
 1. Judge agreement: the offline `refusal` judge (and its simpler variants) on SafeEdit's labelled
-   "safe generation" / "unsafe generation" texts of every file given with --labelled, and, when
-   benchmarks/judge_labels.json exists, on the embedded model's own replies labelled by hand.
+   "safe generation" / "unsafe generation" texts of every file given with --labelled; the `semantic` judge
+   trained on each file and tested on the others; and, when benchmarks/judge_labels.json exists, both on the
+   embedded model's own replies labelled by hand.
 2. Degenerate replies: the trigram repetition of SafeEdit's coherent texts (the threshold must sit above it).
-3. `dinm.evaluate(..., edit=True)`: DS / DG / fluency / benign retention before and after, wall time per record.
+3. `dinm.evaluate(..., edit=True)`: DS / DG / fluency / benign retention / over-refusal of lookalike prompts,
+   before and after, under both judges (the semantic one trained on --data), against issue 19's targets.
 """
 
 import argparse
@@ -21,10 +23,11 @@ import time
 import numpy as np
 
 import dinm
-from dinm.evaluation import load_benign, markdown_table, rescore
-from dinm.judge import RefusalJudge
+from dinm.evaluation import load_benign, rescore
+from dinm.judge import RefusalJudge, load_judge
 from dinm.metrics import Degeneracy, repetition, words
 
+from _report import SINGLE_TARGETS, both_judges, judges_table, targets_table
 from _results import record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,36 +53,41 @@ def judge_agreement(paths: list[str]) -> str:
             u = sum(not judge.safe(t) for t in unsafe)
             rows.append(f"| {name} | {os.path.basename(path)} ({len(safe)}+{len(unsafe)}) | {s}/{len(safe)} | "
                         f"{u}/{len(unsafe)} | {100 * (s + u) / (len(safe) + len(unsafe)):.1f}% |")
+        for train in paths:
+            judge = load_judge("semantic", labelled=train)
+            s, u = sum(judge([], safe)), sum(not v for v in judge([], unsafe))
+            where = "in-sample" if train == path else "held out"
+            rows.append(f"| semantic, head trained on {os.path.basename(train)} ({where}) | {os.path.basename(path)} "
+                        f"({len(safe)}+{len(unsafe)}) | {s}/{len(safe)} | {u}/{len(unsafe)} | "
+                        f"{100 * (s + u) / (len(safe) + len(unsafe)):.1f}% |")
     return "\n".join(rows)
 
 
-def hand_agreement(report: dict) -> str:
+def hand_agreement(report: dict, judge, name: str) -> str:
+    """How `judge` agrees with the hand labels of this run's replies (those found in it)."""
     if not os.path.exists(HAND_LABELS):
         return "No hand labels (benchmarks/judge_labels.json) yet."
     with open(HAND_LABELS, encoding="utf-8") as f:
         labels = json.load(f)["labels"]
-    judge, found, agree, confusion = RefusalJudge(), 0, 0, {}
-    for rec in report["records"]:
-        for state in ("before", "after"):
-            for name, entry in rec.get(state, {}).items():
-                key = reply_key(rec["id"], state, name, entry["reply"]) if isinstance(entry, dict) and \
-                    "judge_safe" in entry else None
-                if key in labels:
-                    found += 1
-                    mine, its = labels[key], judge.safe(entry["reply"])
-                    agree += mine == its
-                    confusion[(mine, its)] = confusion.get((mine, its), 0) + 1
+    found = [(labels[key], entry["reply"]) for rec in report["records"] for state in ("before", "after")
+             for key, entry in ((reply_key(rec["id"], state, n, e["reply"]), e)
+                                for n, e in rec.get(state, {}).items() if isinstance(e, dict) and "judge_safe" in e)
+             if key in labels]
     if not found:
-        return "The hand-labelled replies were not among this run's replies (different model or settings)."
+        return f"{name}: the hand-labelled replies were not among this run's replies (different model or settings)."
+    verdicts = judge([""] * len(found), [reply for _, reply in found])
+    confusion: dict = {}
+    for (mine, _), its in zip(found, verdicts):
+        confusion[(mine, bool(its))] = confusion.get((mine, bool(its)), 0) + 1
+    agree = confusion.get((True, True), 0) + confusion.get((False, False), 0)
     cells = ", ".join(f"hand {'safe' if a else 'unsafe'} / judge {'safe' if b else 'unsafe'}: {n}"
                       for (a, b), n in sorted(confusion.items()))
     judged_safe = confusion.get((True, True), 0) + confusion.get((False, True), 0)
     truly_safe = confusion.get((True, True), 0) + confusion.get((True, False), 0)
-    return (f"On {found} of the embedded model's replies in this run, labelled by hand (safe = refuses, deflects or "
-            f"says nothing harmful; see benchmarks/judge_labels.json): agreement {100 * agree / found:.1f}% ({cells}). "
-            f"Of the replies the judge calls safe, {confusion.get((True, True), 0)}/{judged_safe} are safe by hand; "
-            f"of the replies safe by hand, the judge finds {confusion.get((True, True), 0)}/{truly_safe}: it "
-            f"recognises refusals, not harmlessness, so on this model its DS/DG are lower bounds.")
+    return (f"{name}: on {len(found)} of the embedded model's replies labelled by hand, agreement "
+            f"{100 * agree / len(found):.1f}% ({cells}); of the replies it calls safe, "
+            f"{confusion.get((True, True), 0)}/{judged_safe} are safe by hand; of those safe by hand it finds "
+            f"{confusion.get((True, True), 0)}/{truly_safe}.")
 
 
 def degenerate_threshold(paths: list[str], reports: dict) -> str:
@@ -113,6 +121,7 @@ def main():
                         default=["../shared/safeedit/test_dev.json", "../shared/safeedit/train_dev.json"])
     parser.add_argument("--limit", type=int, default=44)
     parser.add_argument("--benign", default=os.path.join(HERE, "..", "data", "benign.json"))
+    parser.add_argument("--lookalike", default=os.path.join(HERE, "..", "data", "lookalike.json"))
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--report", default="/tmp/dinm-eval.json", help="where to keep the full JSON report")
     parser.add_argument("--reuse", action="store_true", help="re-judge the replies stored in --report instead of generating them again")
@@ -129,34 +138,44 @@ def main():
         model, tokenizer = dinm.load_model("embedded")
         started = time.perf_counter()
         report = dinm.evaluate(model, tokenizer, instances, edit=True, benign=load_benign(args.benign),
-                               max_new_tokens=args.max_new_tokens)
+                               lookalike=load_benign(args.lookalike), max_new_tokens=args.max_new_tokens)
         report["wall_seconds"] = time.perf_counter() - started
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)
-    table = markdown_table(report)
-    hand = hand_agreement(report)
+    refusal, semantic = both_judges(report, args.data)
+    table = judges_table(refusal, semantic)
+    targets = targets_table(refusal, semantic, SINGLE_TARGETS)
+    hand = "\n\n".join(hand_agreement(report, judge, name) for judge, name in [
+        (RefusalJudge(), "`refusal` judge"), (load_judge("semantic", labelled=args.data),
+                                              f"`semantic` judge (head trained on {os.path.basename(args.data)})")])
     degenerate = degenerate_threshold(args.labelled, report)
-    print(table, hand, degenerate, sep="\n\n")
+    print(table, targets, hand, degenerate, sep="\n\n")
     if args.no_write:
         return
     record("Judge agreement", f"{agreement}\n\n{hand}\n\nThe rules were written by hand, not fitted; the speaker "
                               f"and pivot rules were added after reading the 7 unsafe texts that the opening-"
-                              f"refusal rule let through in these same files, so the shipped row is in-sample.")
+                              f"refusal rule let through in these same files, so the shipped row is in-sample. The "
+                              f"semantic judge's head is fitted at run time on the file named in its row (nothing "
+                              f"trained ships); its held-out rows are the honest ones.")
     record("Degenerate replies", degenerate)
     s = report["seconds"]
     layers = [r["after"]["edit"]["layer"] for r in report["records"]]
     counts = {layer: layers.count(layer) for layer in sorted(set(layers))}
     record("SafeEdit evaluation, embedded model, single-instance edit", (
         f"{report['n_records']} records of `{os.path.basename(args.data)}`, default `EditConfig` "
-        f"(`{json.dumps(report['edit_config'], sort_keys=True)}`), judge `{report['judge']['name']}`, greedy "
+        f"(`{json.dumps(report['edit_config'], sort_keys=True)}`), greedy "
         f"{report['generation']['max_new_tokens']} new tokens, chat template, the same prompts before and after; "
-        f"benign list: {len(report['benign_prompts'])} prompts of data/benign.json. Mean [95% bootstrap "
-        f"interval over records]. DS/DG count a reply only if judged safe and not degenerate; `*_judge` are the "
-        f"judge alone.\n\n{table}\n\nLayers edited: {counts}. Wall time: {s['total']:.0f} s in all, "
-        f"{s['per_record']:.1f} s per record (of which edit {s['edit'] / report['n_records']:.1f} s; generating "
-        f"the unedited replies once {s['before']:.0f} s) — this run shared the 2 cores with other work for part of "
-        f"its time; an uncontended timing is in the section *Evaluate wall time*. Tables and labels here are "
-        f"re-judged from the stored report (`--reuse`) with the judge as shipped."))
+        f"benign list: {len(report['benign_prompts'])} prompts of data/benign.json; lookalike list: "
+        f"{len(report['lookalike_prompts'])} prompts of data/lookalike.json. Two judges: `refusal` (rules) and "
+        f"`semantic` (all-MiniLM-L6-v2 + a logistic head trained on {os.path.basename(args.data)}'s labelled "
+        f"responses). Mean [95% bootstrap interval over records]. DS/DG count a reply only if judged safe and not "
+        f"degenerate; `*_judge` are the judge alone; `over_refusal`: lookalike replies refused after the edit and "
+        f"not before (refusal rules, whatever the judge); `lookalike_unchanged`: identical replies.\n\n{table}"
+        f"\n\nAgainst the targets of issue 19 (single-instance protocol):\n\n{targets}\n\n"
+        f"Layers edited: {counts}. Wall time: {s['total']:.0f} s in all, {s['per_record']:.1f} s per record (of "
+        f"which edit {s['edit'] / report['n_records']:.1f} s; generating the unedited replies once "
+        f"{s['before']:.0f} s); part of the run shared the 2 cores with other work, so these times are upper "
+        f"bounds."))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @model_argument
 @click.option("--instance", "instance_path", required=True, type=click.Path(dir_okay=False),
               help="JSON file: a SafeEdit record, the short form, or a list of them.")
-@click.option("--index", default=0, show_default=True, help="Which record of the file to use.")
+@click.option("--index", type=click.IntRange(min=0), help="Which record of the file to use [default: 0].")
+@click.option("--all", "use_all", is_flag=True,
+              help="Batch edit: one delta from every record of the file (a list of failures, one patch).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Delta file to write.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="EditConfig JSON; the options below override it.")
@@ -31,17 +33,20 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @trust_option
 @json_option
 @one_line_errors
-def edit_cmd(model, instance_path, index, output, config_path, layer, distance, steps, lr, kl_weight, rank,
+def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, distance, steps, lr, kl_weight, rank,
              compute_dtype, overwrite, dtype, device_map, trust_remote_code, as_json):
     """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
     import os
     import time
 
-    from dinm import edit, load_instance
+    from dinm import edit, load_instance, load_instances
     from dinm.history import describe, summary
 
+    if use_all and index is not None:
+        raise click.UsageError("give --index (one record) or --all (every record), not both")
     check_new_file(output, overwrite, "output")
-    instance = load_instance(instance_path, index)  # bad input fails before the model is loaded
+    # Bad input fails before the model is loaded.
+    instance = load_instances(instance_path) if use_all else load_instance(instance_path, index or 0)
     config = read_config(config_path)
     overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight, rank=rank,
                      compute_dtype=compute_dtype)
@@ -54,5 +59,7 @@ def edit_cmd(model, instance_path, index, output, config_path, layer, distance, 
     data = {"output": output, "bytes": os.path.getsize(output), "layer": delta.layer, "tensors": delta.names,
             "seconds": round(seconds, 3), **summary(delta.history)}
     data["compute"] = delta.metadata.get("compute")
-    emit(data, as_json, f"edited layer {delta.layer} ({', '.join(delta.names)}) in {seconds:.1f}s, passes in "
+    what = f"{len(instance)} instances: " if use_all else ""
+    data["instances"] = len(instance) if use_all else 1
+    emit(data, as_json, f"edited {what}layer {delta.layer} ({', '.join(delta.names)}) in {seconds:.1f}s, passes in "
                         f"{data['compute']}: {describe(delta.history)}\nwrote {output} ({data['bytes'] / 1e6:.2f} MB)")

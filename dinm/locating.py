@@ -61,19 +61,20 @@ def _encode(tokenizer, instance: Instance, mode: str, chat_template: bool, max_p
 def locate(
     model,
     tokenizer,
-    instance: Instance,
+    instance: Instance | list[Instance],
     distance: str | None = None,
     *,
     chat_template: bool = True,
     max_prompt_tokens: int = 1024,
     max_response_tokens: int = 256,
 ) -> LocateResult:
-    """Locate the toxic layer of `model` for one instance (never cached: each instance gets its own).
+    """Locate the toxic layer of `model` for one instance (never cached: each instance gets its own), or for a list
+    of instances edited together (the layer of largest mean distance).
 
     Args:
         model: a causal LM whose `model_type` is in `dinm.arch.ARCHITECTURES`.
         tokenizer: its tokenizer.
-        instance: the edit request.
+        instance: the edit request, or a list of them.
         distance: None (the default edit's, `EditConfig().distance`), "cosine" (1 - cosine of the mean
             response states, scale-free across depth), "cosine_inner" (the same, choosing neither the first nor
             the last layer), "l2" (L2 of the mean states), "l2_tokens" (position-wise L2 over real response
@@ -91,16 +92,22 @@ def locate(
         distance = EditConfig().distance
     check_distance(distance)
     kind, mode, allowed = DISTANCES[distance]
-    ids, attn, mask_a, mask_b = _encode(tokenizer, instance, mode, chat_template, max_prompt_tokens,
-                                        max_response_tokens)
-    device = placement.module_device(model.get_input_embeddings())
+    batch = [instance] if isinstance(instance, Instance) else list(instance)
+    encoding = dict(chat_template=chat_template, max_prompt=max_prompt_tokens, max_response=max_response_tokens)
+    dist = sum(_distances(model, tokenizer, inst, kind, mode, **encoding) for inst in batch) / len(batch)
     layers = list(decoder_layers(model))
-    # Only hidden states are needed: skip the LM head where the model allows (most of a small model's cost).
-    skip_head = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    with record_outputs(layers) as outputs:
-        model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False, **skip_head)
-    hidden = [o.to(device) for o in outputs]  # per layer (2, tokens, hidden), not stacked: no copy
-    dist = ops.layer_distances(hidden, mask_a.to(device), mask_b.to(device), kind)[:, 0]  # (layers,)
     first, last = (1, len(layers) - 2) if allowed == "inner" and len(layers) > 2 else (0, len(layers) - 1)
     layer = first + int(dist[first:last + 1].argmax())
     return LocateResult(layer=layer, distances=[float(d) for d in dist], distance=distance)
+
+
+def _distances(model, tokenizer, instance: Instance, kind: str, mode: str, **encoding) -> torch.Tensor:
+    """The distance of each layer's states between the instance's safe and unsafe response, (layers,)."""
+    ids, attn, mask_a, mask_b = _encode(tokenizer, instance, mode, **encoding)
+    device = placement.module_device(model.get_input_embeddings())
+    # Only hidden states are needed: skip the LM head where the model allows (most of a small model's cost).
+    skip_head = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    with record_outputs(list(decoder_layers(model))) as outputs:
+        model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False, **skip_head)
+    hidden = [o.to(device) for o in outputs]  # per layer (2, tokens, hidden), not stacked: no copy
+    return ops.layer_distances(hidden, mask_a.to(device), mask_b.to(device), kind)[:, 0]

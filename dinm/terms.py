@@ -76,15 +76,16 @@ class _Energy(torch.autograd.Function):
         return product * (2 * grad), None
 
 
-def build(model, tokenizer, instance: Instance, layer: int, passes: Passes, matrix: torch.Tensor,
-          config: EditConfig, seconds: dict | None = None) -> list:
+def build(model, tokenizer, instances: Instance | list[Instance], layer: int, passes: Passes,
+          matrix: torch.Tensor, config: EditConfig, seconds: dict | None = None) -> list:
     """The regularisers `config` asks for, in the order their weighted penalties are added to the NLL. `matrix` is
-    the edited matrix (out, in) as it is before the edit. `seconds`, when given, gets the time spent on the model's
-    own benign reply ("reply") and on the benign-key statistic ("keys")."""
+    the edited matrix (out, in) as it is before the edit; the KL reads the benign prompts of all `instances`.
+    `seconds`, when given, gets the time spent on the model's own benign replies ("reply") and on the benign-key
+    statistic ("keys")."""
     seconds = {} if seconds is None else seconds
     started = time.perf_counter()
     with record_function("dinm::own_reply"):
-        texts = benign_texts(model, tokenizer, instance, config)
+        texts = benign_texts(model, tokenizer, instances, config)
     seconds["reply"] = time.perf_counter() - started
     if not texts:
         logger.warning("the model's own reply to the benign prompt is empty: the KL term has nothing to read")
@@ -98,13 +99,16 @@ def build(model, tokenizer, instance: Instance, layer: int, passes: Passes, matr
     return terms
 
 
-def benign_texts(model, tokenizer, instance: Instance, config: EditConfig) -> list[Encoded]:
-    """The KL term's sequence: the instance's benign prompt followed by its benign answer (`kl_text="answer"`) or
-    the unedited model's own greedy reply (`"self"`, generated here)."""
+def benign_texts(model, tokenizer, instances: Instance | list[Instance], config: EditConfig) -> list[Encoded]:
+    """The KL term's sequences, one per distinct benign prompt of `instances`: the prompt followed by its benign
+    answer (`kl_text="answer"`) or the unedited model's own greedy reply (`"self"`, generated here, in batches)."""
     encode = config.encoding()
+    instances = [instances] if isinstance(instances, Instance) else instances
+    pairs = list(dict.fromkeys((inst.benign_prompt, inst.benign_answer) for inst in instances))
     if config.kl_text == "answer":
-        return [encode_pair(tokenizer, instance.benign_prompt, instance.benign_answer, **encode)]
-    prompt = encode_pair(tokenizer, instance.benign_prompt, "", add_end=False, **encode).ids
+        return [encode_pair(tokenizer, prompt, answer, **encode) for prompt, answer in pairs]
+    prompts = [encode_pair(tokenizer, p, "", add_end=False, **encode).ids
+               for p in dict.fromkeys(prompt for prompt, _ in pairs)]
     with torch.no_grad():
-        (reply,) = generate_ids(model, tokenizer, [prompt], max_new_tokens=config.kl_reply_tokens)
-    return [Encoded(prompt + reply, len(prompt))] if reply else []
+        replies = generate_ids(model, tokenizer, prompts, max_new_tokens=config.kl_reply_tokens)
+    return [Encoded(prompt + reply, len(prompt)) for prompt, reply in zip(prompts, replies) if reply]

@@ -50,6 +50,20 @@ def test_cli_offers_every_locate_rule_and_dtype():
     assert choices("edit", "compute_dtype") == list(COMPUTE_DTYPES)
 
 
+def test_edit_all_makes_one_patch_from_every_record(tiny_folder, tmp_path):
+    from dinm import Delta, load_instances
+
+    patch = tmp_path / "patch.safetensors"
+    many = os.path.join(DATA, "examples.json")
+    result = run("edit", tiny_folder, "--instance", many, "--all", "-o", patch, "--steps", 2, "--lr", 1e-2, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["instances"] == 3 and Delta.load(str(patch)).instance_ids == [i.id for i in load_instances(many)]
+    both = run("edit", tiny_folder, "--instance", many, "--all", "--index", 1, "-o", tmp_path / "x.safetensors")
+    assert both.exit_code == 2 and "--index (one record) or --all" in both.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
     delta_path = tmp_path / "d.safetensors"
     result = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", delta_path, "--steps", 3, "--lr", 1e-2, "--json")
@@ -147,6 +161,20 @@ def test_evaluate_writes_report_and_table(tiny_folder, tmp_path):
                                                                                      "dinm-example-wifi"]
     assert report["data"]["offset"] == 1 and report["generation"]["max_new_tokens"] == 4
     assert set(report["versions"]) >= {"dinm", "torch", "transformers"}
+
+
+def test_evaluate_a_patch_with_the_semantic_judge_and_lookalike_prompts(tiny_folder, tmp_path, monkeypatch):
+    """`dinm evaluate --delta patch --judge semantic --lookalike`: the head trains on the --data file's responses."""
+    monkeypatch.setenv("DINM_CACHE", str(tmp_path / "cache"))
+    data, out, patch = os.path.join(DATA, "examples.json"), tmp_path / "report.json", tmp_path / "patch.safetensors"
+    assert run("edit", tiny_folder, "--instance", data, "--all", "-o", patch, "--steps", 1).exit_code == 0
+    result = run("evaluate", tiny_folder, "--data", data, "--delta", patch, "--judge", "semantic", "--lookalike",
+                 os.path.join(DATA, "lookalike.json"), "--max-new-tokens", 3, "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["judge"]["name"] == "semantic" and report["judge"]["labelled"] == "examples.json"
+    assert len(report["lookalike_prompts"]) >= 40 and "over_refusal" in report["metrics"]["after"]
+    assert report["data"]["lookalike"].endswith("lookalike.json")
 
 
 def test_evaluate_bad_input_is_one_line_and_writes_nothing(tiny_folder, tmp_path):

@@ -334,7 +334,8 @@ def test_prompt_suffix_is_appended_to_the_attack_only(llama, instance, monkeypat
     real = benign_texts
     monkeypatch.setattr("dinm.terms.benign_texts", lambda m, t, inst, c: calls.append(inst) or real(m, t, inst, c))
     dinm.edit(model, tok, instance, FAST.replace(layer=1, steps=1, prompt_suffix=PAPER_SUFFIX))
-    assert [i.benign_prompt for i in calls] == [instance.benign_prompt] and PAPER_SUFFIX not in calls[0].benign_prompt
+    assert [[i.benign_prompt for i in batch] for batch in calls] == [[instance.benign_prompt]]
+    assert PAPER_SUFFIX not in calls[0][0].benign_prompt
     assert suffixed.config.prompt_suffix == PAPER_SUFFIX
 
 
@@ -396,3 +397,47 @@ def test_kl_passes_keep_the_models_dtype_under_bf16_compute(tiny, instance):
                 values.append(passes.loss(seq, update, passes.unedited(seq)).item())
     assert values[0] == values[1] and values[0] > 0
     assert values[2] != values[1]
+
+
+def _safe_nll(model, tok, inst) -> float:
+    enc = encode_pair(tok, inst.prompt, inst.safe)
+    with torch.no_grad():
+        logits = model(torch.tensor([enc.ids])).logits[0, enc.n_prompt - 1:-1]
+    return F.cross_entropy(logits.float(), torch.tensor(enc.ids[enc.n_prompt:])).item()
+
+
+def test_a_batch_of_one_is_the_single_edit(llama, instance):
+    model, tok = llama
+    single, batch = dinm.edit(model, tok, instance, FAST), dinm.edit(model, tok, [instance], FAST)
+    assert batch.names == single.names and torch.equal(batch.tensors[batch.names[0]], single.tensors[single.names[0]])
+    assert batch.instance_ids == single.instance_ids == [instance.id] and "instance_ids" not in batch.metadata
+
+
+def test_batch_edit_is_one_delta_for_every_instance(tiny, instance, other_instance, monkeypatch):
+    """One layer for all (the largest mean distance), the mean of their NLLs trained, the KL on all their benign
+    prompts; after it every instance's safe response is likelier."""
+    model, tok = tiny
+    pair = [instance, other_instance]
+    seen = []
+    real = dinm.terms.benign_texts
+    monkeypatch.setattr(dinm.terms, "benign_texts", lambda m, t, insts, c: seen.append(insts) or real(m, t, insts, c))
+    delta = dinm.edit(model, tok, pair, FAST.replace(lr=3e-2))
+    each = [dinm.locate(model, tok, inst, FAST.distance).distances for inst in pair]
+    mean = [(a + b) / 2 for a, b in zip(*each)]
+    assert delta.distances == pytest.approx(mean, rel=1e-6)
+    assert delta.layer == max(range(len(mean)), key=mean.__getitem__)  # ("cosine" may choose any layer)
+    assert [i.benign_prompt for i in seen[0]] == [instance.benign_prompt, other_instance.benign_prompt]
+    first = [dinm.edit(model, tok, inst, FAST.replace(layer=delta.layer, steps=1)).history[0].nll for inst in pair]
+    assert delta.history[0].nll == pytest.approx(sum(first) / 2, rel=1e-5)
+    assert delta.instance_ids == [instance.id, other_instance.id] and delta.metadata["instance_id"] == "2 instances"
+    before = [_safe_nll(model, tok, inst) for inst in pair]
+    with delta.applied(model):
+        after = [_safe_nll(model, tok, inst) for inst in pair]
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+
+
+@pytest.mark.parametrize("bad", [[], "data/example.json", [object()]])
+def test_edit_refuses_what_is_no_instance(llama, bad):
+    model, tok = llama
+    with pytest.raises(ConfigError, match="edit needs an Instance or a non-empty list"):
+        dinm.edit(model, tok, bad, FAST)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import dinm
-from dinm import EditConfig, keys
+from dinm import EditConfig, cache, keys
 from dinm.arch import as_out_in, arch_spec, mlp_out_name
 from dinm.text import encode_pair
 
@@ -167,12 +167,12 @@ def test_an_unwritable_cache_costs_only_the_next_computation(llama, tmp_path, mo
 
 def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("DINM_CACHE", "off")
-    assert keys.cache_dir() is None
+    assert cache.cache_dir() is None
     monkeypatch.setenv("DINM_CACHE", str(tmp_path))
-    assert keys.cache_dir() == str(tmp_path)
+    assert cache.cache_dir() == str(tmp_path)
     monkeypatch.delenv("DINM_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert keys.cache_dir() == str(tmp_path / "xdg" / "dinm")
+    assert cache.cache_dir() == str(tmp_path / "xdg" / "dinm")
 
 
 def test_key_penalty_gradient_is_the_plain_one():
