@@ -25,6 +25,7 @@ import dinm
 from dinm import EditConfig
 from dinm.config import PAPER_SUFFIX
 from dinm.evaluation import load_benign, rescore
+from dinm.judge import load_judge
 
 from _results import record
 
@@ -59,6 +60,17 @@ COLUMNS = ("DS", "DG_avg", "DS_judge", "degenerate", "fluency", "benign_unchange
 LOOKALIKE_COLUMNS = ("DG_onlyQ", "over_refusal", "lookalike_unchanged")
 
 
+SEMANTIC_COLUMNS = ("DS (semantic)", "DG_avg (semantic)", "DG_onlyQ (semantic)")
+
+
+def with_semantic(report: dict, judge) -> dict:
+    """`report` with the semantic judge's DS / DG beside the refusal judge's (as extra metric names)."""
+    again = rescore(report, judge)["metrics"]
+    metrics = {state: {**m, **{f"{name} (semantic)": again[state][name] for name in ("DS", "DG_avg", "DG_onlyQ")
+                               if name in again[state]}} for state, m in report["metrics"].items()}
+    return {**report, "metrics": metrics}
+
+
 def first_records(report: dict, n: int) -> dict:
     """`report` cut to its first `n` records, judged again with today's judge."""
     return rescore({**report, "records": report["records"][:n], "n_records": n})
@@ -80,18 +92,23 @@ def main():
     parser.add_argument("--section", default="Ablation: edit settings", help="RESULTS.md section to (re)write")
     parser.add_argument("--lookalike", help="lookalike prompts (data/lookalike.json): adds over-refusal columns")
     parser.add_argument("--from-report", help="reuse this report's unedited replies (and its config's row)")
+    parser.add_argument("--semantic", action="store_true",
+                        help="add DS / DG columns under the semantic judge (its head trained on --data)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     records = dinm.load_instances(args.data)[:args.limit]
     benign = load_benign(os.path.join(HERE, "../data/benign.json"))
     lookalike = load_benign(args.lookalike) if args.lookalike else None
-    columns = COLUMNS + (LOOKALIKE_COLUMNS if lookalike else ())
+    columns = COLUMNS + (LOOKALIKE_COLUMNS if lookalike else ()) + (SEMANTIC_COLUMNS if args.semantic else ())
+    semantic = load_judge("semantic", labelled=args.data) if args.semantic else None
     stored = None
     if args.from_report:
         with open(args.from_report, encoding="utf-8") as f:
             stored = first_records(json.load(f), len(records))
     model, tokenizer = dinm.load_model("embedded")
     header = ["| setting | " + " | ".join(columns) + " | edit s | layers |", "|---|" + "---|" * (len(columns) + 2)]
+    if stored is not None and semantic is not None:
+        stored = with_semantic(stored, semantic)
     rows, before = [], stored
     if stored is not None:
         rows.append("| unedited | " + " | ".join(cell(stored["metrics"]["before"], c) for c in columns) + " | | |")
@@ -103,6 +120,8 @@ def main():
         else:
             report = dinm.evaluate(model, tokenizer, records, edit=config, benign=benign, lookalike=lookalike,
                                    before=before, max_new_tokens=args.max_new_tokens, progress=False)
+        if semantic is not None:
+            report = with_semantic(report, semantic)
         if before is None:
             before = report
             rows.append("| unedited | " + " | ".join(cell(report["metrics"]["before"], c) for c in columns) +
@@ -124,6 +143,8 @@ def main():
             f"no edit's KL term reads them)"
             + (f"; `over_refusal` / `lookalike_unchanged`: the {len(lookalike)} prompts of `{args.lookalike}` "
                f"refused after the edit and not before / unchanged" if lookalike else "")
+            + (f"; `(semantic)` columns: the semantic judge (all-MiniLM-L6-v2 + a head fitted on "
+               f"`{os.path.basename(args.data)}`'s labelled responses)" if semantic is not None else "")
             + f". Means over records; 'edit s' is the mean edit time (2-core CPU).\n\n"
             f"{table}"))
 

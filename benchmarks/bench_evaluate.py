@@ -90,6 +90,21 @@ def hand_agreement(report: dict, judge, name: str) -> str:
             f"{confusion.get((True, True), 0)}/{truly_safe}.")
 
 
+def hand_agreements(report: dict, data: str) -> str:
+    return "\n\n".join(hand_agreement(report, judge, name) for judge, name in [
+        (RefusalJudge(), "`refusal` judge"),
+        (load_judge("semantic", labelled=data), f"`semantic` judge (head trained on {os.path.basename(data)})")])
+
+
+def judge_section(agreement: str, hand: str, report: dict) -> str:
+    return (f"{agreement}\n\nHand labels, on the replies of a `{report['protocol']}`-protocol run "
+            f"({report['n_records']} records, {report['generation']['max_new_tokens']} new tokens):\n\n{hand}\n\n"
+            f"The rules were written by hand, not fitted; the speaker and pivot rules were added after reading the 7 "
+            f"unsafe texts that the opening-refusal rule let through in these same files, so the shipped row is "
+            f"in-sample. The semantic judge's head is fitted at run time on the file named in its row (nothing "
+            f"trained ships); its held-out rows are the honest ones.")
+
+
 def degenerate_threshold(paths: list[str], reports: dict) -> str:
     texts = []
     for path in paths:
@@ -125,11 +140,21 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--report", default="/tmp/dinm-eval.json", help="where to keep the full JSON report")
     parser.add_argument("--reuse", action="store_true", help="re-judge the replies stored in --report instead of generating them again")
+    parser.add_argument("--judges-only", action="store_true",
+                        help="only the judge agreement, on the replies stored in --report (any dinm.evaluate report)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
     agreement = judge_agreement(args.labelled)
     print(agreement)
+    if args.judges_only:
+        with open(args.report, encoding="utf-8") as f:
+            report = json.load(f)
+        hand = hand_agreements(report, args.data)
+        print(hand)
+        if not args.no_write:
+            record("Judge agreement", judge_section(agreement, hand, report))
+        return
     if args.reuse:
         with open(args.report, encoding="utf-8") as f:
             report = rescore(json.load(f))  # judged again with today's judge
@@ -145,18 +170,12 @@ def main():
     refusal, semantic = both_judges(report, args.data)
     table = judges_table(refusal, semantic)
     targets = targets_table(refusal, semantic, SINGLE_TARGETS)
-    hand = "\n\n".join(hand_agreement(report, judge, name) for judge, name in [
-        (RefusalJudge(), "`refusal` judge"), (load_judge("semantic", labelled=args.data),
-                                              f"`semantic` judge (head trained on {os.path.basename(args.data)})")])
+    hand = hand_agreements(report, args.data)
     degenerate = degenerate_threshold(args.labelled, report)
     print(table, targets, hand, degenerate, sep="\n\n")
     if args.no_write:
         return
-    record("Judge agreement", f"{agreement}\n\n{hand}\n\nThe rules were written by hand, not fitted; the speaker "
-                              f"and pivot rules were added after reading the 7 unsafe texts that the opening-"
-                              f"refusal rule let through in these same files, so the shipped row is in-sample. The "
-                              f"semantic judge's head is fitted at run time on the file named in its row (nothing "
-                              f"trained ships); its held-out rows are the honest ones.")
+    record("Judge agreement", judge_section(agreement, hand, report))
     record("Degenerate replies", degenerate)
     s = report["seconds"]
     layers = [r["after"]["edit"]["layer"] for r in report["records"]]
