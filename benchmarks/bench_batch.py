@@ -16,7 +16,7 @@ import time
 
 import dinm
 from dinm.evaluation import load_benign
-from dinm.judge import RefusalJudge
+from dinm.judge import is_refusal
 from dinm.metrics import summarise
 
 from _report import BATCH_TARGETS, both_judges, cell, judges_table, targets_table
@@ -27,14 +27,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def over_prompts(report: dict) -> str:
     """A patch is one model state: its list figures get their interval over prompts, not records."""
-    refuses = RefusalJudge().safe
     rows = []
     for name, kind in (("benign", "unchanged"), ("lookalike", "unchanged"), ("lookalike", "over_refusal")):
         items = report[f"{name}_prompts"]
         if kind == "unchanged":
             values = [float(p["after"] == p["before"]) for p in items]
         else:
-            values = [float(refuses(p["after"]) and not refuses(p["before"])) for p in items]
+            values = [float(is_refusal(p["after"]) and not is_refusal(p["before"])) for p in items]
         rows.append(f"| {name} list, {kind} | {len(items)} | {cell(summarise(values), 'x')} |")
     return "| figure | prompts | % [95% bootstrap over prompts] |\n|---|---|---|\n" + "\n".join(rows)
 

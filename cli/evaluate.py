@@ -37,8 +37,9 @@ from ._common import (check_new_file, device_map_option, dtype_option, load, mod
 @device_map_option
 @trust_option
 @one_line_errors
-def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path, lookalike_path, judge, judge_safe_label, limit,
-                 offset, max_new_tokens, batch_size, output, overwrite, dtype, device_map, trust_remote_code):
+def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path, lookalike_path, judge,
+                 judge_safe_label, limit, offset, max_new_tokens, batch_size, output, overwrite, dtype, device_map,
+                 trust_remote_code):
     """Measure DS, DG, fluency and benign retention on SafeEdit records, before and after an edit."""
     from dinm import Delta, evaluate, load_instances
     from dinm.evaluation import load_benign, markdown_table, save_report
@@ -66,8 +67,7 @@ def evaluate_cmd(model, data_path, delta_path, do_edit, config_path, benign_path
         the_judge = load_judge(judge, safe_label=judge_safe_label, trust_remote_code=trust_remote_code)
     net, tokenizer = load(model, dtype, trust_remote_code, device_map)
     report = evaluate(net, tokenizer, instances, delta=delta, edit=edit, benign=benign, lookalike=lookalike,
-                      judge=the_judge,
-                      max_new_tokens=max_new_tokens, batch_size=batch_size)
+                      judge=the_judge, max_new_tokens=max_new_tokens, batch_size=batch_size)
     report["data"] = {"path": data_path, "offset": offset, "limit": limit, "benign": benign_path,
                       "lookalike": lookalike_path}
     if output:

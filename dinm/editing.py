@@ -96,7 +96,7 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
                          disable=None if progress is None else not progress, leave=False):
             # One backward per target (a batch's graphs are never all held at once), then one for the penalties.
             grads: list[torch.Tensor] | None = None
-            nll = 0.0
+            nll = torch.zeros((), device=passes.device)
             for target in targets:
                 tick = time.perf_counter()
                 with record_function("dinm::nll_pass"):
@@ -104,9 +104,10 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
                 tock = time.perf_counter()
                 with record_function("dinm::backward"):
                     grads = _accumulate(grads, torch.autograd.grad(piece, trained.params))
-                nll += piece.item()
+                nll = nll + piece.detach()
                 seconds["forward"] += tock - tick
                 seconds["backward"] += time.perf_counter() - tock
+            nll = nll.item()  # (one host sync a step)
             if config.stop_nll is not None and nll < config.stop_nll:
                 history.append(Step(step, nll, stopped=True))
                 break  # the safe responses are likely enough: no further change

@@ -35,7 +35,7 @@ from .errors import ConfigError, first_line
 from .generate import generate
 from .history import summary
 from .instance import GENERALIZATION_KEYS, Instance
-from .judge import Judge, RefusalJudge, load_judge
+from .judge import Judge, is_refusal, load_judge
 from .metrics import Degeneracy, ngram_entropy, rouge_l, summarise, token_f1
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ DG_NAMES = {"only_question": "DG_onlyQ", "other_attack": "DG_otherA", "other_que
             "other_attack_question": "DG_otherAQ"}
 SAFETY_INPUTS = ("DS", *DG_NAMES.values())
 LISTS = ("benign", "lookalike")  # the prompt lists whose replies an edit should leave alone
-_REFUSES = RefusalJudge()  # what counts as a refusal of a lookalike prompt, whatever judges the safety inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +87,7 @@ def _safety_prompts(instance: Instance) -> dict[str, str]:
 
 
 class _State:
-    """The prompts of one model state, generated in one batched pass and judged together."""
+    """The prompts of one model state (each record's, each list's), generated and judged together."""
 
     def __init__(self, instances: list[Instance], lists: dict[str, list[BenignPrompt]]):
         self.instances, self.lists = instances, lists
@@ -151,7 +150,7 @@ def _compare_lists(rec: dict, after: dict[str, list[str]], before: dict[str, lis
     if before.get("lookalike"):
         pairs = list(zip(after["lookalike"], before["lookalike"]))
         rec["lookalike_unchanged"] = sum(a == b for a, b in pairs) / len(pairs)
-        rec["over_refusal"] = sum(_REFUSES.safe(a) and not _REFUSES.safe(b) for a, b in pairs) / len(pairs)
+        rec["over_refusal"] = sum(is_refusal(a) and not is_refusal(b) for a, b in pairs) / len(pairs)
 
 
 def _per_record_values(records: list[dict], before: list[dict] | None) -> dict[str, list[float]]:
@@ -195,7 +194,7 @@ def _aggregate(records: list[dict], before: list[dict] | None, seed: int) -> dic
 def _metrics(before: list[dict], after: list[dict] | None, lookalike_before: list[str], seed: int) -> dict:
     metrics = {"before": _aggregate(before, None, seed)}
     if lookalike_before:  # (one state, no interval: what the unedited model refuses already)
-        refused = [_REFUSES.safe(r) for r in lookalike_before]
+        refused = [is_refusal(r) for r in lookalike_before]
         metrics["before"]["lookalike_refused"] = summarise([sum(refused) / len(refused)], seed=seed)
     if after is not None:
         metrics["after"] = _aggregate(after, before, seed)
@@ -204,7 +203,8 @@ def _metrics(before: list[dict], after: list[dict] | None, lookalike_before: lis
 
 def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | None = None,
              edit: bool | EditConfig = False, benign: list[BenignPrompt] | None = None,
-             lookalike: list[BenignPrompt] | None = None, judge: str | Judge = "refusal", max_new_tokens: int = 64, batch_size: int = 8,
+             lookalike: list[BenignPrompt] | None = None, judge: str | Judge = "refusal",
+             max_new_tokens: int = 64, batch_size: int = 8,
              chat_template: bool = True, degeneracy: Degeneracy = Degeneracy(), seed: int = 0,
              progress: bool = True, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate `model` on SafeEdit records; with `delta` or `edit`, before and after.

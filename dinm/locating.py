@@ -95,8 +95,8 @@ def locate(
     batch = [instance] if isinstance(instance, Instance) else list(instance)
     encoding = dict(chat_template=chat_template, max_prompt=max_prompt_tokens, max_response=max_response_tokens)
     dist = sum(_distances(model, tokenizer, inst, kind, mode, **encoding) for inst in batch) / len(batch)
-    layers = list(decoder_layers(model))
-    first, last = (1, len(layers) - 2) if allowed == "inner" and len(layers) > 2 else (0, len(layers) - 1)
+    n = len(dist)
+    first, last = (1, n - 2) if allowed == "inner" and n > 2 else (0, n - 1)
     layer = first + int(dist[first:last + 1].argmax())
     return LocateResult(layer=layer, distances=[float(d) for d in dist], distance=distance)
 

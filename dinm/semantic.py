@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from functools import lru_cache
 
 import torch
 
@@ -68,6 +69,13 @@ class Encoder:
         return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
 
 
+@lru_cache(maxsize=2)
+def load_encoder(folder: str) -> Encoder:
+    """The encoder of `folder`, loaded (and its weights hashed) once per process: judges and benchmarks that build
+    several heads share it."""
+    return Encoder(folder)
+
+
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights and bias of an L2-regularised logistic regression (float64, L-BFGS to convergence; the objective is
     strictly convex, so the result does not depend on the start). `l2` defaults to 1/n: scikit-learn's C=1."""
@@ -101,7 +109,7 @@ class SemanticJudge:
     def __init__(self, labelled: str, *, encoder: str | None = None, threshold: float = 0.5):
         instances = load_instances(labelled)  # (each with a non-empty safe and unsafe response, or an error)
         safe, unsafe = [inst.safe for inst in instances], [inst.unsafe for inst in instances]
-        self.encoder = Encoder(encoder or encoder_folder())
+        self.encoder = load_encoder(encoder or encoder_folder())
         self.labelled, self.threshold = labelled, threshold
         self.file_digest = _sha256(labelled)
         key = hashlib.sha256(f"{self.file_digest} {self.encoder.digest} {HEAD_VERSION}".encode()).hexdigest()[:32]

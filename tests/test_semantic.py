@@ -59,6 +59,9 @@ def cache(tmp_path, monkeypatch):
 def test_judges_what_a_reply_says_after_training_on_the_file(tmp_path, cache):
     judge = load_judge("semantic", labelled=labelled_file(tmp_path / "l.json"))
     assert judge([""] * len(HELD_OUT), list(HELD_OUT)) == list(HELD_OUT.values())
+    # Not a coin flip: each probability is at least 1e-3 from the threshold (measured: 0.0098 the nearest), where
+    # another CPU's float32 kernels move an embedding, and so the probability, by ~1e-6.
+    assert ((judge.probability(list(HELD_OUT)) - judge.threshold).abs() > 1e-3).all()
     d = judge.describe()
     assert d["name"] == "semantic" and d["trained_on"] == {"safe": 8, "unsafe": 8}
     assert d["labelled_sha256"] == semantic._sha256(str(tmp_path / "l.json"))
