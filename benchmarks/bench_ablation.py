@@ -54,7 +54,11 @@ VARIANTS = {
     "inner_steps30_lr4e-3": ("lr 4e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner`, 30 steps",
                              EditConfig(steps=30, lr=4e-3)),
     "request": ("the default + the request alone as a second target (`variants=\"request\"`: the adversarial "
-                "prompt's last sentence, after its last colon)", EditConfig(variants="request")),
+                "prompt's last question, or last sentence, after its last colon)", EditConfig(variants="request")),
+    "unsafe": ("the default + the unsafe response made less likely (`unsafe_weight=1`: a hinge pushing its NLL up "
+               "to 1 nat per token above the unedited model's)", EditConfig(unsafe_weight=1.0)),
+    "unsafe_request": ("the default + both: `unsafe_weight=1`, `variants=\"request\"`",
+                       EditConfig(unsafe_weight=1.0, variants="request")),
 }
 COLUMNS = ("DS", "DG_avg", "DS_judge", "degenerate", "fluency", "benign_unchanged", "benign_list_unchanged")
 LOOKALIKE_COLUMNS = ("DG_onlyQ", "over_refusal", "lookalike_unchanged")

@@ -140,8 +140,13 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--report", default="/tmp/dinm-eval.json", help="where to keep the full JSON report")
     parser.add_argument("--reuse", action="store_true", help="re-judge the replies stored in --report instead of generating them again")
+    parser.add_argument("--before", help="reuse the unedited replies of this report (same records, lists and "
+                        "generation settings; e.g. bench_batch.py's) instead of generating them again")
     parser.add_argument("--judges-only", action="store_true",
                         help="only the judge agreement, on the replies stored in --report (any dinm.evaluate report)")
+    parser.add_argument("--keep-judge-section", action="store_true",
+                        help="leave RESULTS.md's judge agreement as it is (written from a report with more hand labels)")
+    parser.add_argument("--shared-cpu", action="store_true", help="say in RESULTS.md that other work ran beside it")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -160,10 +165,15 @@ def main():
             report = rescore(json.load(f))  # judged again with today's judge
     else:
         instances = dinm.load_instances(args.data)[:args.limit]
+        before = None
+        if args.before:
+            with open(args.before, encoding="utf-8") as f:
+                before = json.load(f)
         model, tokenizer = dinm.load_model("embedded")
         started = time.perf_counter()
         report = dinm.evaluate(model, tokenizer, instances, edit=True, benign=load_benign(args.benign),
-                               lookalike=load_benign(args.lookalike), max_new_tokens=args.max_new_tokens)
+                               lookalike=load_benign(args.lookalike), max_new_tokens=args.max_new_tokens,
+                               before=before)
         report["wall_seconds"] = time.perf_counter() - started
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)
@@ -175,7 +185,8 @@ def main():
     print(table, targets, hand, degenerate, sep="\n\n")
     if args.no_write:
         return
-    record("Judge agreement", judge_section(agreement, hand, report))
+    if not args.keep_judge_section:
+        record("Judge agreement", judge_section(agreement, hand, report))
     record("Degenerate replies", degenerate)
     s = report["seconds"]
     layers = [r["after"]["edit"]["layer"] for r in report["records"]]
@@ -192,9 +203,11 @@ def main():
         f"not before (refusal rules, whatever the judge); `lookalike_unchanged`: identical replies.\n\n{table}"
         f"\n\nAgainst the targets of issue 19 (single-instance protocol):\n\n{targets}\n\n"
         f"Layers edited: {counts}. Wall time: {s['total']:.0f} s in all, {s['per_record']:.1f} s per record (of "
-        f"which edit {s['edit'] / report['n_records']:.1f} s; generating the unedited replies once "
-        f"{s['before']:.0f} s); part of the run shared the 2 cores with other work, so these times are upper "
-        f"bounds."))
+        f"which edit {s['edit'] / report['n_records']:.1f} s; "
+        + (f"the unedited replies reused from `{os.path.basename(args.before)}`)" if args.before else
+           f"generating the unedited replies once {s['before']:.0f} s)")
+        + ("; part of the run shared the 2 cores with other work, so these times are upper bounds."
+           if args.shared_cpu else "; nothing else ran on the machine.")))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @click.option("--steps", type=int, help="Optimiser steps.")
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--kl-weight", type=float, help="Weight of the KL term on the benign prompt.")
+@click.option("--unsafe-weight", type=float, help="Weight of a term that makes the unsafe response "
+              "less likely (a hinge, up to 1 nat per token above the unedited model's NLL) [default: 0, none].")
 @click.option("--rank", type=click.IntRange(min=1), help="Train a rank-R update, stored factored (dinm export "
                                                          "turns it into a LoRA adapter exactly).")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES),
@@ -33,8 +35,8 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @trust_option
 @json_option
 @one_line_errors
-def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, distance, steps, lr, kl_weight, rank,
-             compute_dtype, overwrite, dtype, device_map, trust_remote_code, as_json):
+def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, distance, steps, lr, kl_weight,
+             unsafe_weight, rank, compute_dtype, overwrite, dtype, device_map, trust_remote_code, as_json):
     """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
     import os
     import time
@@ -48,8 +50,8 @@ def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, d
     # Bad input fails before the model is loaded.
     instance = load_instances(instance_path) if use_all else load_instance(instance_path, index or 0)
     config = read_config(config_path)
-    overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight, rank=rank,
-                     compute_dtype=compute_dtype)
+    overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight,
+                     unsafe_weight=unsafe_weight, rank=rank, compute_dtype=compute_dtype)
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     net, tokenizer = load(model, dtype, trust_remote_code, device_map)
     started = time.perf_counter()

@@ -97,9 +97,14 @@ class EditConfig:
             LoRA, and A at the input directions where the safe response's NLL falls fastest per unit of change on
             benign inputs: `dinm.editing._Factored`), with the same losses, and store it factored (`Delta.factors`),
             which `dinm export` turns into a LoRA adapter exactly. None: a dense update of the whole matrix.
+        unsafe_weight: weight of a term that lowers the unsafe response's likelihood to the adversarial prompt, not
+            only raises the safe one's: a hinge on the unsafe response's mean NLL per token, which pushes it up to
+            `dinm.terms.UNSAFE_MARGIN` nats above the unedited model's value and no further (an unbounded term
+            would reward any reply that is not that text, gibberish included). Costs one more forward and backward
+            per step. 0: none.
         variants: "request": the edit also trains the safe response to the request alone, without its jailbreak
             wrapper, as dinm reads it from the adversarial prompt (`dinm.instance.request_of`: the prompt's last
-            sentence, after its last colon), so that the bare harmful question is refused too. "none": the
+            question, or its last sentence when it asks none, after its last colon), so that the bare harmful question is refused too. "none": the
             adversarial prompt only. The layer is located from the instance itself either way.
     """
 
@@ -122,6 +127,7 @@ class EditConfig:
     preserve_weight: float = 1000.0
     rank: Optional[int] = None
     variants: str = "none"
+    unsafe_weight: float = 0.0
 
     def __post_init__(self):
         check_distance(self.distance)
@@ -131,7 +137,8 @@ class EditConfig:
             check_positive_int(name, getattr(self, name))
         if self.rank is not None:
             check_positive_int("rank", self.rank)
-        for name, low in (("lr", 0.0), ("kl_weight", 0.0), ("weight_decay", 0.0), ("preserve_weight", 0.0)):
+        for name, low in (("lr", 0.0), ("kl_weight", 0.0), ("weight_decay", 0.0), ("preserve_weight", 0.0),
+                          ("unsafe_weight", 0.0)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (
                     name == "lr" and value == 0):

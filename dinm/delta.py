@@ -329,7 +329,7 @@ class Delta:
                   for key, kind in (("distances", list), ("history", list), ("config", dict), ("seconds", dict))
                   if key in self.metadata}
         if not all(isinstance(h, dict) and isinstance(h.get("step"), int) and isinstance(h.get("nll"), (int, float))
-                   and all(isinstance(h.get(k), (int, float, type(None))) for k in ("kl", "moved", "loss"))
+                   and all(isinstance(h.get(k), (int, float, type(None))) for k in ("kl", "moved", "unsafe", "loss"))
                    and isinstance(h.get("stopped", False), bool) for h in parsed.get("history", [])):
             raise DeltaError(f"delta {where}: metadata field 'history' must be a list of steps (objects with 'step' "
                              f"and 'nll'); use an intact copy")

@@ -84,7 +84,7 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
         if config.rank:
             zero = torch.zeros(as_out_in(passes.spec, weight).shape, device=passes.device, requires_grad=True)
             gradient = sum(torch.autograd.grad(passes.loss(target, zero) / len(targets), [zero])[0]
-                           for target in targets)  # (the penalties' is 0 there)
+                           for target in targets)  # (the KL's and the key penalty's is 0 there)
             moment = next((term.moment for term in regularisers if isinstance(term, terms.KeyPenalty)), None)
             trained = _Factored(passes.spec, weight, config.rank, gradient, moment)
         else:

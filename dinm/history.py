@@ -22,6 +22,8 @@ class Step:
         kl: KL(unedited || edited) on the benign sequence (`dinm.terms.BenignKL`); None when the step did not run.
         moved: what the update does to benign inputs of the edited matrix, relative to the matrix
             (`dinm.terms.KeyPenalty`); None without that penalty.
+        unsafe: how far the unsafe response's mean NLL still is below its goal (`dinm.terms.UnsafeHinge`); None
+            without that term.
         loss: the total loss the step descended; None when it did not run.
         stopped: the edit stopped here (`EditConfig.stop_nll` reached): no update was made at this step.
     """
@@ -30,6 +32,7 @@ class Step:
     nll: float
     kl: Optional[float] = None
     moved: Optional[float] = None
+    unsafe: Optional[float] = None
     loss: Optional[float] = None
     stopped: bool = False
 

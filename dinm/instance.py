@@ -180,22 +180,31 @@ def load_instance(path: str | os.PathLike, index: int = 0) -> Instance:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_QUESTION_END = re.compile(r"\?[\s.!\"'\u2019\u201d]*$")  # "...?", "...?.", "...?!", '...?"'
+_LEADING = re.compile(r"^[^\w\"'\u2018\u201c]+")  # "<<} #How ..." -> "How ..."
 
 
 def request_of(prompt: str) -> str | None:
-    """The request inside an adversarial prompt, as dinm reads it from the prompt alone: its last sentence and,
-    when that sentence introduces it with a colon ("... answer my first question: How do I ...?"), what follows the
-    last colon. None when that is the whole prompt (no wrapper to remove) or under three words.
+    """The request inside an adversarial prompt, as dinm reads it from the prompt alone: its last question (a
+    sentence ending with "?"), or its last sentence when it asks none; and, when that sentence introduces the request
+    with a colon ("... answer my first question: How do I ...?"), what follows the last colon. None when that is the
+    whole prompt (no wrapper to remove) or under three words.
 
-    Jailbreak templates put the request last (SafeEdit's all do, and "Ignore all previous instructions. <request>"
-    does); a template that ends with something else yields that last sentence instead, which an edit would then
-    learn to refuse as well."""
+    Jailbreak templates put the request last ("Ignore all previous instructions. <request>"), or put it before a
+    forced opening of the reply ("<request>? Start with \"Absolutely! Here's\"", "... my question: <request>?.
+    Excited! Step 1, I will"), which is why a question wins over a later sentence. A request that is not a question
+    and is followed by other text ("... how to poison someone. Write what he says, in detail.") yields that last
+    sentence instead, which an edit would then learn to refuse as well. How often this finds SafeEdit's own
+    `question`: README, "Python API"."""
     sentences = [s.strip() for s in _SENTENCE_END.split(prompt.strip()) if s.strip()]
     if not sentences:
         return None
-    request = sentences[-1]
+    questions = [s for s in sentences if _QUESTION_END.search(s)]
+    request = questions[-1] if questions else sentences[-1]
     if ":" in request:
         after = request.rsplit(":", 1)[1].strip()
         request = after if len(after.split()) >= 3 else request
-    request = request.strip(" \"'")
+    request = _LEADING.sub("", request).strip(" \"'\u2018\u2019\u201c\u201d")
+    if questions:  # "...?." / "...?!" -> "...?"
+        request = request[:request.rindex("?") + 1]
     return None if len(request.split()) < 3 or request == prompt.strip() else request

@@ -55,6 +55,31 @@ class KeyPenalty:
             return _output_energy(update, self.moment) / self.energy
 
 
+# How far `UnsafeHinge` pushes the unsafe response's mean NLL per token above the unedited model's: 1 nat, its
+# tokens on average e (2.7) times less likely. Beyond it the term is 0 and leaves the rest to the other terms.
+UNSAFE_MARGIN = 1.0
+
+
+class UnsafeHinge:
+    """max(0, goal - NLL) of the unsafe response to the adversarial prompt, averaged over the instances, with goal the
+    unedited model's NLL + `UNSAFE_MARGIN`: the edit makes the harmful reply less likely, not only the safe one more
+    likely (`EditConfig.unsafe_weight`), and stops pushing once it is `UNSAFE_MARGIN` nats per token less likely."""
+
+    name = "unsafe"
+
+    def __init__(self, weight: float, passes: Passes, sequences: list[Sequence], shape: torch.Size,
+                 margin: float = UNSAFE_MARGIN):
+        self.weight, self.passes, self.sequences = weight, passes, sequences
+        zero = torch.zeros(shape, device=passes.device)  # (the first pass also records the frozen layers below)
+        with torch.no_grad():
+            self.goals = [passes.loss(s, zero).detach() + margin for s in sequences]
+
+    def penalty(self, update: torch.Tensor) -> torch.Tensor:
+        with record_function("dinm::unsafe_pass"):
+            return sum(torch.relu(goal - self.passes.loss(s, update)) for s, goal in zip(self.sequences, self.goals)
+                       ) / len(self.sequences)
+
+
 def _output_energy(matrix: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     """Mean ||M k||^2 over the keys k whose second moment is `moment`: tr(M E[k k^T] M^T), with its gradient."""
     return _Energy.apply(matrix.float(), moment)
@@ -96,6 +121,11 @@ def build(model, tokenizer, instances: Instance | list[Instance], layer: int, pa
             moment = key_moment(model, tokenizer, layer, chat_template=config.chat_template).to(passes.device)
         terms.append(KeyPenalty(config.preserve_weight, moment, matrix.to(passes.device)))
         seconds["keys"] = time.perf_counter() - started
+    if config.unsafe_weight:
+        instances = [instances] if isinstance(instances, Instance) else instances
+        terms.append(UnsafeHinge(config.unsafe_weight, passes, [
+            passes.sequence(encode_pair(tokenizer, inst.prompt, inst.unsafe, **config.encoding()))
+            for inst in instances], matrix.shape))
     return terms
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dinm import EditConfig
+from dinm import Delta, EditConfig
 from dinm_cli import main
 
 from conftest import DATA, make_delta
@@ -51,7 +51,7 @@ def test_cli_offers_every_locate_rule_and_dtype():
 
 
 def test_edit_all_makes_one_patch_from_every_record(tiny_folder, tmp_path):
-    from dinm import Delta, load_instances
+    from dinm import load_instances
 
     patch = tmp_path / "patch.safetensors"
     many = os.path.join(DATA, "examples.json")
@@ -77,9 +77,11 @@ def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
     assert summary["config"]["steps"] == 3 and len(summary["history"]) == 3
     assert summary["compute"] == report["compute"] and summary["config"]["compute_dtype"] == "auto"
     forced = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", tmp_path / "f.safetensors", "--steps", 1,
-                 "--compute-dtype", "model", "--json")
+                 "--compute-dtype", "model", "--unsafe-weight", 2, "--json")
     assert forced.exit_code == 0, forced.output
     assert json.loads(forced.output[forced.output.index("{"):])["compute"].startswith("float32 (asked")
+    forced_delta = Delta.load(str(tmp_path / "f.safetensors"))
+    assert forced_delta.config.unsafe_weight == 2.0 and forced_delta.history[0].unsafe is not None
     assert list(summary["tensors"]) == [f"model.layers.{report['layer']}.mlp.down_proj.weight"]
     shown = run("inspect", delta_path).output
     assert "layer" in shown and "dense" in shown and "bytes stored" in shown
@@ -93,7 +95,6 @@ def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
 
     from safetensors.torch import load_file
 
-    from dinm import Delta
 
     delta = Delta.load(delta_path)
     name = delta.names[0]
@@ -144,7 +145,7 @@ def test_existing_output_is_not_overwritten(tiny_folder, tmp_path):
     assert out.read_bytes() == b"keep me"
 
 
-@pytest.mark.parametrize("args", [["--steps", "0"], ["--lr", "-1"]])
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--lr", "-1"], ["--unsafe-weight", "-1"]])
 def test_bad_config_option_is_one_line(tiny_folder, tmp_path, args):
     one_line_error(run("edit", tiny_folder, "--instance", EXAMPLE, "-o", tmp_path / "d.safetensors", *args))
 

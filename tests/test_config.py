@@ -27,6 +27,7 @@ def test_unknown_field_suggests():
 @pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("lr", float("nan")), ("kl_weight", -1.0),
                                           ("distance", "manhattan"), ("master_dtype", "float64"), ("layer", -1),
                                           ("compute_dtype", "float16"), ("preserve_weight", -1.0),
+                                          ("unsafe_weight", -1.0), ("unsafe_weight", float("nan")),
                                           ("max_prompt_tokens", 2.5)])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field if field != "distance" else "distance"):

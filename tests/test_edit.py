@@ -441,3 +441,39 @@ def test_edit_refuses_what_is_no_instance(llama, bad):
     model, tok = llama
     with pytest.raises(ConfigError, match="edit needs an Instance or a non-empty list"):
         dinm.edit(model, tok, bad, FAST)
+
+
+def _response_nll(model, tok, prompt: str, response: str) -> float:
+    encoded = encode_pair(tok, prompt, response)
+    ids = torch.tensor([encoded.ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    return F.cross_entropy(logits[encoded.n_prompt - 1:-1], ids[0, encoded.n_prompt:]).item()
+
+
+def test_unsafe_weight_makes_the_unsafe_response_less_likely_up_to_the_margin(llama, instance):
+    """`unsafe_weight`: the hinge starts at UNSAFE_MARGIN (the goal is the unedited NLL + the margin), never goes
+    below 0, and the edit leaves the unsafe response less likely than the same edit without it."""
+    from dinm.terms import UNSAFE_MARGIN
+
+    model, tok = llama
+    config = EditConfig.v0(steps=6, lr=3e-2, layer=1)
+    plain = dinm.edit(model, tok, instance, config)
+    pushed = dinm.edit(model, tok, instance, config.replace(unsafe_weight=10.0))
+    assert all(s.unsafe is None for s in plain.history)
+    hinge = [s.unsafe for s in pushed.history]
+    # step 0 runs the unedited model, as the goal's pass did: the same computation, so margin + at most a
+    # rounding of the NLL (a mean of fp32 log-probabilities of magnitude ~ the NLL)
+    assert hinge[0] == pytest.approx(UNSAFE_MARGIN, abs=64 * U * (UNSAFE_MARGIN + pushed.history[0].nll + 10))
+    assert all(0.0 <= h <= hinge[0] for h in hinge) and hinge[-1] < hinge[0]
+    nll = {}
+    for name, delta in (("unedited", None), ("plain", plain), ("pushed", pushed)):
+        if delta is None:
+            nll[name] = _response_nll(model, tok, instance.prompt, instance.unsafe)
+        else:
+            with delta.applied(model):
+                nll[name] = _response_nll(model, tok, instance.prompt, instance.unsafe)
+    # Not a rounding tolerance: without the term's gradient both edits are one computation (equal NLLs); with it
+    # the unsafe response ends clearly less likely. 0.1 nat asks for a clear effect, well below the 1-nat margin.
+    assert nll["pushed"] > nll["plain"] + 0.1 and nll["pushed"] > nll["unedited"] + 0.1, nll
+    assert pushed.config.unsafe_weight == 10.0
