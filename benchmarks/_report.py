@@ -56,7 +56,7 @@ def targets_table(refusal: dict, semantic: dict, targets: dict[str, tuple[str, f
                 base = report["metrics"]["before"]["fluency"]["mean"]
                 value, want = 100 * (m["mean"] / base - 1), f"within {goal:g}% of unedited"
                 met = abs(value) <= goal
-                side = "" if met else " (higher n-gram entropy: fewer loops)" if value > 0 else " (less varied text)"
+                side = "" if met else "; higher n-gram entropy: fewer loops" if value > 0 else "; less varied text"
                 cells.append(f"{value:+.1f}% ({'met' if met else f'missed by {abs(value) - goal:.1f} points'}{side})")
                 continue
             value = 100 * m["mean"]
