@@ -119,7 +119,8 @@ def main():
     for key in args.only or VARIANTS:
         label, config = VARIANTS[key]
         started = time.perf_counter()
-        if stored is not None and stored.get("edit_config") == config.to_dict():
+        # (read back as a config: a report from before a field existed has that field's default, its "off" value)
+        if stored is not None and stored.get("edit_config") and EditConfig.from_dict(stored["edit_config"]) == config:
             report, label = stored, f"{label} (from --from-report)"
         else:
             report = dinm.evaluate(model, tokenizer, records, edit=config, benign=benign, lookalike=lookalike,
