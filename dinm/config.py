@@ -104,8 +104,9 @@ class EditConfig:
             per step. 0: none.
         variants: "request": the edit also trains the safe response to the request alone, without its jailbreak
             wrapper, as dinm reads it from the adversarial prompt (`dinm.instance.request_of`: the prompt's last
-            question, or its last sentence when it asks none, after its last colon), so that the bare harmful question is refused too. "none": the
-            adversarial prompt only. The layer is located from the instance itself either way.
+            question, or its last sentence when it asks none, after its last colon), so that the bare harmful
+            question is refused too. "none": the adversarial prompt only. The layer is located from the instance
+            itself either way.
     """
 
     layer: Optional[int] = None

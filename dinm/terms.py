@@ -108,6 +108,7 @@ def build(model, tokenizer, instances: Instance | list[Instance], layer: int, pa
     `seconds`, when given, gets the time spent on the model's own benign replies ("reply") and on the benign-key
     statistic ("keys")."""
     seconds = {} if seconds is None else seconds
+    instances = [instances] if isinstance(instances, Instance) else instances
     started = time.perf_counter()
     with record_function("dinm::own_reply"):
         texts = benign_texts(model, tokenizer, instances, config)
@@ -122,7 +123,6 @@ def build(model, tokenizer, instances: Instance | list[Instance], layer: int, pa
         terms.append(KeyPenalty(config.preserve_weight, moment, matrix.to(passes.device)))
         seconds["keys"] = time.perf_counter() - started
     if config.unsafe_weight:
-        instances = [instances] if isinstance(instances, Instance) else instances
         terms.append(UnsafeHinge(config.unsafe_weight, passes, [
             passes.sequence(encode_pair(tokenizer, inst.prompt, inst.unsafe, **config.encoding()))
             for inst in instances], matrix.shape))
