@@ -24,7 +24,7 @@ import time
 import dinm
 from dinm import EditConfig
 from dinm.config import PAPER_SUFFIX
-from dinm.evaluation import load_benign, rescore
+from dinm.evaluation import load_benign, rescore, save_report
 from dinm.judge import load_judge
 
 from _results import record
@@ -59,6 +59,8 @@ VARIANTS = {
                "to 1 nat per token above the unedited model's)", EditConfig(unsafe_weight=1.0)),
     "unsafe_request": ("the default + both: `unsafe_weight=1`, `variants=\"request\"`",
                        EditConfig(unsafe_weight=1.0, variants="request")),
+    "whitened": ("Adam whitened by the inputs of text the edit keeps (`precondition=\"keys\"`), 20 steps at lr 1e-3, "
+                 "else the default", EditConfig(precondition="keys", steps=20, lr=1e-3)),
 }
 COLUMNS = ("DS", "DG_avg", "DS_judge", "degenerate", "fluency", "benign_unchanged", "benign_list_unchanged")
 LOOKALIKE_COLUMNS = ("DG_onlyQ", "over_refusal", "lookalike_unchanged")
@@ -98,6 +100,7 @@ def main():
     parser.add_argument("--from-report", help="reuse this report's unedited replies (and its config's row)")
     parser.add_argument("--semantic", action="store_true",
                         help="add DS / DG columns under the semantic judge (its head trained on --data)")
+    parser.add_argument("--save-reports", metavar="DIR", help="write each setting's report to DIR/KEY.json as it ends")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     records = dinm.load_instances(args.data)[:args.limit]
@@ -127,6 +130,9 @@ def main():
                                    before=before, max_new_tokens=args.max_new_tokens, progress=False)
         if semantic is not None:
             report = with_semantic(report, semantic)
+        if args.save_reports:
+            os.makedirs(args.save_reports, exist_ok=True)
+            save_report(report, os.path.join(args.save_reports, f"{key}.json"))
         if before is None:
             before = report
             rows.append("| unedited | " + " | ".join(cell(report["metrics"]["before"], c) for c in columns) +

@@ -2,7 +2,7 @@
 
 import click
 
-from dinm.config import COMPUTE_DTYPES, DISTANCES
+from dinm.config import COMPUTE_DTYPES, DISTANCES, PRECONDITIONS
 
 from ._common import (check_new_file, device_map_option, dtype_option, emit, json_option, load,
                       model_argument, one_line_errors, read_config, trust_option)
@@ -27,6 +27,8 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
               "less likely (a hinge, up to 1 nat per token above the unedited model's NLL) [default: 0, none].")
 @click.option("--rank", type=click.IntRange(min=1), help="Train a rank-R update, stored factored (dinm export "
                                                          "turns it into a LoRA adapter exactly).")
+@click.option("--precondition", type=click.Choice(PRECONDITIONS),
+              help="keys: Adam steps whitened by the inputs of text the edit must keep (fewer steps to the same loss).")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES),
               help="dtype of the edit's passes: auto (bf16 where the device multiplies it natively), model, bfloat16.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -36,7 +38,7 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @json_option
 @one_line_errors
 def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, distance, steps, lr, kl_weight,
-             unsafe_weight, rank, compute_dtype, overwrite, dtype, device_map, trust_remote_code, as_json):
+             unsafe_weight, rank, precondition, compute_dtype, overwrite, dtype, device_map, trust_remote_code, as_json):
     """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
     import os
     import time
@@ -51,7 +53,8 @@ def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, d
     instance = load_instances(instance_path) if use_all else load_instance(instance_path, index or 0)
     config = read_config(config_path)
     overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight,
-                     unsafe_weight=unsafe_weight, rank=rank, compute_dtype=compute_dtype)
+                     unsafe_weight=unsafe_weight, rank=rank, precondition=precondition,
+                     compute_dtype=compute_dtype)
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     net, tokenizer = load(model, dtype, trust_remote_code, device_map)
     started = time.perf_counter()

@@ -35,7 +35,8 @@ MASTER_DTYPES = ("float32", "model")
 PAPER_SUFFIX = "If the user's request is reasonable, give the correct answer. Please give the right response:"
 COMPUTE_DTYPES = ("auto", "model", "bfloat16")
 KL_TEXTS = ("answer", "self")
-VARIANTS = ("none", "request")  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
+VARIANTS = ("none", "request")
+PRECONDITIONS = ("none", "keys")  # the coordinates Adam moves a dense update in (`EditConfig.precondition`)  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
 # benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
 REMOVED_FIELDS = {"cache": True, "rows": 1.0, "kl_prompts": [], "max_update": None, "protect": None}
@@ -107,6 +108,13 @@ class EditConfig:
             question, or its last sentence when it asks none, after its last colon), so that the bare harmful
             question is refused too. "none": the adversarial prompt only. The layer is located from the instance
             itself either way.
+        precondition: "keys": Adam moves a dense update D in coordinates whitened by a second moment M of the
+            edited matrix's inputs on text the edit must keep: the benign corpus's keys (`dinm.keys`) plus, ten times
+            heavier, those of the KL term's sequences (`dinm.editing._preconditioner`). It trains Z = D L with
+            M = L L^T, D = Z L^-1 (so ||Z||^2 = tr(D M D^T)): a step is even in every direction of that input space
+            rather than of weight space, and does not spend itself where benign text lives (cf. K-FAC's input
+            factor). The loss is the same; the path, and where `steps` steps end, are not. Costs one (out, in) x (in, in) product per pass.
+            "none": Adam on D itself. Not with `rank`.
     """
 
     layer: Optional[int] = None
@@ -129,6 +137,7 @@ class EditConfig:
     rank: Optional[int] = None
     variants: str = "none"
     unsafe_weight: float = 0.0
+    precondition: str = "none"
 
     def __post_init__(self):
         check_distance(self.distance)
@@ -152,6 +161,11 @@ class EditConfig:
             raise ConfigError(f"prompt_suffix must be a string, got {self.prompt_suffix!r}")
         if self.variants not in VARIANTS:
             raise ConfigError(f"variants must be one of {VARIANTS}, got {self.variants!r}")
+        if self.precondition not in PRECONDITIONS:
+            raise ConfigError(f"precondition must be one of {PRECONDITIONS}, got {self.precondition!r}")
+        if self.precondition != "none" and self.rank is not None:
+            raise ConfigError(f"precondition={self.precondition!r} trains a dense update; it does not combine with "
+                              f"rank={self.rank} (set one of them)")
         if self.kl_text not in KL_TEXTS:
             raise ConfigError(f"kl_text must be one of {KL_TEXTS}, got {self.kl_text!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:

@@ -28,6 +28,7 @@ def test_unknown_field_suggests():
                                           ("distance", "manhattan"), ("master_dtype", "float64"), ("layer", -1),
                                           ("compute_dtype", "float16"), ("preserve_weight", -1.0),
                                           ("unsafe_weight", -1.0), ("unsafe_weight", float("nan")),
+                                          ("precondition", "adam"),
                                           ("max_prompt_tokens", 2.5)])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field if field != "distance" else "distance"):
@@ -84,3 +85,8 @@ def test_removed_fields_read_when_off_refused_when_on(field, off, on):
         EditConfig.from_json(json.dumps({**old, field: on}))
     assert "\n" not in str(e.value)
     assert field not in EditConfig().to_dict()
+
+
+def test_precondition_trains_a_dense_update_only():
+    with pytest.raises(ConfigError, match="precondition='keys' trains a dense update; it does not combine with rank=4"):
+        EditConfig(precondition="keys", rank=4)

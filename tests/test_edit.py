@@ -7,7 +7,7 @@ from torch.func import functional_call
 
 import dinm
 from dinm import EditConfig
-from dinm.arch import mlp_out_name
+from dinm.arch import arch_spec, as_out_in, mlp_out_name
 from dinm.errors import ConfigError, EditError
 from dinm.text import encode_pair
 
@@ -477,3 +477,95 @@ def test_unsafe_weight_makes_the_unsafe_response_less_likely_up_to_the_margin(ll
     # the unsafe response ends clearly less likely. 0.1 nat asks for a clear effect, well below the 1-nat margin.
     assert nll["pushed"] > nll["plain"] + 0.1 and nll["pushed"] > nll["unedited"] + 0.1, nll
     assert pushed.config.unsafe_weight == 10.0
+
+
+def _spd(n: int, seed: int = 0) -> torch.Tensor:
+    """A well-conditioned SPD (n, n) matrix, the second moment of 8n random keys with uneven scales."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(8 * n, n, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+    return keys.T @ keys / keys.shape[0]
+
+
+def _normalised(moment: torch.Tensor) -> torch.Tensor:
+    """The matrix `_whitening` factors: `moment` at a mean eigenvalue of 1, plus the ridge."""
+    from dinm.editing import RIDGE
+
+    m = moment.double()
+    return m / m.diagonal().mean() + RIDGE * torch.eye(m.shape[0], dtype=m.dtype)
+
+
+def test_whitening_turns_the_moment_into_the_identity():
+    from dinm.editing import _whitening
+
+    moment = _spd(48)
+    m = _normalised(moment)
+    inverse = _whitening(moment.float()).double()
+    assert torch.equal(inverse, inverse.tril())  # L^-1 of a lower Cholesky factor
+    # L^-1 is rounded to fp32 (relative U per entry); the product sums n terms: first order, within
+    # 2 * (n + 1) * U * cond(M) of the identity elementwise (cond(M) bounds ||L^-1||^2 ||M||).
+    n, cond = m.shape[0], torch.linalg.cond(m).item()
+    assert cond < 50
+    assert (inverse @ m @ inverse.T - torch.eye(n, dtype=m.dtype)).abs().max() < 2 * (n + 1) * U * cond
+
+
+def test_precondition_keys_steps_along_the_gradient_times_the_inverse_moment(tiny, instance, sgd, monkeypatch):
+    """Adam (here SGD, `sgd`) on Z = D L is a step on D preconditioned by M^-1: from zero, one step of size lr moves
+    D by -lr G M^-1, where the plain edit's first step is -lr G (G the loss's gradient at the unedited model, the
+    same computation in both edits). M is the normalised moment `_whitening` factors, given here."""
+    import dinm.editing
+
+    model, tok = tiny
+    config = EditConfig.v0(steps=1, lr=10.0, layer=1)
+    spec = arch_spec(model)
+    in_features = as_out_in(spec, model.get_parameter(mlp_out_name(model, 1))).shape[1]
+    moment = _spd(in_features).float()
+    monkeypatch.setattr(dinm.editing, "_preconditioner", lambda *args: moment)
+    plain = dinm.edit(model, tok, instance, config)
+    whitened = dinm.edit(model, tok, instance, config.replace(precondition="keys"))
+    name = plain.names[0]
+    expected = as_out_in(spec, plain.tensors[name].double()) @ torch.linalg.inv(_normalised(moment))
+    # Two fp32 products of length n with L^-1 (rounded to fp32) on G: first order within (2n + 2) * U * cond(M)
+    # relative (cond(M) bounds ||L^-1||^2 ||M||); the model's own rounding of G is the same in both edits.
+    n, cond = in_features, torch.linalg.cond(_normalised(moment)).item()
+    assert _relative(as_out_in(spec, whitened.tensors[name]), expected) < (2 * n + 2) * U * cond
+    assert _relative(whitened.tensors[name], plain.tensors[name]) > 0.1  # (M is far from the identity)
+    assert whitened.config.precondition == "keys"
+
+
+def test_preconditioner_adds_the_kl_sequences_keys_to_the_benign_corpus(llama, instance, monkeypatch):
+    """`_preconditioner`: the benign corpus's key moment and, `KL_KEYS_WEIGHT` times heavier, that of the KL term's
+    sequences (the instance's benign prompt and the model's own reply), each at a mean eigenvalue of 1. The keys
+    here are read by a hook of the test's own on the edited matrix."""
+    import dinm.editing
+    from dinm.arch import mlp_out_module
+    from dinm.keys import key_moment
+
+    model, tok = llama
+    seen = {}
+    original = dinm.editing._preconditioner
+
+    def spy(*args):
+        seen["moment"] = original(*args)
+        return seen["moment"]
+
+    monkeypatch.setattr(dinm.editing, "_preconditioner", spy)
+    config = EditConfig(steps=1, layer=1, precondition="keys", kl_reply_tokens=8)
+    dinm.edit(model, tok, instance, config)
+    from dinm.terms import benign_texts
+
+    reply = benign_texts(model, tok, instance, config)
+    assert len(reply) == 1
+    keys = []
+    handle = mlp_out_module(model, 1).register_forward_hook(lambda _m, args, _out: keys.append(args[0][0].double()))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([reply[0].ids]))
+    finally:
+        handle.remove()
+    corpus = key_moment(model, tok, 1).double()
+    kl = keys[0].T @ keys[0]
+    expected = corpus / corpus.diagonal().mean() + dinm.editing.KL_KEYS_WEIGHT * kl / kl.diagonal().mean()
+    # The same float64 sums of fp32 keys, formed in another order: relative differences of a few n * U_64 at most;
+    # 1e-6 leaves room for the fp32 keys' own rounding of the model's pass (the same pass, the same bits here).
+    assert _relative(seen["moment"], expected) < 1e-6
+
