@@ -8,6 +8,7 @@ import datetime
 import os
 import platform
 import re
+import shlex
 import sys
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -32,7 +33,7 @@ def machine() -> str:
 
 def record(section: str, body: str) -> None:
     """Replace (or append) `## section` in RESULTS.md with `body` plus how it was made."""
-    command = " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    command = shlex.join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])  # (quoted: it can be rerun)
     text = (f"## {section}\n\n- command: `{command}`\n- machine: {machine()}\n"
             f"- date: {datetime.date.today().isoformat()}\n\n{body.strip()}\n\n")
     old = open(RESULTS, encoding="utf-8").read() if os.path.exists(RESULTS) else "# Benchmark results\n\n"

@@ -23,6 +23,7 @@ Last line: `default_vs_reference: N.Nx  v0_vs_reference: N.Nx` (ratios of the me
 """
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -168,8 +169,14 @@ def main():
     parser.add_argument("--limit", type=int, default=7)
     parser.add_argument("--reference-repo", metavar="PATH", help="a checkout of EasyEdit: run its own DINM code")
     parser.add_argument("--profile", action="store_true", help="also profile one default edit")
+    parser.add_argument("--extra", metavar="JSON", help="one more setting timed beside the others: EditConfig fields "
+                        "as a JSON object (e.g. the previous default)")
+    parser.add_argument("--extra-label", default="extra", help="its name in the table")
+    parser.add_argument("--section", default="Edit: dinm.edit vs the paper's code, side by side",
+                        help="RESULTS.md section to (re)write (one per kind of machine)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
+    extra = dinm.EditConfig.from_dict(json.loads(args.extra)) if args.extra else None
     torch.set_num_threads(2)
     torch.manual_seed(0)
     if args.reference_repo:
@@ -190,8 +197,9 @@ def main():
     dinm.edit(model, tok, instances[0], dinm.EditConfig.v0(steps=1), progress=False)
 
     rows = ["| record | tokens (prompt + safe) | reference: layer, s | v0: layer, s | v0 auto s | default: layer, s "
-            "| default phases (s) | v0 / default speed-up |", "|---|---|---|---|---|---|---|---|"]
-    times = {"ref": [], "v0": [], "v0_auto": [], "default": []}
+            "| default phases (s) | v0 / default speed-up |" + (f" {args.extra_label}: layer, s |" if extra else ""),
+            "|---|---|---|---|---|---|---|---|" + ("---|" if extra else "")]
+    times = {"ref": [], "v0": [], "v0_auto": [], "default": [], **({"extra": []} if extra else {})}
     for inst in instances:
         tokens = len(encode_pair(tok, inst.prompt, inst.safe).ids)
         (ref_layer, _), ref_s = timed(lambda: reference.edit(model, tok, inst))
@@ -200,14 +208,15 @@ def main():
                                                progress=False))
         dinm.edit(model, tok, inst, dinm.EditConfig(steps=1), progress=False)  # its layer's statistic: cached
         default, default_s = timed(lambda: dinm.edit(model, tok, inst, progress=False))
-        for key, value in zip(times, (ref_s, v0_s, v0_auto_s, default_s)):
+        other, other_s = timed(lambda: dinm.edit(model, tok, inst, extra, progress=False)) if extra else (None, 0.0)
+        for key, value in zip(times, (ref_s, v0_s, v0_auto_s, default_s, other_s)):
             times[key].append(value)
         rows.append(f"| {inst.id} | {tokens} | {ref_layer}, {ref_s:.2f} | {v0.layer}, {v0_s:.2f} | {v0_auto_s:.2f} | "
                     f"{default.layer}, {default_s:.2f} | {phases(default)} | {ref_s / v0_s:.1f}x / "
-                    f"{ref_s / default_s:.1f}x |")
+                    f"{ref_s / default_s:.1f}x |" + (f" {other.layer}, {other_s:.2f} |" if extra else ""))
         print(rows[-1], flush=True)
     mean = {k: statistics.mean(v) for k, v in times.items()}
-    ratio = {k: mean["ref"] / mean[k] for k in ("v0", "v0_auto", "default")}
+    ratio = {k: mean["ref"] / mean[k] for k in times if k != "ref"}
     spread = {k: (min(r / t for r, t in zip(times["ref"], times[k])), max(r / t for r, t in zip(times["ref"], times[k])))
               for k in ("v0", "default")}
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -219,7 +228,10 @@ def main():
             f"{spread['v0'][0]:.1f}-{spread['v0'][1]:.1f}x), v0 with the default's compute dtype {mean['v0_auto']:.2f} s "
             f"({ratio['v0_auto']:.1f}x), default (key statistic cached) {mean['default']:.2f} s "
             f"(**{ratio['default']:.2f}x**, per record {spread['default'][0]:.2f}-{spread['default'][1]:.2f}x; below 1 "
-            f"is slower than the reference). Ratios are of the means.\n\n"
+            f"is slower than the reference)"
+            + (f", {args.extra_label} (`{args.extra}`) {mean['extra']:.2f} s (**{ratio['extra']:.2f}x**)"
+               if extra else "")
+            + ". Ratios are of the means.\n\n"
             f"First edit on a fresh machine (`data/example.json`, the demo's instance, no key statistic cached): "
             f"{cold_s:.2f} s at layer {cold.layer} ({phases(cold)}); the same edit once the statistic is cached: "
             f"{warm_demo_s:.2f} s ({phases(warm_demo)}). `dinm demo` prints the first figure on a fresh machine "
@@ -229,7 +241,9 @@ def main():
             model, tok, instances[0])
     print(body)
     if not args.no_write:
-        record("Edit: dinm.edit vs the paper's code, side by side", body)
+        record(args.section, body)
+    if extra:
+        print(f"{args.extra_label}_vs_reference: {ratio['extra']:.2f}x")
     print(f"default_vs_reference: {ratio['default']:.1f}x  v0_vs_reference: {ratio['v0']:.1f}x")
 
 

@@ -113,8 +113,9 @@ class EditConfig:
             heavier, those of the KL term's sequences (`dinm.editing._preconditioner`). It trains Z = D L with
             M = L L^T, D = Z L^-1 (so ||Z||^2 = tr(D M D^T)): a step is even in every direction of that input space
             rather than of weight space, and does not spend itself where benign text lives (cf. K-FAC's input
-            factor). The loss is the same; the path, and where `steps` steps end, are not. Costs one (out, in) x (in, in) product per pass.
-            "none": Adam on D itself. Not with `rank`.
+            factor). The loss is the same; the path, and where `steps` steps end, are not. Costs one
+            (out, in) x (in, in) product per pass.
+            "none": Adam on D itself. Not with `rank`; the trained Z is fp32 (`master_dtype="float32"`).
     """
 
     layer: Optional[int] = None
@@ -166,6 +167,9 @@ class EditConfig:
         if self.precondition != "none" and self.rank is not None:
             raise ConfigError(f"precondition={self.precondition!r} trains a dense update; it does not combine with "
                               f"rank={self.rank} (set one of them)")
+        if self.precondition != "none" and self.master_dtype != "float32":
+            raise ConfigError(f"precondition={self.precondition!r} trains its whitened update in float32; "
+                              f"master_dtype={self.master_dtype!r} does not apply (leave it at 'float32')")
         if self.kl_text not in KL_TEXTS:
             raise ConfigError(f"kl_text must be one of {KL_TEXTS}, got {self.kl_text!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:

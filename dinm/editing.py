@@ -25,10 +25,10 @@ from .errors import ConfigError, EditError
 from .history import Step
 from .instance import Instance, request_of
 from .keys import key_moment
-from .trace import input_of
 from .locating import locate
 from .passes import Passes, frozen
 from .text import encode_pair
+from .trace import input_of
 
 logger = logging.getLogger(__name__)
 
@@ -239,10 +239,10 @@ class _Dense:
 RIDGE = 1e-4  # added to the benign key moment (relative to its mean eigenvalue) before whitening by it
 
 
-class _Whitened(_Dense):
-    """A dense update trained in whitened coordinates (`EditConfig.precondition="keys"`): Z = D L, D = Z L^-1 with
-    M = L L^T the input moment of `_preconditioner`, normalised (`_whitening`), fp32, Z from zero. Adam's steps are then
-    of even size in every direction of benign-key space rather than of weight space. Stored as a dense delta."""
+class _Whitened:
+    """A dense update trained in whitened coordinates (`EditConfig.precondition="keys"`): Z = D L, D = Z L^-1, with
+    M = L L^T the input moment of `_preconditioner` normalised (`_whitening`); Z in fp32, from zero. Adam's steps are
+    then of even size in every direction of that input space rather than of weight space. Stored as a dense delta."""
 
     def __init__(self, spec, weight: torch.Tensor, moment: torch.Tensor):
         self.spec, self.weight = spec, weight
@@ -309,7 +309,7 @@ class _Factored:
 
 
 def _package(model, batch: list[Instance], config: EditConfig, layer: int, distances: list[float],
-             trained: _Dense | _Factored, history: list[Step], seconds: dict, compute: str) -> Delta:
+             trained: _Dense | _Whitened | _Factored, history: list[Step], seconds: dict, compute: str) -> Delta:
     """The `Delta` of what was trained against the stored weight, with what the edit did in its metadata."""
     name = mlp_out_name(model, layer)
     steps_run = sum(not s.stopped for s in history)

@@ -90,3 +90,5 @@ def test_removed_fields_read_when_off_refused_when_on(field, off, on):
 def test_precondition_trains_a_dense_update_only():
     with pytest.raises(ConfigError, match="precondition='keys' trains a dense update; it does not combine with rank=4"):
         EditConfig(precondition="keys", rank=4)
+    with pytest.raises(ConfigError, match="master_dtype='model' does not apply"):
+        EditConfig(precondition="keys", master_dtype="model")
