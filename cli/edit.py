@@ -28,7 +28,7 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @click.option("--rank", type=click.IntRange(min=1), help="Train a rank-R update, stored factored (dinm export "
                                                          "turns it into a LoRA adapter exactly).")
 @click.option("--precondition", type=click.Choice(PRECONDITIONS),
-              help="keys: Adam steps whitened by the inputs of text the edit must keep (fewer steps to the same loss).")
+              help="keys: Adam steps whitened by the inputs of text the edit must keep [default: none; README].")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES),
               help="dtype of the edit's passes: auto (bf16 where the device multiplies it natively), model, bfloat16.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")

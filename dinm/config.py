@@ -35,8 +35,8 @@ MASTER_DTYPES = ("float32", "model")
 PAPER_SUFFIX = "If the user's request is reasonable, give the correct answer. Please give the right response:"
 COMPUTE_DTYPES = ("auto", "model", "bfloat16")
 KL_TEXTS = ("answer", "self")
-VARIANTS = ("none", "request")
-PRECONDITIONS = ("none", "keys")  # the coordinates Adam moves a dense update in (`EditConfig.precondition`)  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
+VARIANTS = ("none", "request")  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
+PRECONDITIONS = ("none", "keys")  # the coordinates Adam moves a dense update in (`EditConfig.precondition`)
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
 # benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
 REMOVED_FIELDS = {"cache": True, "rows": 1.0, "kl_prompts": [], "max_update": None, "protect": None}

@@ -207,13 +207,18 @@ def _preconditioner(model, tokenizer, layer: int, regularisers: list, config: Ed
     return moment
 
 
-def _whitening(moment: torch.Tensor) -> torch.Tensor:
-    """L^-1 (in, in) for M = L L^T, M `moment` normalised to a mean eigenvalue of 1 plus a `RIDGE` (keys need not
-    span every input direction). Computed in float64, returned in float32."""
+def _cholesky(moment: torch.Tensor) -> torch.Tensor:
+    """L (in, in, float64, lower) with L L^T = M, M `moment` normalised to a mean eigenvalue of 1 plus a `RIDGE`
+    (keys need not span every input direction)."""
     m = moment.double()
-    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-    m = m / m.diagonal().mean() + RIDGE * eye
-    lower = torch.linalg.cholesky(m)
+    return torch.linalg.cholesky(m / m.diagonal().mean() + RIDGE * torch.eye(m.shape[0], dtype=m.dtype,
+                                                                               device=m.device))
+
+
+def _whitening(moment: torch.Tensor) -> torch.Tensor:
+    """L^-1 (in, in) for `_cholesky`'s L. Computed in float64, returned in float32."""
+    lower = _cholesky(moment)
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
     return torch.linalg.solve_triangular(lower, eye, upper=False).float()
 
 
@@ -281,10 +286,8 @@ class _Factored:
             raise ConfigError(f"rank {rank} exceeds what a {out_features}x{in_features} update can have "
                               f"({min(out_features, in_features)}); use a smaller rank or rank=None (dense)")
         g = gradient.double()
-        if moment is not None:  # (a small ridge: keys need not span every input direction)
-            m = moment.double()
-            m = m + RIDGE * m.diagonal().mean() * torch.eye(in_features, dtype=m.dtype, device=m.device)
-            lower = torch.linalg.cholesky(m)
+        if moment is not None:  # (normalised: the rows of `directions` are unit vectors below either way)
+            lower = _cholesky(moment)
             whitened = torch.linalg.solve_triangular(lower, g.t(), upper=False).t()  # G L^-T
             _, _, vh = torch.linalg.svd(whitened, full_matrices=False)
             directions = torch.linalg.solve_triangular(lower.t(), vh[:rank].t(), upper=True).t()  # rows (L^-T v)^T
