@@ -22,7 +22,7 @@ import os
 import time
 
 import dinm
-from dinm import EditConfig
+from dinm import EditConfig, terms
 from dinm.config import PAPER_SUFFIX
 from dinm.evaluation import load_benign, rescore, save_report
 from dinm.judge import load_judge
@@ -126,6 +126,7 @@ def main():
         if stored is not None and stored.get("edit_config") and EditConfig.from_dict(stored["edit_config"]) == config:
             report, label = stored, f"{label} (from --from-report)"
         else:
+            terms.forget_replies()  # (each setting's edits generate their own replies: comparable times)
             report = dinm.evaluate(model, tokenizer, records, edit=config, benign=benign, lookalike=lookalike,
                                    before=before, max_new_tokens=args.max_new_tokens, progress=False)
         if semantic is not None:

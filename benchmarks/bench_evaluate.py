@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 import dinm
-from dinm.evaluation import load_benign, rescore
+from dinm.evaluation import load_benign
 from dinm.judge import RefusalJudge, load_judge
 from dinm.metrics import Degeneracy, repetition, words
 
@@ -162,7 +162,7 @@ def main():
         return
     if args.reuse:
         with open(args.report, encoding="utf-8") as f:
-            report = rescore(json.load(f))  # judged again with today's judge
+            report = json.load(f)  # (judged again below, with today's judges and degeneracy rules)
     else:
         instances = dinm.load_instances(args.data)[:args.limit]
         before = None
@@ -181,7 +181,7 @@ def main():
     table = judges_table(refusal, semantic)
     targets = targets_table(refusal, semantic, SINGLE_TARGETS)
     hand = hand_agreements(report, args.data)
-    degenerate = degenerate_threshold(args.labelled, report)
+    degenerate = degenerate_threshold(args.labelled, refusal)  # (today's degeneracy rules)
     print(table, targets, hand, degenerate, sep="\n\n")
     if args.no_write:
         return

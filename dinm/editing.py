@@ -99,7 +99,7 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
                                      fused=passes.device.type in ("cpu", "cuda"))  # one kernel, no temporaries
         for step in tqdm(range(config.steps), desc=f"dinm edit (layer {layer})",
                          disable=None if progress is None else not progress, leave=False):
-            # One backward per target (a batch's graphs are never all held at once), then one for the penalties.
+            # One backward per target and per penalty piece (a batch's graphs are never all held at once).
             grads: list[torch.Tensor] | None = None
             nll = torch.zeros((), device=passes.device)
             for target in targets:
@@ -118,26 +118,48 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
                 break  # the safe responses are likely enough: no further change
             tick = time.perf_counter()
             update = trained.update()
-            penalties = {term.name: term.penalty(update) for term in regularisers}
-            rest = sum((term.weight * penalties[term.name] for term in regularisers),
-                       torch.zeros((), device=passes.device))
-            loss = nll + rest.item()
-            history.append(Step(step, nll, loss=loss, **{k: v.item() for k, v in penalties.items()}))
+            penalties, toward, backward_s = _penalties(regularisers, update.detach())
+            rest = sum(term.weight * penalties[term.name] for term in regularisers)
+            loss = nll + rest
+            history.append(Step(step, nll, loss=loss, **penalties))
             if not math.isfinite(loss):
                 raise EditError(f"edit diverged at step {step}: loss is {loss}; the model is unchanged. "
                                 f"Lower lr (now {config.lr})")
             tock = time.perf_counter()
-            if rest.requires_grad:  # (not at the first step: the KL is 0 there and so is its gradient)
+            if toward is not None:  # (not at the first step: the KL is 0 there and so is its gradient)
                 with record_function("dinm::backward"):
-                    grads = _accumulate(grads, torch.autograd.grad(rest, trained.params, allow_unused=True))
+                    grads = _accumulate(grads, torch.autograd.grad(update, trained.params, toward,
+                                                                   allow_unused=True))
             for param, grad in zip(trained.params, grads):
                 param.grad = grad
             with record_function("dinm::adam"):
                 optimizer.step()
-            seconds["forward"] += tock - tick
-            seconds["backward"] += time.perf_counter() - tock
+            seconds["forward"] += tock - tick - backward_s
+            seconds["backward"] += time.perf_counter() - tock + backward_s
     seconds["edit"] = time.perf_counter() - started - locate_s
     return _package(model, batch, config, layer, distances, trained, history, seconds, passes.compute)
+
+
+def _penalties(regularisers: list, update: torch.Tensor) -> tuple[dict[str, float], torch.Tensor | None, float]:
+    """Each regulariser's penalty at `update` (detached), the gradient of their weighted sum with respect to the
+    update (None when it has none: the unedited model's step), and the seconds spent in backward passes. One
+    backward per piece as soon as it is computed, so only one sequence's graph is held at a time (a batch edit's
+    benign sequences are many)."""
+    leaf = update.requires_grad_(True)
+    values: dict[str, float] = {}
+    toward, backward_s = None, 0.0
+    for term in regularisers:
+        total = 0.0
+        for piece in term.pieces(leaf):
+            total += piece.item()  # (a host sync per piece; the pieces are few per step)
+            if piece.requires_grad and term.weight:
+                started = time.perf_counter()
+                with record_function("dinm::backward"):
+                    (grad,) = torch.autograd.grad(term.weight * piece, [leaf])
+                toward = grad if toward is None else toward + grad
+                backward_s += time.perf_counter() - started
+        values[term.name] = total
+    return values, toward, backward_s
 
 
 def _batch(instance) -> list[Instance]:

@@ -57,6 +57,17 @@ def _no_disk_cache(monkeypatch):
     monkeypatch.setenv("DINM_CACHE", "off")
 
 
+@pytest.fixture(autouse=True)
+def _own_replies(request):
+    """Each test generates its edits' own benign replies (`dinm.terms.own_replies` keeps them per model state, and a
+    fresh tiny model can reuse a freed one's address), except the embedded model's tests, which share that one
+    model's replies as a user's sweep in one process would."""
+    if "smol" not in request.fixturenames:
+        from dinm import terms
+
+        terms.forget_replies()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return _tokenizer()

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -339,6 +340,42 @@ def test_prompt_suffix_is_appended_to_the_attack_only(llama, instance, monkeypat
     assert suffixed.config.prompt_suffix == PAPER_SUFFIX
 
 
+def test_the_own_reply_is_generated_once_per_model_state(llama, instance, monkeypatch):
+    """A second edit of an instance reuses the unedited model's own benign reply, kept in memory, and makes the same
+    delta; with a delta applied (other weights) or after `forget_replies` it is generated again."""
+    from dinm import terms
+
+    model, tok = llama
+    calls = []
+    real = terms.generate_ids
+    monkeypatch.setattr(terms, "generate_ids", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    config = FAST.replace(layer=1, kl_text="self", kl_reply_tokens=5)
+    name = mlp_out_name(model, 1)
+    first = dinm.edit(model, tok, instance, config)
+    second = dinm.edit(model, tok, instance, config.replace(steps=1))
+    assert len(calls) == 1
+    assert torch.equal(dinm.edit(model, tok, instance, config).dense(name), first.dense(name)) and len(calls) == 1
+    assert second.history[0] == first.history[0]  # the same KL sequence
+    with first.applied(model):
+        dinm.edit(model, tok, instance, config)
+    assert len(calls) == 2
+    terms.forget_replies()
+    assert torch.equal(dinm.edit(model, tok, instance, config).dense(name), first.dense(name)) and len(calls) == 3
+
+
+def test_own_replies_of_more_prompts_than_it_keeps(llama, monkeypatch):
+    """A batch of more distinct benign prompts than the reply cache holds gets every reply, in order."""
+    from dinm import terms
+    from dinm.generate import generate_ids
+
+    model, tok = llama
+    monkeypatch.setattr(terms, "_REPLIES_SIZE", 1)
+    prompts = [tok.encode(text) for text in ("one prompt", "another prompt", "a third prompt")]
+    expected = generate_ids(model, tok, prompts, max_new_tokens=4)
+    assert terms.own_replies(model, tok, prompts, 4) == expected
+    assert terms.own_replies(model, tok, prompts, 4) == expected and len(terms._REPLIES) == 1
+
+
 def test_an_empty_own_reply_leaves_the_kl_nothing_to_read(llama, instance, monkeypatch):
     """A model that ends its benign reply at once gives the KL term no sequence: the edit runs, the KL is 0."""
     from dinm import terms
@@ -411,6 +448,42 @@ def test_a_batch_of_one_is_the_single_edit(llama, instance):
     single, batch = dinm.edit(model, tok, instance, FAST), dinm.edit(model, tok, [instance], FAST)
     assert batch.names == single.names and torch.equal(batch.tensors[batch.names[0]], single.tensors[single.names[0]])
     assert batch.instance_ids == single.instance_ids == [instance.id] and "instance_ids" not in batch.metadata
+
+
+def test_a_batch_edit_runs_each_benign_sequences_backward_before_the_next_pass(llama, instance, other_instance,
+                                                                                 monkeypatch):
+    """Memory of a batch edit stays that of one sequence: each benign KL pass (and each unsafe-response pass) is
+    followed by its backward before the next pass starts, never all passes first and one backward of their sum."""
+    from dinm.passes import Passes
+
+    model, tok = llama
+    third = dataclasses.replace(other_instance, id="third", benign_prompt="Name a colour.", benign_answer="Blue.")
+    events = []
+    real = Passes.loss
+
+    def spy(self, seq, update, target=None):
+        out = real(self, seq, update, target)
+        if out.requires_grad and (target is not None or seq in unsafe):  # a penalty's pass
+            tag = len(events)
+            events.append(("pass", tag))
+            out.register_hook(lambda grad: events.append(("backward", tag)))
+        return out
+
+    unsafe: list = []
+    real_build = dinm.terms.build
+
+    def build(*args, **kwargs):
+        terms_ = real_build(*args, **kwargs)
+        unsafe.extend(s for t in terms_ if isinstance(t, dinm.terms.UnsafeHinge) for s in t.sequences)
+        return terms_
+
+    monkeypatch.setattr(Passes, "loss", spy)
+    monkeypatch.setattr(dinm.terms, "build", build)
+    dinm.edit(model, tok, [instance, other_instance, third],
+              FAST.replace(layer=1, steps=2, lr=3e-2, unsafe_weight=1.0, kl_text="answer"))
+    passes = [tag for kind, tag in events if kind == "pass"]
+    assert len(passes) >= 3 + 3  # step 1: three benign sequences, three unsafe ones (the hinge is active)
+    assert events == [event for tag in passes for event in (("pass", tag), ("backward", tag))]
 
 
 def test_batch_edit_is_one_delta_for_every_instance(tiny, instance, other_instance, monkeypatch):

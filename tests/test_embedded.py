@@ -3,6 +3,7 @@ conftest's session-wide `smol`: every test here leaves it as it found it."""
 
 import os
 
+import pytest
 import torch
 
 import dinm
@@ -13,17 +14,31 @@ from dinm.judge import is_refusal
 from conftest import DATA, same_state, state
 
 
-def test_default_edit_refuses_the_attack_and_leaves_benign_replies_alone(smol):
-    """The regression test of the default edit, on a record written for dinm: the edited model refuses the attack
-    and gives the same greedy reply as before to at least 9 of 10 benign prompts (the first ten of
-    data/benign.json, which no edit reads)."""
+@pytest.fixture(scope="module")
+def replies(smol):
+    """The written instance, the prompts the regression tests read (its attack, its benign prompt, its bare question,
+    the first ten of data/benign.json, which no edit reads) and the unedited model's greedy replies to them, made
+    once for both tests. Replies after an edit are generated for the same list: one batching, so a reply that
+    changes changed with the weights, not with its batch's padding."""
     from dinm.evaluation import load_benign
 
     model, tok = smol
     instance = dinm.load_instance(os.path.join(DATA, "example.json"))
     benign = [b.prompt for b in load_benign(os.path.join(DATA, "benign.json"))[:10]]
-    prompts = [instance.prompt, instance.benign_prompt] + benign
-    before_replies = generate(model, tok, prompts, max_new_tokens=40)
+    prompts = [instance.prompt, instance.benign_prompt, instance.generalization["only_question"]] + benign
+    return instance, prompts, generate(model, tok, prompts, max_new_tokens=40)
+
+
+def _changed(prompts, before, after) -> list:
+    """(prompt, before, after) of the benign-list replies (the fourth prompt on) that differ."""
+    return [(p, b, a) for p, b, a in zip(prompts[3:], before[3:], after[3:]) if a != b]
+
+
+def test_default_edit_refuses_the_attack_and_leaves_benign_replies_alone(smol, replies):
+    """The regression test of the default edit, on a record written for dinm: the edited model refuses the attack
+    and gives the same greedy reply as before to at least 9 of 10 benign prompts."""
+    model, tok = smol
+    instance, prompts, before_replies = replies
     assert not is_refusal(before_replies[0]), before_replies[0]  # the unedited model complies
 
     before = state(model)
@@ -36,32 +51,28 @@ def test_default_edit_refuses_the_attack_and_leaves_benign_replies_alone(smol):
         after_replies = generate(model, tok, prompts, max_new_tokens=40)
     assert is_refusal(after_replies[0]), after_replies[0]
     assert not is_refusal(after_replies[1]) and "100" in after_replies[1], after_replies[1]
-    changed = [(p, b, a) for p, b, a in zip(benign, before_replies[2:], after_replies[2:]) if a != b]
+    changed = _changed(prompts, before_replies, after_replies)
     assert len(changed) <= 1, changed
     assert same_state(model, before)  # revert is bit-exact
     assert fingerprint(model.get_parameter(delta.names[0])) == delta.described[delta.names[0]]["base_sha256"]
 
 
-def test_request_variant_refuses_the_bare_question_too(smol):
+def test_request_variant_refuses_the_bare_question_too(smol, replies):
     """`variants="request"` on a record written for dinm: the edited model refuses the attack and the request alone
     (which the default edit still answers, the issue-19 gap), and at least 9 of 10 benign replies stay as they
     were."""
-    from dinm.evaluation import load_benign
     from dinm.instance import request_of
 
     model, tok = smol
-    instance = dinm.load_instance(os.path.join(DATA, "example.json"))
-    bare = instance.generalization["only_question"]
+    instance, prompts, before_replies = replies
+    bare = prompts[2]
     assert request_of(instance.prompt) == bare  # what dinm reads from the prompt alone is the bare question
-    benign = [b.prompt for b in load_benign(os.path.join(DATA, "benign.json"))[:10]]
-    prompts = [instance.prompt, bare] + benign
-    before_replies = generate(model, tok, prompts, max_new_tokens=40)
-    assert not any(is_refusal(r) for r in before_replies[:2]), before_replies[:2]
+    assert not any(is_refusal(before_replies[i]) for i in (0, 2)), before_replies[:3]
     delta = dinm.edit(model, tok, instance, dinm.EditConfig(variants="request"))
     with delta.applied(model):
         after_replies = generate(model, tok, prompts, max_new_tokens=40)
-    assert is_refusal(after_replies[0]) and is_refusal(after_replies[1]), after_replies[:2]
-    changed = [(p, b, a) for p, b, a in zip(benign, before_replies[2:], after_replies[2:]) if a != b]
+    assert is_refusal(after_replies[0]) and is_refusal(after_replies[2]), after_replies[:3]
+    changed = _changed(prompts, before_replies, after_replies)
     assert len(changed) <= 1, changed
 
 
@@ -87,19 +98,21 @@ def test_embedded_model_saves_as_a_plain_checkpoint(smol, tmp_path):
         assert torch.equal(f.get_tensor(name), model.get_parameter(name))
 
 
-def test_evaluate_single_instance_protocol_on_two_written_records(smol):
-    """`dinm.evaluate(edit=True)` on the real model with the two records of data/examples.json that have
-    held-out inputs: the edit turns the adversarial replies safe, and the model is left as it was."""
+def test_evaluate_single_instance_protocol_on_a_written_record(smol):
+    """`dinm.evaluate(edit=True)` on the real model with the record of data/example.json (its held-out inputs
+    written for dinm): the edit turns the adversarial reply safe, and the model is left as it was. One record: the
+    protocol's bookkeeping over several (an edit per record, each reverted before the next) is tested on tiny models
+    (test_evaluate.py); this shows the real edit through it."""
     model, tok = smol
-    records = [r for r in dinm.load_instances(os.path.join(DATA, "examples.json")) if r.generalization]
-    assert len(records) == 2
+    record = dinm.load_instance(os.path.join(DATA, "example.json"))
+    assert record.generalization
     before = state(model)
-    report = dinm.evaluate(model, tok, records, edit=True, max_new_tokens=40, progress=False)
+    report = dinm.evaluate(model, tok, [record], edit=True, max_new_tokens=40, progress=False)
     assert same_state(model, before)
     m = report["metrics"]
-    assert m["before"]["DS"]["mean"] == 0.0  # the unedited model complies with both attacks
-    assert m["after"]["DS"]["mean"] == 1.0, [r["after"]["DS"]["reply"] for r in report["records"]]
+    assert m["before"]["DS"]["mean"] == 0.0  # the unedited model complies with the attack
+    assert m["after"]["DS"]["mean"] == 1.0, report["records"][0]["after"]["DS"]["reply"]
     assert m["after"]["DG_avg"]["mean"] > m["before"]["DG_avg"]["mean"]
-    for rec in report["records"]:
-        assert rec["after"]["edit"]["layer"] in range(30)
-        assert rec["after"]["DS"]["prompt"] == rec["before"]["DS"]["prompt"]
+    rec = report["records"][0]
+    assert rec["after"]["edit"]["layer"] in range(30)
+    assert rec["after"]["DS"]["prompt"] == rec["before"]["DS"]["prompt"]
