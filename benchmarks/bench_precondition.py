@@ -43,7 +43,7 @@ def main():
     try:
         for index in args.records:
             inst = instances[index]
-            dinm.edit(model, tok, inst, EditConfig(steps=1), progress=False)  # its layer's statistic: cached
+            dinm.edit(model, tok, inst, EditConfig(steps=1), progress=False)  # its layer's statistic and own reply: kept
             for label, config, weight in settings:
                 if weight is not None:
                     dinm.editing.KL_KEYS_WEIGHT = weight
@@ -59,7 +59,8 @@ def main():
     body = (f"Embedded SmolLM2-135M-Instruct (fp32 weights; the passes in the library's `auto` dtype), records "
             f"{', '.join(map(str, args.records))} of `{os.path.basename(args.data)}`, 2 threads, one process. The last "
             f"step's figures: NLL of the safe response, KL on the model's own benign reply, `moved` (the benign-key "
-            f"penalty, mean ||D k||^2 / mean ||W k||^2), and the loss NLL + 10 KL + 1000 moved. 's' is locate + edit. "
+            f"penalty, mean ||D k||^2 / mean ||W k||^2), and the loss NLL + 10 KL + 1000 moved. 's' is locate + edit, "
+            f"the layer's key statistic and the model's own benign reply kept from a warm-up edit. "
             f"`KL keys xW`: the KL sequences' key moment enters the whitening W times heavier than the corpus's "
             f"(`dinm.editing.KL_KEYS_WEIGHT`, {chosen:g} in dinm).\n\n" + "\n".join(rows))
     print(body)
