@@ -43,7 +43,7 @@ def main():
     try:
         for index in args.records:
             inst = instances[index]
-            dinm.edit(model, tok, inst, EditConfig(steps=1), progress=False)  # its layer's statistic and own reply: kept
+            dinm.edit(model, tok, inst, EditConfig(steps=1), progress=False)  # its statistic and own reply: kept
             for label, config, weight in settings:
                 if weight is not None:
                     dinm.editing.KL_KEYS_WEIGHT = weight
