@@ -60,14 +60,11 @@ def _weight_sums(model, layer: int) -> tuple:
     its own inputs. Cheap, and equal only for equal weights in practice; a stale statistic would only weaken a
     regulariser, never change a result silently beyond that. Summed in float32 (a float64 sum converted every
     weight first: 1.7 s an edit for SmolLM2-135M on a 2-core CPU, where this takes milliseconds)."""
-    return weight_sums([p for p in _below(model, layer) if p is not model.get_parameter(mlp_out_name(model, layer))])
-
-
-def _below(model, layer: int) -> list[torch.nn.Parameter]:
     params = list(model.get_input_embeddings().parameters())
     for block in list(decoder_layers(model))[:layer + 1]:
         params += list(block.parameters())
-    return params
+    own = model.get_parameter(mlp_out_name(model, layer))
+    return weight_sums([p for p in params if p is not own])
 
 
 def weight_sums(params) -> tuple:

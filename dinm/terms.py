@@ -1,8 +1,8 @@
 """The regularisers of an edit: each a small object with a name (the `dinm.history.Step` field it is logged as),
 a weight, and `pieces(update)`, the parts (one per sequence it runs) whose sum is the term's value for an update
-(out, in) of the edited matrix, each with a gradient; `penalty(update)` is that sum. `build` makes them from an
-`EditConfig`, in one place; `dinm.edit` adds `weight * penalty(update)` to the NLL, one piece's backward at a
-time, so that a batch edit never holds the graphs of all its benign sequences at once.
+(out, in) of the edited matrix, each with a gradient. `build` makes them from an `EditConfig`, in one place;
+`dinm.edit` adds `weight * sum(pieces)` to the NLL, one piece's backward at a time, so that a batch edit never
+holds the graphs of all its benign sequences at once.
 """
 
 from __future__ import annotations
@@ -43,9 +43,6 @@ class BenignKL:
                 piece = self.passes.loss(s, update, u) / len(self.sequences)
             yield piece
 
-    def penalty(self, update: torch.Tensor) -> torch.Tensor:
-        return sum(self.pieces(update))
-
 
 class KeyPenalty:
     """Mean ||D k||^2 over the benign keys k of the edited matrix (`dinm.keys`), relative to the matrix's own
@@ -57,12 +54,10 @@ class KeyPenalty:
         self.weight, self.moment = weight, moment
         self.energy = _output_energy(matrix, moment)
 
-    def penalty(self, update: torch.Tensor) -> torch.Tensor:
-        with record_function("dinm::key_penalty"):
-            return _output_energy(update, self.moment) / self.energy
-
     def pieces(self, update: torch.Tensor):
-        yield self.penalty(update)
+        with record_function("dinm::key_penalty"):
+            piece = _output_energy(update, self.moment) / self.energy
+        yield piece
 
 
 # How far `UnsafeHinge` pushes the unsafe response's mean NLL per token above the unedited model's: 1 nat, its
@@ -89,9 +84,6 @@ class UnsafeHinge:
             with record_function("dinm::unsafe_pass"):
                 piece = torch.relu(goal - self.passes.loss(s, update)) / len(self.sequences)
             yield piece
-
-    def penalty(self, update: torch.Tensor) -> torch.Tensor:
-        return sum(self.pieces(update))
 
 
 def _output_energy(matrix: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
@@ -182,7 +174,6 @@ def own_replies(model, tokenizer, prompts: list[list[int]], tokens: int) -> list
         for i, reply in zip(missing, made):
             replies[i] = tuple(reply)
             if cached:
-                _REPLIES.pop(keys[i], None)
                 _REPLIES[keys[i]] = replies[i]
                 if len(_REPLIES) > _REPLIES_SIZE:
                     _REPLIES.pop(next(iter(_REPLIES)))
