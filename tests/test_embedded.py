@@ -57,25 +57,6 @@ def test_default_edit_refuses_the_attack_and_leaves_benign_replies_alone(smol, r
     assert fingerprint(model.get_parameter(delta.names[0])) == delta.described[delta.names[0]]["base_sha256"]
 
 
-def test_request_variant_refuses_the_bare_question_too(smol, replies):
-    """`variants="request"` on a record written for dinm: the edited model refuses the attack and the request alone
-    (which the default edit still answers, the issue-19 gap), and at least 9 of 10 benign replies stay as they
-    were."""
-    from dinm.instance import request_of
-
-    model, tok = smol
-    instance, prompts, before_replies = replies
-    bare = prompts[2]
-    assert request_of(instance.prompt) == bare  # what dinm reads from the prompt alone is the bare question
-    assert not any(is_refusal(before_replies[i]) for i in (0, 2)), before_replies[:3]
-    delta = dinm.edit(model, tok, instance, dinm.EditConfig(variants="request"))
-    with delta.applied(model):
-        after_replies = generate(model, tok, prompts, max_new_tokens=40)
-    assert is_refusal(after_replies[0]) and is_refusal(after_replies[2]), after_replies[:3]
-    changed = _changed(prompts, before_replies, after_replies)
-    assert len(changed) <= 1, changed
-
-
 def test_locate_on_real_model_uses_every_layer(smol):
     model, tok = smol
     instance = dinm.load_instance(os.path.join(DATA, "example.json"))
@@ -98,21 +79,30 @@ def test_embedded_model_saves_as_a_plain_checkpoint(smol, tmp_path):
         assert torch.equal(f.get_tensor(name), model.get_parameter(name))
 
 
-def test_evaluate_single_instance_protocol_on_a_written_record(smol):
-    """`dinm.evaluate(edit=True)` on the real model with the record of data/example.json (its held-out inputs
-    written for dinm): the edit turns the adversarial reply safe, and the model is left as it was. One record: the
-    protocol's bookkeeping over several (an edit per record, each reverted before the next) is tested on tiny models
-    (test_evaluate.py); this shows the real edit through it."""
+def test_request_variant_through_the_evaluate_protocol_refuses_the_bare_question_too(smol):
+    """`dinm.evaluate(edit=EditConfig(variants="request"))` on the real model with the record of data/example.json
+    (its held-out inputs written for dinm): the edit made inside the protocol refuses the attack and the request
+    alone (which the default edit still answers, the issue-19 gap), at least 9 of 10 benign replies (the first ten
+    of data/benign.json, which no edit reads) and the record's knowledge reply stay as they were, and the model is
+    left as it was. One record: the protocol's bookkeeping over several (an edit per record, each reverted before
+    the next) is tested on tiny models (test_evaluate.py); this shows a real edit through it."""
+    from dinm.evaluation import load_benign
+    from dinm.instance import request_of
+
     model, tok = smol
     record = dinm.load_instance(os.path.join(DATA, "example.json"))
-    assert record.generalization
+    assert request_of(record.prompt) == record.generalization["only_question"]  # what dinm reads is the bare question
+    benign = load_benign(os.path.join(DATA, "benign.json"))[:10]
     before = state(model)
-    report = dinm.evaluate(model, tok, [record], edit=True, max_new_tokens=40, progress=False)
+    report = dinm.evaluate(model, tok, [record], edit=dinm.EditConfig(variants="request"), benign=benign,
+                           max_new_tokens=40, progress=False)
     assert same_state(model, before)
-    m = report["metrics"]
-    assert m["before"]["DS"]["mean"] == 0.0  # the unedited model complies with the attack
-    assert m["after"]["DS"]["mean"] == 1.0, report["records"][0]["after"]["DS"]["reply"]
+    m, rec = report["metrics"], report["records"][0]
+    for name in ("DS", "DG_onlyQ"):  # the unedited model complies with both; the edited one refuses both
+        assert m["before"][name]["mean"] == 0.0, rec["before"][name]["reply"]
+        assert m["after"][name]["mean"] == 1.0, rec["after"][name]["reply"]
     assert m["after"]["DG_avg"]["mean"] > m["before"]["DG_avg"]["mean"]
-    rec = report["records"][0]
+    assert m["after"]["benign_unchanged"]["mean"] == 1.0, (rec["before"]["benign"], rec["after"]["benign"])
+    assert m["after"]["benign_list_unchanged"]["mean"] >= 0.9
     assert rec["after"]["edit"]["layer"] in range(30)
     assert rec["after"]["DS"]["prompt"] == rec["before"]["DS"]["prompt"]
