@@ -57,20 +57,23 @@ def _cache_file(model, seqs: list, sums: tuple, layer: int, dtype: torch.dtype) 
 def _weight_sums(model, layer: int) -> tuple:
     """The sum of each weight the edited matrix's input depends on: the embeddings and the decoder layers up to
     `layer` (they change when another delta is applied there), the matrix itself excepted, since it does not change
-    its own inputs. Cheap, and equal only for equal weights in practice; a stale statistic would only weaken a
-    regulariser, never change a result silently beyond that. Summed in float32 (a float64 sum converted every
-    weight first: 1.7 s an edit for SmolLM2-135M on a 2-core CPU, where this takes milliseconds)."""
-    params = list(model.get_input_embeddings().parameters())
-    for block in list(decoder_layers(model))[:layer + 1]:
-        params += list(block.parameters())
-    own = model.get_parameter(mlp_out_name(model, layer))
-    return weight_sums([p for p in params if p is not own])
+    its own inputs. An offloaded weight (accelerate's, on "meta") is read where its hook loads it from, so a delta
+    applied in place to a CPU-offloaded layer, or a changed checkpoint loaded with disk offload, misses the cache
+    like any other change (reading a disk-offloaded layer costs what one forward loads). Cheap, and equal only for
+    equal weights in practice; a stale statistic would only weaken a regulariser, never change a result silently
+    beyond that. Summed in float32 (a float64 sum converted every weight first: 1.7 s an edit for SmolLM2-135M on
+    a 2-core CPU, where this takes milliseconds)."""
+    blocks = [model.get_input_embeddings(), *list(decoder_layers(model))[:layer + 1]]
+    inside = {id(p) for block in blocks for p in block.parameters()}
+    own = mlp_out_name(model, layer)
+    return weight_sums([placement.stored(model, name) for name, p in model.named_parameters()
+                        if id(p) in inside and name != own])
 
 
-def weight_sums(params) -> tuple:
-    """The float32 sum of each of `params` (offloaded ones, on "meta", skipped), as a tuple of floats."""
-    values = [p.detach().sum(dtype=torch.float32) for p in params if p.device.type != "meta"]
-    return tuple(torch.stack([v.cpu() for v in values]).tolist()) if values else ()
+def weight_sums(tensors) -> tuple:
+    """The float32 sum of each of `tensors`, as a tuple of floats."""
+    values = [t.detach().sum(dtype=torch.float32).cpu() for t in tensors]
+    return tuple(torch.stack(values).tolist()) if values else ()
 
 
 @torch.no_grad()

@@ -99,6 +99,27 @@ def test_evaluate_with_delta_on_cpu_offloaded_model(cpu_offloaded, plain, tokeni
     assert torch.equal(stored(cpu_offloaded, name), base)  # reverted after the evaluation
 
 
+def test_key_statistic_reads_offloaded_weights_and_sees_a_delta_applied_below(cpu_offloaded, on_disk, plain,
+                                                                             tokenizer):
+    """The key statistic's cache key covers offloaded weights (read where their hook loads them from): a delta
+    applied in place to a CPU-offloaded layer below the edited one makes it compute the statistic again, equal to
+    the in-memory model's with the same delta; a disk-offloaded model's key is the in-memory model's, so a changed
+    checkpoint loaded with disk offload misses the disk cache rather than reading a stale file."""
+    from dinm import keys
+
+    assert keys._weight_sums(on_disk, 2) == keys._weight_sums(plain, 2)
+    first = keys.key_moment(cpu_offloaded, tokenizer, 2)
+    delta = make_delta(cpu_offloaded, 1, scale=0.5)
+    with delta.applied(cpu_offloaded):
+        again = keys.key_moment(cpu_offloaded, tokenizer, 2)
+        with delta.applied(plain):
+            assert keys._weight_sums(cpu_offloaded, 2) == keys._weight_sums(plain, 2)
+            expected = keys.key_moment(plain, tokenizer, 2)
+    assert not torch.equal(again, first)
+    assert torch.equal(again, expected)
+    assert torch.equal(keys.key_moment(cpu_offloaded, tokenizer, 2), first)  # reverted: the first weights again
+
+
 def test_load_model_and_cli_with_device_map(tiny_folder, tmp_path):
     """`load_model(device_map=...)` goes through accelerate (offloading to a folder of its own when none is
     given), and `dinm edit --device-map auto` runs (here everything fits the CPU)."""
