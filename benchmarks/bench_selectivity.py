@@ -1,0 +1,186 @@
+"""How selective the default edit's update is: what D does to the edited matrix's inputs on the text it was trained
+on, on the benign corpus its penalty reads, and on held-out text, against a random update of the same size.
+
+    python benchmarks/bench_selectivity.py --records 0 1 2 3
+
+For each record, one default edit (`dinm.edit`, its own reply generated afresh), then for each set of tokens the
+update's relative movement mean ||D k||^2 / mean ||W k||^2 over the inputs k of the edited matrix (the quantity the
+benign-key penalty `moved` reports on its corpus):
+- corpus: the 120 conversations of `dinm/benign_corpus.json` (what the penalty sees; from the key statistic);
+- held-out benign: the 52 prompts of `data/benign.json` with the unedited model's own 64-token replies (no edit
+  reads them; evaluations measure retention on them);
+- lookalike prompts: the 48 prompts of `data/lookalike.json` (prompt tokens);
+- the attack's prompt tokens, its last prompt token (where the reply starts), and the safe response's tokens;
+- the bare question's prompt tokens and last token (SafeEdit's `only_question`, read here to measure, never by the
+  edit).
+Then the 52 benign replies regenerated with the delta applied: the share identical to the unedited ones (the
+list-retention figure of the evaluations) for the same edit.
+
+    python benchmarks/bench_selectivity.py --per-layer --records 0 1 ... 15
+
+instead measures, at every layer and with no edit, how cheaply an update could move the last prompt token's input
+without moving benign text: nu = k^T C^-1 k / d, C the benign corpus's key moment at that layer (ridge 1e-4 of its
+mean eigenvalue), d its size. The benign-key penalty makes moving k by a vector v cost at least ||v||^2 / (d nu)
+times its weight (the minimum of tr(D C D^T) subject to D k = v), so a large nu marks inputs an edit can act on
+alone. Compared: the attack, the bare question, and the held-out benign and lookalike prompts.
+"""
+
+import argparse
+import contextlib
+import os
+import time
+from typing import Iterator
+
+import torch
+
+import dinm
+from dinm import keys, terms
+from dinm.arch import mlp_out_module
+from dinm.evaluation import load_benign
+from dinm.generate import generate
+from dinm.text import encode_pair
+from dinm.trace import input_of
+
+from _results import record
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "data")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.path.join(HERE, "../../shared/safeedit/test_dev.json"))
+    parser.add_argument("--records", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--per-layer", action="store_true", help="nu of the last prompt token at every layer, no edit")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    instances = dinm.load_instances(args.data)
+    model, tok = dinm.load_model("embedded")
+    benign = [b.prompt for b in load_benign(os.path.join(DATA, "benign.json"))]
+    lookalike = [b.prompt for b in load_benign(os.path.join(DATA, "lookalike.json"))]
+    if args.per_layer:
+        return per_layer(model, tok, [instances[i] for i in args.records], benign, lookalike, args)
+    before = generate(model, tok, benign, max_new_tokens=args.max_new_tokens, progress=False)
+
+    def inputs(layer: int, pairs: list, where: str = "all") -> torch.Tensor:
+        """The edited matrix's inputs over `pairs` (prompt, response): every token, the prompt's, its last, or the
+        response's."""
+        module, rows = mlp_out_module(model, layer), []
+        with torch.no_grad():
+            for prompt, response in pairs:
+                enc = encode_pair(tok, prompt, response, add_end=bool(response))
+                k = input_of(module, lambda: model(input_ids=torch.tensor([enc.ids]), use_cache=False))[0]
+                rows.append({"all": k, "prompt": k[:enc.n_prompt], "last": k[enc.n_prompt - 1:enc.n_prompt],
+                             "response": k[enc.n_prompt:]}[where])
+        return torch.cat(rows).float()
+
+    columns = ["corpus (penalty)", "held-out benign", "lookalike", "attack prompt", "attack last token",
+               "safe response", "bare question", "bare last token"]
+    rows = [f"| record | layer | update | {' | '.join(columns)} | benign replies unchanged | edit s |",
+            "|" + "---|" * (len(columns) + 5)]
+    for index in args.records:
+        inst = instances[index]
+        terms.forget_replies()
+        started = time.perf_counter()
+        delta = dinm.edit(model, tok, inst, progress=False)
+        seconds = time.perf_counter() - started
+        name, layer = delta.names[0], delta.layer
+        weight = model.get_parameter(name).detach().float().clone()  # (.float() of fp32 is the same tensor)
+        with delta.applied(model):
+            update = model.get_parameter(name).detach().float() - weight
+            after = generate(model, tok, benign, max_new_tokens=args.max_new_tokens, progress=False)
+        kept = sum(a == b for a, b in zip(after, before)) / len(benign)
+        moment = keys.key_moment(model, tok, layer)
+        question = inst.generalization["only_question"]
+        sets = [inputs(layer, list(zip(benign, before))), inputs(layer, [(p, "") for p in lookalike], "prompt"),
+                inputs(layer, [(inst.prompt, "")], "prompt"), inputs(layer, [(inst.prompt, "")], "last"),
+                inputs(layer, [(inst.prompt, inst.safe)], "response"), inputs(layer, [(question, "")], "prompt"),
+                inputs(layer, [(question, "")], "last")]
+        random = torch.randn(update.shape, generator=torch.Generator().manual_seed(index))
+        random *= update.norm() / random.norm()
+        for label, d in (("default edit", update), ("random, same norm", random)):
+            corpus = (torch.trace(d @ moment @ d.T) / torch.trace(weight @ moment @ weight.T)).item()
+            moved = [corpus] + [(k @ d.T).pow(2).sum(-1).mean().item() / (k @ weight.T).pow(2).sum(-1).mean().item()
+                                for k in sets]
+            figures = " | ".join(f"{m:.1e}" for m in moved)
+            tail = f"{100 * kept:.1f}% | {seconds:.1f}" if label == "default edit" else "– | –"
+            rows.append(f"| {inst.id} | {layer} | {label} | {figures} | {tail} |")
+            print(rows[-1], flush=True)
+    body = (f"Embedded SmolLM2-135M-Instruct (fp32), records {', '.join(map(str, args.records))} of "
+            f"`{os.path.basename(args.data)}`, the default `EditConfig()`, one process, 2 threads. Each figure is "
+            f"mean ||D k||^2 / mean ||W k||^2 over the edited matrix's inputs k on that text (W the matrix, D the "
+            f"update): see the script's docstring for the sets. 'benign replies unchanged': the 52 prompts of "
+            f"`data/benign.json`, greedy {args.max_new_tokens} tokens, identical with the delta applied.\n\n"
+            + "\n".join(rows))
+    print(body)
+    if not args.no_write:
+        record("Selectivity of the default edit: what the update moves, and where", body)
+
+
+@contextlib.contextmanager
+def record_inputs(modules: list) -> Iterator[list]:
+    """Each module's first input during the forward passes run inside the block (hooks removed after)."""
+    inputs: list = [None] * len(modules)
+    handles = [m.register_forward_pre_hook(lambda _m, args, i=i: inputs.__setitem__(i, args[0].detach()))
+               for i, m in enumerate(modules)]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def per_layer(model, tok, records: list, benign: list[str], lookalike: list[str], args) -> None:
+    """The table of `--per-layer` (see the module's text): every layer's key moment from one pass over the corpus."""
+    from dinm.arch import decoder_layers
+    from dinm.text import pad_batch, pad_id
+    modules = [mlp_out_module(model, layer) for layer in range(len(list(decoder_layers(model))))]
+    seqs = sorted((encode_pair(tok, p, r, max_response_tokens=64).ids for p, r in keys.benign_corpus()), key=len)
+    moments, count = [0.0] * len(modules), 0
+
+    def last_inputs(prompts: list[str]) -> list[torch.Tensor]:
+        """(prompts, in) inputs of every layer's matrix at each prompt's last token."""
+        rows = []
+        for prompt in prompts:
+            enc = encode_pair(tok, prompt, "", add_end=False)
+            rows.append(run([enc.ids], None))
+        return [torch.cat([r[layer][:, -1] for r in rows]).double() for layer in range(len(modules))]
+
+    def run(ids, mask):
+        with torch.no_grad(), record_inputs(modules) as inputs:
+            model(input_ids=torch.tensor(ids) if mask is None else ids, attention_mask=mask, use_cache=False)
+        return inputs
+
+    for start in range(0, len(seqs), 8):
+        ids, mask = pad_batch(seqs[start:start + 8], pad_id(tok), "right")
+        inputs, real = run(ids, mask), mask.bool().reshape(-1)
+        for layer, k in enumerate(inputs):
+            k = k.reshape(-1, k.shape[-1])[real].double()
+            moments[layer] = moments[layer] + k.T @ k
+        count += int(real.sum())
+    sets = {"attack": last_inputs([r.prompt for r in records]),
+            "bare question": last_inputs([r.generalization["only_question"] for r in records]),
+            "held-out benign": last_inputs(benign), "lookalike": last_inputs(lookalike)}
+    rows = ["| layer | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for layer, total in enumerate(moments):
+        moment = total / count
+        d = moment.shape[0]
+        inverse = torch.linalg.inv(moment + 1e-4 * moment.trace() / d * torch.eye(d, dtype=moment.dtype))
+        nus = [((k @ inverse) * k).sum(-1).mean().item() / d for k in (s[layer] for s in sets.values())]
+        rows.append(f"| {layer} | " + " | ".join(f"{nu:.2f}" for nu in nus) + " |")
+    body = (f"Embedded SmolLM2-135M-Instruct (fp32), no edit. Mean nu = k^T C^-1 k / d of the last prompt token's "
+            f"input to each layer's MLP output matrix (C: the benign corpus's key moment, {count} tokens, ridge 1e-4 "
+            f"of its mean eigenvalue; d = {moments[0].shape[0]}), over the attack prompts and the bare questions "
+            f"(SafeEdit's `only_question`) of records {', '.join(r.id for r in records)} of "
+            f"`{os.path.basename(args.data)}`, the {len(benign)} prompts of `data/benign.json` and the "
+            f"{len(lookalike)} of `data/lookalike.json`, each chat-formatted. See the script's docstring.\n\n"
+            + "\n".join(rows))
+    print(body)
+    if not args.no_write:
+        record("Selectivity by layer: how cheaply an edit can act on a prompt alone", body)
+
+
+if __name__ == "__main__":
+    main()
