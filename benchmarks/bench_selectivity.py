@@ -23,6 +23,13 @@ without moving benign text: nu = k^T C^-1 k / d, C the benign corpus's key momen
 mean eigenvalue), d its size. The benign-key penalty makes moving k by a vector v cost at least ||v||^2 / (d nu)
 times its weight (the minimum of tr(D C D^T) subject to D k = v), so a large nu marks inputs an edit can act on
 alone. Compared: the attack, the bare question, and the held-out benign and lookalike prompts.
+
+    python benchmarks/bench_selectivity.py --probe --train ../shared/safeedit/train_dev.json
+
+asks what a threshold adds (a bias, which a weight delta of the output matrix cannot have but the MLP's gate can):
+per layer, a logistic probe on the last prompt token's residual state and on the output matrix's input, trained on
+the bare questions of `--train` against the prompts of dinm's benign corpus, tested on the bare questions of `--data`
+against `data/benign.json` and `data/lookalike.json`. A diagnostic: no edit reads SafeEdit's questions.
 """
 
 import argparse
@@ -32,6 +39,7 @@ import time
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 import dinm
 from dinm import keys, terms
@@ -39,7 +47,7 @@ from dinm.arch import mlp_out_module
 from dinm.evaluation import load_benign
 from dinm.generate import generate
 from dinm.text import encode_pair
-from dinm.trace import input_of
+from dinm.trace import input_of, record_outputs
 
 from _results import record
 
@@ -53,6 +61,8 @@ def main():
     parser.add_argument("--records", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--per-layer", action="store_true", help="nu of the last prompt token at every layer, no edit")
+    parser.add_argument("--probe", action="store_true", help="held-out linear probes per layer, no edit")
+    parser.add_argument("--train", default=os.path.join(HERE, "../../shared/safeedit/train_dev.json"))
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -62,6 +72,8 @@ def main():
     lookalike = [b.prompt for b in load_benign(os.path.join(DATA, "lookalike.json"))]
     if args.per_layer:
         return per_layer(model, tok, [instances[i] for i in args.records], benign, lookalike, args)
+    if args.probe:
+        return probe(model, tok, instances, benign, lookalike, args)
     before = generate(model, tok, benign, max_new_tokens=args.max_new_tokens, progress=False)
 
     def inputs(layer: int, pairs: list, where: str = "all") -> torch.Tensor:
@@ -180,6 +192,73 @@ def per_layer(model, tok, records: list, benign: list[str], lookalike: list[str]
     print(body)
     if not args.no_write:
         record("Selectivity by layer: how cheaply an edit can act on a prompt alone", body)
+
+
+def probe(model, tok, instances: list, benign: list[str], lookalike: list[str], args) -> None:
+    """The table of `--probe` (see the module's text)."""
+    from dinm.arch import decoder_layers
+
+    blocks = list(decoder_layers(model))
+    modules = [mlp_out_module(model, layer) for layer in range(len(blocks))]
+
+    def last_states(prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer, (prompts, hidden) residual states after the layer and (prompts, in) inputs of its output
+        matrix, at each prompt's last token."""
+        residual, inputs = [[] for _ in blocks], [[] for _ in blocks]
+        for prompt in prompts:
+            enc = encode_pair(tok, prompt, "", add_end=False)
+            with torch.no_grad(), record_inputs(modules) as keys_in, record_outputs(blocks) as states:
+                model(input_ids=torch.tensor([enc.ids]), use_cache=False)
+            for layer in range(len(blocks)):
+                residual[layer].append(states[layer][0, -1])
+                inputs[layer].append(keys_in[layer][0, -1])
+        return [torch.stack(r) for r in residual], [torch.stack(k) for k in inputs]
+
+    def fit(harmful: torch.Tensor, harmless: torch.Tensor):
+        """A logistic probe with a bias (standardised features, L2 1e-2, classes weighted equally): its score."""
+        both = torch.cat([harmful, harmless])
+        mean, std = both.mean(0), both.std(0) + 1e-6
+        x, y = (both - mean) / std, torch.cat([torch.ones(len(harmful)), torch.zeros(len(harmless))])
+        w, b = torch.zeros(x.shape[1], requires_grad=True), torch.zeros(1, requires_grad=True)
+        optimizer = torch.optim.LBFGS([w, b], max_iter=200)
+        balance = torch.tensor(len(harmless) / len(harmful))
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(x @ w + b, y, pos_weight=balance) + 1e-2 * w.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return lambda z: ((z - mean) / std) @ w.detach() + b.detach()
+
+    trained_on = dinm.load_instances(args.train)
+    train = {"harmful": last_states([r.question for r in trained_on if r.question]),
+             "harmless": last_states([p for p, _ in keys.benign_corpus()])}
+    test = {"harmful": last_states([r.question for r in instances if r.question]),
+            "benign": last_states(benign), "lookalike": last_states(lookalike)}
+    n_train, n_test = len(train["harmful"][0][0]), len(test["harmful"][0][0])
+    rows = ["| layer | residual: bare questions flagged | benign passed | lookalike passed | MLP input: bare questions "
+            "flagged | benign passed | lookalike passed |", "|---|---|---|---|---|---|---|"]
+    for layer in range(len(blocks)):
+        cells = []
+        for kind in (0, 1):
+            score = fit(train["harmful"][kind][layer], train["harmless"][kind][layer])
+            cells += [100 * (score(test["harmful"][kind][layer]) > 0).float().mean().item(),
+                      100 * (score(test["benign"][kind][layer]) <= 0).float().mean().item(),
+                      100 * (score(test["lookalike"][kind][layer]) <= 0).float().mean().item()]
+        rows.append(f"| {layer} | " + " | ".join(f"{c:.1f}%" for c in cells) + " |")
+        print(rows[-1], flush=True)
+    body = (f"Embedded SmolLM2-135M-Instruct (fp32), no edit. Per layer, a logistic probe (with a bias) on the last "
+            f"prompt token, trained on the {n_train} bare questions (SafeEdit's `question` field) of "
+            f"`{os.path.basename(args.train)}` against the {len(keys.benign_corpus())} prompts of dinm's benign "
+            f"corpus, tested on the {n_test} bare questions of `{os.path.basename(args.data)}`, the "
+            f"{len(benign)} prompts of `data/benign.json` and the {len(lookalike)} of `data/lookalike.json` (none "
+            f"trained on). 'residual': the layer's output state; 'MLP input': the input of its MLP output matrix "
+            f"(what a down-projection delta reads). See the script's docstring.\n\n" + "\n".join(rows))
+    print(body)
+    if not args.no_write:
+        record("Selectivity with a threshold: held-out probes for the bare question", body)
 
 
 if __name__ == "__main__":
