@@ -126,9 +126,31 @@ def main():
             f"update): see the script's docstring for the sets. 'benign replies unchanged': the 52 prompts of "
             f"`data/benign.json`, greedy {args.max_new_tokens} tokens, identical with the delta applied.\n\n"
             + "\n".join(rows))
+    publish(args, "Selectivity of the default edit: what the update moves, and where", body)
+
+
+def publish(args, section: str, body: str) -> None:
     print(body)
     if not args.no_write:
-        record("Selectivity of the default edit: what the update moves, and where", body)
+        record(section, body)
+
+
+def last_token_states(model, tok, prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the (prompts, hidden) residual states after the layer and the (prompts, in) inputs of its MLP
+    output matrix, at each chat-formatted prompt's last token."""
+    from dinm.arch import decoder_layers
+
+    blocks = list(decoder_layers(model))
+    modules = [mlp_out_module(model, layer) for layer in range(len(blocks))]
+    residual, inputs = [[] for _ in blocks], [[] for _ in blocks]
+    for prompt in prompts:
+        enc = encode_pair(tok, prompt, "", add_end=False)
+        with torch.no_grad(), record_inputs(modules) as keys_in, record_outputs(blocks) as states:
+            model(input_ids=torch.tensor([enc.ids]), use_cache=False)
+        for layer in range(len(blocks)):
+            residual[layer].append(states[layer][0, -1])
+            inputs[layer].append(keys_in[layer][0, -1])
+    return [torch.stack(r) for r in residual], [torch.stack(k) for k in inputs]
 
 
 @contextlib.contextmanager
@@ -148,26 +170,19 @@ def per_layer(model, tok, records: list, benign: list[str], lookalike: list[str]
     """The table of `--per-layer` (see the module's text): every layer's key moment from one pass over the corpus."""
     from dinm.arch import decoder_layers
     from dinm.text import pad_batch, pad_id
+
     modules = [mlp_out_module(model, layer) for layer in range(len(list(decoder_layers(model))))]
     seqs = sorted((encode_pair(tok, p, r, max_response_tokens=64).ids for p, r in keys.benign_corpus()), key=len)
     moments, count = [0.0] * len(modules), 0
 
     def last_inputs(prompts: list[str]) -> list[torch.Tensor]:
-        """(prompts, in) inputs of every layer's matrix at each prompt's last token."""
-        rows = []
-        for prompt in prompts:
-            enc = encode_pair(tok, prompt, "", add_end=False)
-            rows.append(run([enc.ids], None))
-        return [torch.cat([r[layer][:, -1] for r in rows]).double() for layer in range(len(modules))]
-
-    def run(ids, mask):
-        with torch.no_grad(), record_inputs(modules) as inputs:
-            model(input_ids=torch.tensor(ids) if mask is None else ids, attention_mask=mask, use_cache=False)
-        return inputs
+        return [k.double() for k in last_token_states(model, tok, prompts)[1]]
 
     for start in range(0, len(seqs), 8):
         ids, mask = pad_batch(seqs[start:start + 8], pad_id(tok), "right")
-        inputs, real = run(ids, mask), mask.bool().reshape(-1)
+        with torch.no_grad(), record_inputs(modules) as inputs:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        real = mask.bool().reshape(-1)
         for layer, k in enumerate(inputs):
             k = k.reshape(-1, k.shape[-1])[real].double()
             moments[layer] = moments[layer] + k.T @ k
@@ -189,9 +204,7 @@ def per_layer(model, tok, records: list, benign: list[str], lookalike: list[str]
             f"`{os.path.basename(args.data)}`, the {len(benign)} prompts of `data/benign.json` and the "
             f"{len(lookalike)} of `data/lookalike.json`, each chat-formatted. See the script's docstring.\n\n"
             + "\n".join(rows))
-    print(body)
-    if not args.no_write:
-        record("Selectivity by layer: how cheaply an edit can act on a prompt alone", body)
+    publish(args, "Selectivity by layer: how cheaply an edit can act on a prompt alone", body)
 
 
 def probe(model, tok, instances: list, benign: list[str], lookalike: list[str], args) -> None:
@@ -199,20 +212,9 @@ def probe(model, tok, instances: list, benign: list[str], lookalike: list[str], 
     from dinm.arch import decoder_layers
 
     blocks = list(decoder_layers(model))
-    modules = [mlp_out_module(model, layer) for layer in range(len(blocks))]
 
-    def last_states(prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per layer, (prompts, hidden) residual states after the layer and (prompts, in) inputs of its output
-        matrix, at each prompt's last token."""
-        residual, inputs = [[] for _ in blocks], [[] for _ in blocks]
-        for prompt in prompts:
-            enc = encode_pair(tok, prompt, "", add_end=False)
-            with torch.no_grad(), record_inputs(modules) as keys_in, record_outputs(blocks) as states:
-                model(input_ids=torch.tensor([enc.ids]), use_cache=False)
-            for layer in range(len(blocks)):
-                residual[layer].append(states[layer][0, -1])
-                inputs[layer].append(keys_in[layer][0, -1])
-        return [torch.stack(r) for r in residual], [torch.stack(k) for k in inputs]
+    def last_states(prompts: list[str]):
+        return last_token_states(model, tok, prompts)
 
     def fit(harmful: torch.Tensor, harmless: torch.Tensor):
         """A logistic probe with a bias (standardised features, L2 1e-2, classes weighted equally): its score."""
@@ -256,9 +258,7 @@ def probe(model, tok, instances: list, benign: list[str], lookalike: list[str], 
             f"{len(benign)} prompts of `data/benign.json` and the {len(lookalike)} of `data/lookalike.json` (none "
             f"trained on). 'residual': the layer's output state; 'MLP input': the input of its MLP output matrix "
             f"(what a down-projection delta reads). See the script's docstring.\n\n" + "\n".join(rows))
-    print(body)
-    if not args.no_write:
-        record("Selectivity with a threshold: held-out probes for the bare question", body)
+    publish(args, "Selectivity with a threshold: held-out probes for the bare question", body)
 
 
 if __name__ == "__main__":
