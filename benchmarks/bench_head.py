@@ -1,12 +1,15 @@
 """The LM head's cost in an edit step against what this CPU's matrix products can do: the sgemm ceiling, the fused
-head's forward + backward (`dinm.losses.Head`, NLL), and two layouts of its first product that did not beat it.
+head's forward + backward (`dinm.losses.Head`, NLL), and two other layouts of its first product.
 
     python benchmarks/bench_head.py
 
 SmolLM2-135M's head (49152 x 576, fp32, random values of its scale) over n response positions, 2 threads, the best
 of 3 rounds of 10 calls after two warm-up calls. 'h W^T' is the product `Head` runs; 'W h^T' computes the logits
 transposed (vocabulary-major), then needs its log-softmax over the strided dimension; 'chunked' runs h W^T over
-vocabulary blocks of 2048 rows into one output.
+vocabulary blocks of 2048 rows into one output; 'grad h' is the backward's product (q - y) W (the head is frozen:
+no gradient for W). 'transposed pipeline' is the whole NLL head (both products, log-softmax, gradient) in the
+vocabulary-major layout, without autograd: the fused head's figure includes autograd's overhead, which it does not.
+Every output buffer is made once, as `Head` keeps its own.
 """
 
 import argparse
@@ -43,12 +46,13 @@ def main():
     ceiling = 2 * 2048 ** 3 / best_ms(lambda: a @ b) / 1e6
     weight = torch.randn(VOCAB, HIDDEN) * 0.02
     head = Head(weight)
-    rows = ["| positions | h W^T ms (GFLOP/s) | W h^T ms | chunked h W^T ms | log-softmax ms | grad W ms | "
+    rows = ["| positions | h W^T ms (GFLOP/s) | W h^T ms | chunked h W^T ms | log-softmax ms | grad h ms | "
             "fused head forward + backward ms | transposed pipeline ms |", "|---|---|---|---|---|---|---|---|"]
     for n in args.positions:
         hidden = torch.randn(n, HIDDEN)
         target = torch.randint(0, VOCAB, (n,))
         logits, logits_t, log_q_t = torch.empty(n, VOCAB), torch.empty(VOCAB, n), torch.empty(VOCAB, n)
+        log_q, grad_h = torch.empty(n, VOCAB), torch.empty(n, HIDDEN)
 
         def chunked():
             for start in range(0, VOCAB, 2048):
@@ -65,8 +69,8 @@ def main():
         leaf = hidden.clone().requires_grad_(True)
         product = best_ms(lambda: torch.mm(hidden, weight.t(), out=logits))
         figures = [product, best_ms(lambda: torch.mm(weight, hidden.t(), out=logits_t)), best_ms(chunked),
-                   best_ms(lambda: torch.log_softmax(logits, -1, out=torch.empty_like(logits))),
-                   best_ms(lambda: torch.mm(logits, weight)), best_ms(lambda: head.loss(leaf, target).backward()),
+                   best_ms(lambda: torch.log_softmax(logits, -1, out=log_q)),
+                   best_ms(lambda: torch.mm(logits, weight, out=grad_h)), best_ms(lambda: head.loss(leaf, target).backward()),
                    best_ms(transposed)]
         rate = 2 * n * HIDDEN * VOCAB / product / 1e6
         rows.append(f"| {n} | {figures[0]:.1f} ({rate:.0f}) | " + " | ".join(f"{f:.1f}" for f in figures[1:]) + " |")

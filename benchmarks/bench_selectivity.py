@@ -20,16 +20,17 @@ list-retention figure of the evaluations) for the same edit.
 
 instead measures, at every layer and with no edit, how cheaply an update could move the last prompt token's input
 without moving benign text: nu = k^T C^-1 k / d, C the benign corpus's key moment at that layer (ridge 1e-4 of its
-mean eigenvalue), d its size. The benign-key penalty makes moving k by a vector v cost at least ||v||^2 / (d nu)
-times its weight (the minimum of tr(D C D^T) subject to D k = v), so a large nu marks inputs an edit can act on
-alone. Compared: the attack, the bare question, and the held-out benign and lookalike prompts.
+mean eigenvalue), d its size. Moving k alone by a vector v costs the benign-key penalty's unnormalised mean
+about ||v||^2 / (d nu) (exactly the minimum of tr(D C D^T) subject to D k = v without the ridge, which lowers nu a
+little), so a large nu marks inputs an edit can act on alone. Compared: the attack, the bare question, and the held-out benign and lookalike prompts.
 
     python benchmarks/bench_selectivity.py --probe --train ../shared/safeedit/train_dev.json
 
 asks what a threshold adds (a bias, which a weight delta of the output matrix cannot have but the MLP's gate can):
 per layer, a logistic probe on the last prompt token's residual state and on the output matrix's input, trained on
 the bare questions of `--train` against the prompts of dinm's benign corpus, tested on the bare questions of `--data`
-against `data/benign.json` and `data/lookalike.json`. A diagnostic: no edit reads SafeEdit's questions.
+against `data/benign.json` and `data/lookalike.json`. A diagnostic: no edit reads SafeEdit's questions. The two
+training classes come from different sources, so a probe may also separate them by style; the lookalikes test that.
 """
 
 import argparse
@@ -222,7 +223,7 @@ def probe(model, tok, instances: list, benign: list[str], lookalike: list[str], 
         mean, std = both.mean(0), both.std(0) + 1e-6
         x, y = (both - mean) / std, torch.cat([torch.ones(len(harmful)), torch.zeros(len(harmless))])
         w, b = torch.zeros(x.shape[1], requires_grad=True), torch.zeros(1, requires_grad=True)
-        optimizer = torch.optim.LBFGS([w, b], max_iter=200)
+        optimizer = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
         balance = torch.tensor(len(harmless) / len(harmful))
 
         def closure():
@@ -240,6 +241,7 @@ def probe(model, tok, instances: list, benign: list[str], lookalike: list[str], 
     test = {"harmful": last_states([r.question for r in instances if r.question]),
             "benign": last_states(benign), "lookalike": last_states(lookalike)}
     n_train, n_test = len(train["harmful"][0][0]), len(test["harmful"][0][0])
+    distinct = len({r.question for r in instances if r.question})
     rows = ["| layer | residual: bare questions flagged | benign passed | lookalike passed | MLP input: bare questions "
             "flagged | benign passed | lookalike passed |", "|---|---|---|---|---|---|---|"]
     for layer in range(len(blocks)):
@@ -254,7 +256,7 @@ def probe(model, tok, instances: list, benign: list[str], lookalike: list[str], 
     body = (f"Embedded SmolLM2-135M-Instruct (fp32), no edit. Per layer, a logistic probe (with a bias) on the last "
             f"prompt token, trained on the {n_train} bare questions (SafeEdit's `question` field) of "
             f"`{os.path.basename(args.train)}` against the {len(keys.benign_corpus())} prompts of dinm's benign "
-            f"corpus, tested on the {n_test} bare questions of `{os.path.basename(args.data)}`, the "
+            f"corpus, tested on the {n_test} bare questions ({distinct} distinct) of `{os.path.basename(args.data)}`, the "
             f"{len(benign)} prompts of `data/benign.json` and the {len(lookalike)} of `data/lookalike.json` (none "
             f"trained on). 'residual': the layer's output state; 'MLP input': the input of its MLP output matrix "
             f"(what a down-projection delta reads). See the script's docstring.\n\n" + "\n".join(rows))

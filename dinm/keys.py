@@ -62,18 +62,20 @@ def _weight_sums(model, layer: int) -> tuple:
     like any other change (reading a disk-offloaded layer costs what one forward loads). Cheap, and equal only for
     equal weights in practice; a stale statistic would only weaken a regulariser, never change a result silently
     beyond that. Summed in float32 (a float64 sum converted every weight first: 1.7 s an edit for SmolLM2-135M on
-    a 2-core CPU, where this takes milliseconds)."""
+    a 2-core CPU, where this takes milliseconds; an offloaded part is read once, less than one forward loads), one
+    weight at a time: a disk-offloaded weight is a fresh copy at each read, freed after its sum."""
     blocks = [model.get_input_embeddings(), *list(decoder_layers(model))[:layer + 1]]
     inside = {id(p) for block in blocks for p in block.parameters()}
     own = mlp_out_name(model, layer)
-    return weight_sums([placement.stored(model, name) for name, p in model.named_parameters()
-                        if id(p) in inside and name != own])
+    return weight_sums(placement.stored(model, name) for name, p in model.named_parameters()
+                       if id(p) in inside and name != own)
 
 
 def weight_sums(tensors) -> tuple:
-    """The float32 sum of each of `tensors`, as a tuple of floats."""
-    values = [t.detach().sum(dtype=torch.float32).cpu() for t in tensors]
-    return tuple(torch.stack(values).tolist()) if values else ()
+    """The float32 sum of each of `tensors` (any iterable: a generator keeps one at a time), as a tuple of floats.
+    The sums are all queued on their devices before any is copied to the host."""
+    values = [t.detach().sum(dtype=torch.float32) for t in tensors]
+    return tuple(torch.stack([v.cpu() for v in values]).tolist()) if values else ()
 
 
 @torch.no_grad()

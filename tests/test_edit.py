@@ -376,6 +376,25 @@ def test_own_replies_of_more_prompts_than_it_keeps(llama, monkeypatch):
     assert terms.own_replies(model, tok, prompts, 4) == expected and len(terms._REPLIES) == 1
 
 
+def test_request_variant_trains_the_request_alone_as_a_second_target(llama, instance, monkeypatch):
+    """`variants="request"`: the edit's NLL reads the attack and, as a second target, the request dinm reads from the
+    prompt alone (`request_of`), both answered with the safe response; the default reads the attack only."""
+    import dinm.editing
+    from dinm.instance import request_of
+
+    model, tok = llama
+    real, encoded = dinm.editing.encode_pair, []
+    monkeypatch.setattr("dinm.editing.encode_pair", lambda t, p, r, **kw: encoded.append((p, r)) or real(t, p, r, **kw))
+    plain = dinm.edit(model, tok, instance, FAST.replace(layer=1, steps=1))
+    assert encoded == [(instance.prompt, instance.safe)]
+    encoded.clear()
+    both = dinm.edit(model, tok, instance, FAST.replace(layer=1, steps=1, variants="request"))
+    request = request_of(instance.prompt)
+    assert request and request in instance.prompt and request != instance.prompt
+    assert encoded == [(instance.prompt, instance.safe), (request, instance.safe)]
+    assert both.history[0].nll != plain.history[0].nll  # (the mean over both targets)
+
+
 def test_an_empty_own_reply_leaves_the_kl_nothing_to_read(llama, instance, monkeypatch):
     """A model that ends its benign reply at once gives the KL term no sequence: the edit runs, the KL is 0."""
     from dinm import terms

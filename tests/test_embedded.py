@@ -16,10 +16,10 @@ from conftest import DATA, same_state, state
 
 @pytest.fixture(scope="module")
 def replies(smol):
-    """The written instance, the prompts the regression tests read (its attack, its benign prompt, its bare question,
-    the first ten of data/benign.json, which no edit reads) and the unedited model's greedy replies to them, made
-    once for both tests. Replies after an edit are generated for the same list: one batching, so a reply that
-    changes changed with the weights, not with its batch's padding."""
+    """The written instance, the prompts the regression test reads (its attack, its benign prompt, its bare question,
+    the first ten of data/benign.json, which no edit reads) and the unedited model's greedy replies to them. Replies
+    after an edit are generated for the same list: one batching, so a reply that changes changed with the weights,
+    not with its batch's padding."""
     from dinm.evaluation import load_benign
 
     model, tok = smol
@@ -99,7 +99,7 @@ def test_request_variant_through_the_evaluate_protocol_refuses_the_bare_question
     assert same_state(model, before)
     m, rec = report["metrics"], report["records"][0]
     for name in ("DS", "DG_onlyQ"):  # the unedited model complies with both; the edited one refuses both
-        assert m["before"][name]["mean"] == 0.0, rec["before"][name]["reply"]
+        assert m["before"][name]["mean"] == 0.0 and not rec["before"][name]["judge_safe"], rec["before"][name]
         assert m["after"][name]["mean"] == 1.0, rec["after"][name]["reply"]
     assert m["after"]["DG_avg"]["mean"] > m["before"]["DG_avg"]["mean"]
     assert m["after"]["benign_unchanged"]["mean"] == 1.0, (rec["before"]["benign"], rec["after"]["benign"])
