@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 import dinm
 from dinm import keys, terms
-from dinm.arch import mlp_out_module
+from dinm.arch import decoder_layers, mlp_out_module
 from dinm.evaluation import load_benign
 from dinm.generate import generate
 from dinm.text import encode_pair
@@ -136,13 +136,16 @@ def publish(args, section: str, body: str) -> None:
         record(section, body)
 
 
+def blocks_and_matrices(model) -> tuple[list, list]:
+    """The decoder layers and each one's MLP output matrix."""
+    blocks = list(decoder_layers(model))
+    return blocks, [mlp_out_module(model, layer) for layer in range(len(blocks))]
+
+
 def last_token_states(model, tok, prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer, the (prompts, hidden) residual states after the layer and the (prompts, in) inputs of its MLP
     output matrix, at each chat-formatted prompt's last token."""
-    from dinm.arch import decoder_layers
-
-    blocks = list(decoder_layers(model))
-    modules = [mlp_out_module(model, layer) for layer in range(len(blocks))]
+    blocks, modules = blocks_and_matrices(model)
     residual, inputs = [[] for _ in blocks], [[] for _ in blocks]
     for prompt in prompts:
         enc = encode_pair(tok, prompt, "", add_end=False)
@@ -169,10 +172,9 @@ def record_inputs(modules: list) -> Iterator[list]:
 
 def per_layer(model, tok, records: list, benign: list[str], lookalike: list[str], args) -> None:
     """The table of `--per-layer` (see the module's text): every layer's key moment from one pass over the corpus."""
-    from dinm.arch import decoder_layers
     from dinm.text import pad_batch, pad_id
 
-    modules = [mlp_out_module(model, layer) for layer in range(len(list(decoder_layers(model))))]
+    _, modules = blocks_and_matrices(model)
     seqs = sorted((encode_pair(tok, p, r, max_response_tokens=64).ids for p, r in keys.benign_corpus()), key=len)
     moments, count = [0.0] * len(modules), 0
 
@@ -210,9 +212,6 @@ def per_layer(model, tok, records: list, benign: list[str], lookalike: list[str]
 
 def probe(model, tok, instances: list, benign: list[str], lookalike: list[str], args) -> None:
     """The table of `--probe` (see the module's text)."""
-    from dinm.arch import decoder_layers
-
-    blocks = list(decoder_layers(model))
 
     def last_states(prompts: list[str]):
         return last_token_states(model, tok, prompts)
@@ -244,7 +243,7 @@ def probe(model, tok, instances: list, benign: list[str], lookalike: list[str], 
     distinct = len({r.question for r in instances if r.question})
     rows = ["| layer | residual: bare questions flagged | benign passed | lookalike passed | MLP input: bare questions "
             "flagged | benign passed | lookalike passed |", "|---|---|---|---|---|---|---|"]
-    for layer in range(len(blocks)):
+    for layer in range(len(train["harmful"][0])):
         cells = []
         for kind in (0, 1):
             score = fit(train["harmful"][kind][layer], train["harmless"][kind][layer])
