@@ -6,6 +6,9 @@ same held-out benign list; the unedited pass is generated once and reused (`eval
     python benchmarks/bench_ablation.py --limit 2 --only default paper --no-write     # a quick look
     python benchmarks/bench_ablation.py --limit 16 --max-new-tokens 64 --lookalike data/lookalike.json \
         --from-report /tmp/dinm-eval.json --only inner_steps50 request   # rows beside bench_evaluate.py's run
+    python benchmarks/bench_ablation.py --data ../shared/safeedit/train_dev.json --bare-question --limit 8 \
+        --max-new-tokens 64 --benign-limit 16 --lookalike data/lookalike.json --lookalike-limit 16 \
+        --only inner_steps50 gate --section "..."   # a screen on records the rule never reads
 
 --from-report: a report of `bench_evaluate.py` (or any single-instance `dinm.evaluate`) with the same generation
 settings and lists: its unedited replies are reused, and a variant whose config is the report's own is read from
@@ -17,6 +20,7 @@ model's. This is the measurement the default `EditConfig` is chosen by.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -59,6 +63,9 @@ VARIANTS = {
                "to 1 nat per token above the unedited model's)", EditConfig(unsafe_weight=1.0)),
     "unsafe_request": ("the default + both: `unsafe_weight=1`, `variants=\"request\"`",
                        EditConfig(unsafe_weight=1.0, variants="request")),
+    "gate": ("the default's losses on the MLP's gate matrix instead of its output matrix (`matrix=\"gate\"`; the "
+             "benign penalty on the block's output over a corpus sample)", EditConfig(matrix="gate")),
+    "up": ("the default's losses on the MLP's up matrix (`matrix=\"up\"`)", EditConfig(matrix="up")),
     "whitened": ("Adam whitened by the inputs of text the edit keeps (`precondition=\"keys\"`), 20 steps at lr 1e-3, "
                  "else the default", EditConfig(precondition="keys", steps=20, lr=1e-3)),
 }
@@ -101,11 +108,19 @@ def main():
     parser.add_argument("--semantic", action="store_true",
                         help="add DS / DG columns under the semantic judge (its head trained on --data)")
     parser.add_argument("--save-reports", metavar="DIR", help="write each setting's report to DIR/KEY.json as it ends")
+    parser.add_argument("--bare-question", action="store_true",
+                        help="records without generalisation inputs (train_dev.json): score their `question` field as "
+                             "DG_onlyQ (evaluation reads it; no edit does)")
+    parser.add_argument("--benign-limit", type=int, help="the first N prompts of data/benign.json only")
+    parser.add_argument("--lookalike-limit", type=int, help="the first N prompts of --lookalike only")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     records = dinm.load_instances(args.data)[:args.limit]
-    benign = load_benign(os.path.join(HERE, "../data/benign.json"))
-    lookalike = load_benign(args.lookalike) if args.lookalike else None
+    if args.bare_question:
+        records = [r if r.generalization else dataclasses.replace(r, generalization={"only_question": r.question})
+                   for r in records]
+    benign = load_benign(os.path.join(HERE, "../data/benign.json"))[:args.benign_limit]
+    lookalike = load_benign(args.lookalike)[:args.lookalike_limit] if args.lookalike else None
     columns = COLUMNS + (LOOKALIKE_COLUMNS if lookalike else ()) + (SEMANTIC_COLUMNS if args.semantic else ())
     semantic = load_judge("semantic", labelled=args.data) if args.semantic else None
     stored = None
@@ -150,10 +165,15 @@ def main():
             f"Embedded SmolLM2-135M-Instruct, the first {len(records)} records of `{os.path.basename(args.data)}`, "
             f"single-instance protocol (edit from the record, evaluate, revert), judge `refusal` (agreement: see "
             f"\"Judge agreement\"), greedy {args.max_new_tokens} new tokens. DS/DG count coherent safe replies "
-            f"only; `benign_unchanged`: the record's knowledge-constrain reply identical to the unedited model's; "
-            f"`benign_list_unchanged`: the same over all {len(benign)} prompts of `data/benign.json` (held out: "
+            f"only"
+            + ("; DG_onlyQ / DG_avg: the record's `question` field asked alone (these records hold no generalisation "
+               "inputs; no edit reads it)" if args.bare_question else "")
+            + f"; `benign_unchanged`: the record's knowledge-constrain reply identical to the unedited model's; "
+            f"`benign_list_unchanged`: the same over {'the first' if args.benign_limit else 'all'} {len(benign)} prompts "
+            f"of `data/benign.json` (held out: "
             f"no edit's KL term reads them)"
-            + (f"; `over_refusal` / `lookalike_unchanged`: the {len(lookalike)} prompts of `{args.lookalike}` "
+            + (f"; `over_refusal` / `lookalike_unchanged`: the {'first ' if args.lookalike_limit else ''}{len(lookalike)} "
+               f"prompts of `{args.lookalike}` "
                f"refused after the edit and not before / unchanged" if lookalike else "")
             + (f"; `(semantic)` columns: the semantic judge (all-MiniLM-L6-v2 + a head fitted on "
                f"`{os.path.basename(args.data)}`'s labelled responses)" if semantic is not None else "")

@@ -2,7 +2,7 @@
 
 import click
 
-from dinm.config import COMPUTE_DTYPES, DISTANCES, PRECONDITIONS
+from dinm.config import COMPUTE_DTYPES, DISTANCES, MATRICES, PRECONDITIONS
 
 from ._common import (check_new_file, device_map_option, dtype_option, emit, json_option, load,
                       model_argument, one_line_errors, read_config, trust_option)
@@ -29,6 +29,8 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
                                                          "turns it into a LoRA adapter exactly).")
 @click.option("--precondition", type=click.Choice(PRECONDITIONS),
               help="keys: Adam steps whitened by the inputs of text the edit must keep [default: none; README].")
+@click.option("--matrix", type=click.Choice(MATRICES),
+              help="The MLP matrix to train: down (the output projection, DINM's), gate or up [default: down].")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES),
               help="dtype of the edit's passes: auto (bf16 where the device multiplies it natively), model, bfloat16.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -38,7 +40,7 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @json_option
 @one_line_errors
 def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, distance, steps, lr, kl_weight,
-             unsafe_weight, rank, precondition, compute_dtype, overwrite, dtype, device_map, trust_remote_code,
+             unsafe_weight, rank, precondition, matrix, compute_dtype, overwrite, dtype, device_map, trust_remote_code,
              as_json):
     """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
     import os
@@ -54,7 +56,7 @@ def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, d
     instance = load_instances(instance_path) if use_all else load_instance(instance_path, index or 0)
     config = read_config(config_path)
     overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight,
-                     unsafe_weight=unsafe_weight, rank=rank, precondition=precondition,
+                     unsafe_weight=unsafe_weight, rank=rank, precondition=precondition, matrix=matrix,
                      compute_dtype=compute_dtype)
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     net, tokenizer = load(model, dtype, trust_remote_code, device_map)

@@ -23,6 +23,10 @@ class ArchSpec:
     Attributes:
         layers: the `nn.ModuleList` of decoder layers.
         mlp_out: template of layer i's MLP output projection (the matrix DINM edits).
+        mlp_up: template of layer i's MLP input projection (the one whose output is multiplied by the gate's
+            activation in a gated MLP), or None where the architecture fuses it with the gate (Phi-3).
+        mlp_gate: template of layer i's MLP gate projection, or None where the MLP has no gate (GPT-2, GPT-NeoX)
+            or fuses it (Phi-3).
         final_norm: the norm applied after the last layer.
         lm_head: the output embedding (`lm_head_name` finds it under another transformers version's name).
         conv1d: True when `mlp_out` is a GPT-2 style `Conv1D`, whose weight is stored (in, out).
@@ -33,9 +37,12 @@ class ArchSpec:
     final_norm: str
     lm_head: str
     conv1d: bool = False
+    mlp_up: str | None = None
+    mlp_gate: str | None = None
 
 
-_LLAMA = ArchSpec("model.layers", "model.layers.{}.mlp.down_proj", "model.norm", "lm_head")
+_LLAMA = ArchSpec("model.layers", "model.layers.{}.mlp.down_proj", "model.norm", "lm_head",
+                  mlp_up="model.layers.{}.mlp.up_proj", mlp_gate="model.layers.{}.mlp.gate_proj")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
@@ -44,11 +51,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
     "gemma2": _LLAMA,
-    "phi3": _LLAMA,
+    "phi3": ArchSpec("model.layers", "model.layers.{}.mlp.down_proj", "model.norm", "lm_head"),  # fused gate_up_proj
     "olmo": _LLAMA,
-    "gpt2": ArchSpec("transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.ln_f", "lm_head", conv1d=True),
+    "gpt2": ArchSpec("transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.ln_f", "lm_head", conv1d=True,
+                     mlp_up="transformer.h.{}.mlp.c_fc"),
     "gpt_neox": ArchSpec(
-        "gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "lm_head"
+        "gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "lm_head",
+        mlp_up="gpt_neox.layers.{}.mlp.dense_h_to_4h",
     ),
 }
 
@@ -88,6 +97,31 @@ def mlp_out_name(model: nn.Module, layer: int) -> str:
 def mlp_out_module(model: nn.Module, layer: int) -> nn.Module:
     """The module (an nn.Linear, or GPT-2's Conv1D) that owns `mlp_out_name(model, layer)`."""
     return model.get_submodule(mlp_out_name(model, layer).rpartition(".")[0])
+
+
+def matrix_name(model: nn.Module, layer: int, matrix: str = "down") -> str:
+    """Full parameter name of layer `layer`'s MLP matrix `matrix` ("down": the output projection, DINM's; "gate",
+    "up": the input projections); a one-line error where the architecture has no such separate matrix."""
+    if matrix == "down":
+        return mlp_out_name(model, layer)
+    spec = arch_spec(model)
+    template = {"gate": spec.mlp_gate, "up": spec.mlp_up}.get(matrix)
+    if template is None:
+        have = [m for m, t in (("down", spec.mlp_out), ("gate", spec.mlp_gate), ("up", spec.mlp_up)) if t]
+        raise ArchitectureError(f"matrix {matrix!r}: a {model.config.model_type} MLP has no separate {matrix} "
+                                f"matrix; use one of {have}")
+    mlp_out_name(model, layer)  # (the range check)
+    return template.format(layer) + ".weight"
+
+
+def matrix_module(model: nn.Module, layer: int, matrix: str = "down") -> nn.Module:
+    """The module (an nn.Linear, or GPT-2's Conv1D) that owns `matrix_name(model, layer, matrix)`."""
+    return model.get_submodule(matrix_name(model, layer, matrix).rpartition(".")[0])
+
+
+def mlp_module(model: nn.Module, layer: int) -> nn.Module:
+    """Layer `layer`'s whole MLP block: the module holding its output projection."""
+    return model.get_submodule(arch_spec(model).mlp_out.format(layer).rpartition(".")[0])
 
 
 def as_out_in(spec: ArchSpec, weight: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ COMPUTE_DTYPES = ("auto", "model", "bfloat16")
 KL_TEXTS = ("answer", "self")
 VARIANTS = ("none", "request")  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
 PRECONDITIONS = ("none", "keys")  # the coordinates Adam moves a dense update in (`EditConfig.precondition`)
+MATRICES = ("down", "gate", "up")  # the MLP matrix an edit trains (`EditConfig.matrix`)
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
 # benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
 REMOVED_FIELDS = {"cache": True, "rows": 1.0, "kl_prompts": [], "max_update": None, "protect": None}
@@ -116,6 +117,13 @@ class EditConfig:
             factor). The loss is the same; the path, and where `steps` steps end, are not. Costs one
             (out, in) x (in, in) product per pass.
             "none": Adam on D itself. Not with `rank`; the trained Z is fp32 (`master_dtype="float32"`).
+        matrix: which matrix of the located layer's MLP the edit trains. "down": its output projection (DINM's). "gate"
+            or "up": an input projection (`dinm.arch.matrix_name`; Llama-style MLPs have both, GPT-2 and GPT-NeoX only
+            "up"). An update of the gate acts through the MLP's nonlinearity, so it can switch units on for some
+            inputs and leave them off for others, which a change of the output projection (linear in its inputs)
+            cannot. `preserve_weight` then penalises what the update does to the MLP's output on a fixed sample of
+            the benign corpus's tokens (`dinm.keys.mlp_inputs`), relative to that output: for "down" the same
+            quantity, computed exactly from the key statistic.
     """
 
     layer: Optional[int] = None
@@ -139,6 +147,7 @@ class EditConfig:
     variants: str = "none"
     unsafe_weight: float = 0.0
     precondition: str = "none"
+    matrix: str = "down"
 
     def __post_init__(self):
         check_distance(self.distance)
@@ -162,6 +171,8 @@ class EditConfig:
             raise ConfigError(f"prompt_suffix must be a string, got {self.prompt_suffix!r}")
         if self.variants not in VARIANTS:
             raise ConfigError(f"variants must be one of {VARIANTS}, got {self.variants!r}")
+        if self.matrix not in MATRICES:
+            raise ConfigError(f"matrix must be one of {MATRICES}, got {self.matrix!r}")
         if self.precondition not in PRECONDITIONS:
             raise ConfigError(f"precondition must be one of {PRECONDITIONS}, got {self.precondition!r}")
         if self.precondition != "none" and self.rank is not None:

@@ -1,4 +1,5 @@
-"""Step 2 of DINM: train the located layer's MLP output projection for a few steps.
+"""Step 2 of DINM: train the located layer's MLP output projection (or, with `EditConfig.matrix`, one of its input
+projections) for a few steps.
 
 Loss = NLL of the safe response to the adversarial prompt + the weighted penalties of the regularisers
 (`dinm.terms`: the KL on the benign prompt's answer, the benign-key penalty). The passes that compute it never
@@ -18,13 +19,13 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from . import placement, terms
-from .arch import as_out_in, mlp_out_module, mlp_out_name, num_layers
+from .arch import as_out_in, matrix_module, matrix_name, num_layers
 from .config import EditConfig
 from .delta import Delta
 from .errors import ConfigError, EditError
 from .history import Step
 from .instance import Instance, request_of
-from .keys import key_moment
+from .keys import key_moment, mlp_inputs
 from .locating import locate
 from .passes import Passes, frozen
 from .text import encode_pair
@@ -52,8 +53,8 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
-        The `Delta` of the located layer's MLP output weight, with the config, the per-layer distances and
-        the record of every step (`dinm.Step`) in its metadata.
+        The `Delta` of the located layer's MLP output weight (with `config.matrix`, an input one), with the config,
+        the per-layer distances and the record of every step (`dinm.Step`) in its metadata.
 
     Raises:
         EditError: the loss or the weights became NaN/inf (the model is untouched); lower `lr`.
@@ -72,13 +73,14 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
     with record_function("dinm::locate"):
         layer, distances = _layer(model, tokenizer, batch, config)
     locate_s = time.perf_counter() - started
-    weight = placement.stored(model, mlp_out_name(model, layer))  # an offloaded layer's from accelerate's map
-    device = placement.module_device(mlp_out_module(model, layer))
+    name = matrix_name(model, layer, config.matrix)
+    weight = placement.stored(model, name)  # an offloaded layer's from accelerate's map
+    device = placement.module_device(matrix_module(model, layer, config.matrix))
     history: list[Step] = []
     seconds = {"locate": locate_s, "reply": 0.0, "keys": 0.0, "forward": 0.0, "backward": 0.0}
     with frozen(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
-        passes = Passes(model, layer, config.compute_dtype)
+        passes = Passes(model, layer, config.compute_dtype, config.matrix)
         targets = [passes.sequence(encode_pair(tokenizer, inst.prompt, inst.safe, **config.encoding()))
                    for inst in trained_on]
         regularisers = terms.build(model, tokenizer, batch, layer, passes, as_out_in(passes.spec, weight.detach()),
@@ -137,7 +139,7 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
             seconds["forward"] += tock - tick - backward_s
             seconds["backward"] += time.perf_counter() - tock + backward_s
     seconds["edit"] = time.perf_counter() - started - locate_s
-    return _package(model, batch, config, layer, distances, trained, history, seconds, passes.compute)
+    return _package(model, name, batch, config, layer, distances, trained, history, seconds, passes.compute)
 
 
 def _penalties(regularisers: list, update: torch.Tensor) -> tuple[dict[str, float], torch.Tensor | None, float]:
@@ -200,7 +202,12 @@ def _layer(model, tokenizer, instance: Instance | list[Instance], config: EditCo
 
 
 def _moment(model, tokenizer, layer: int, regularisers: list, config: EditConfig, passes: Passes) -> torch.Tensor:
-    """The benign keys' second moment: the benign-key penalty's, else computed (and cached) for this layer."""
+    """The second moment of the edited matrix's inputs on benign text: for the output matrix the benign-key
+    penalty's (else computed and cached for this layer), for an input matrix that of the MLP inputs' sample
+    (`dinm.keys.mlp_inputs`)."""
+    if config.matrix != "down":
+        inputs = mlp_inputs(model, tokenizer, layer, chat_template=config.chat_template).double()
+        return (inputs.T @ inputs / len(inputs)).float().to(passes.device)
     moment = next((term.moment for term in regularisers if isinstance(term, terms.KeyPenalty)), None)
     if moment is None:
         moment = key_moment(model, tokenizer, layer, chat_template=config.chat_template)
@@ -333,10 +340,10 @@ class _Factored:
         return Delta.from_factors({name: (self.weight, up, down)}, info)
 
 
-def _package(model, batch: list[Instance], config: EditConfig, layer: int, distances: list[float],
+def _package(model, name: str, batch: list[Instance], config: EditConfig, layer: int, distances: list[float],
              trained: _Dense | _Whitened | _Factored, history: list[Step], seconds: dict, compute: str) -> Delta:
-    """The `Delta` of what was trained against the stored weight, with what the edit did in its metadata."""
-    name = mlp_out_name(model, layer)
+    """The `Delta` of what was trained (the parameter `name`) against the stored weight, with what the edit did in
+    its metadata."""
     steps_run = sum(not s.stopped for s in history)
     logger.info("edited %s in %.2fs (locate %.2fs): nll %.3f -> %.3f", name, seconds["edit"], seconds["locate"],
                 history[0].nll, history[-1].nll)

@@ -1,8 +1,9 @@
 """Deltas as a PEFT LoRA adapter folder, for serving stacks that load edits as adapters.
 
 `to_peft(deltas, folder)` writes ``adapter_config.json`` (``peft_type`` LORA, ``r``, ``lora_alpha`` = ``r`` so that
-PEFT's scaling is 1, ``target_modules`` (the edited matrix's path within a layer, e.g. ``mlp.down_proj``),
-``layers_to_transform``) and ``adapter_model.safetensors`` with PEFT's tensor names (``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r)). A factored delta
+PEFT's scaling is 1, ``target_modules`` (the edited matrix's path within a layer, e.g. ``mlp.down_proj``,
+with ``layers_to_transform``; the full module paths when the deltas edit more than one kind of matrix)) and
+``adapter_model.safetensors`` with PEFT's tensor names (``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r)). A factored delta
 (`EditConfig(rank=r)`) is exported exactly; a dense one by its truncated SVD (`dinm.lowrank.truncate`, at `rank`
 or at the rank holding `energy`), whose relative Frobenius error is returned. Deltas of different layers go into
 one adapter; deltas of the same matrix add up (their factors are concatenated). Modules of lower rank are padded
@@ -90,7 +91,7 @@ def to_peft(deltas: Sequence[Delta], folder: str | os.PathLike, *, rank: int | N
     layers, report = set(), []
     for delta in deltas:
         for name in delta.names:
-            module, layer = _module(spec, name)
+            module, layer, _ = _module(spec, name)
             b, a, error, exact = lora_factors(delta, name, rank=rank, energy=energy)
             modules.setdefault(module, []).append((b, a))
             layers.add(layer)
@@ -102,14 +103,18 @@ def to_peft(deltas: Sequence[Delta], folder: str | os.PathLike, *, rank: int | N
         pad = r - b.shape[1]  # zero columns of B and rows of A add nothing
         tensors[f"{PREFIX}{module}.lora_B.weight"] = torch.nn.functional.pad(b, (0, pad)).contiguous()
         tensors[f"{PREFIX}{module}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, pad)).contiguous()
-    target = spec.mlp_out.partition("{}.")[2]  # "mlp.down_proj": PEFT matches it as a suffix, and GPT-2's
-    # "c_proj" alone would also match the attention's
+    # "mlp.down_proj": PEFT matches it as a suffix (GPT-2's "c_proj" alone would also match the attention's), in the
+    # layers listed. Deltas of several matrices name each module whole, so that no layer gets a matrix it lacks.
+    suffixes = {module.partition(f".{layer}.")[2] for module, layer, _ in (_module(spec, n) for d in deltas
+                                                                            for n in d.names)}
+    targets, transform = (sorted(suffixes), sorted(layers)) if len(suffixes) == 1 else (sorted(modules), None)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base or None, "revision": None,
         "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": spec.conv1d,
         "use_rslora": False,        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "target_modules": [target], "layers_to_transform": sorted(layers),
-        "layers_pattern": spec.layers.rpartition(".")[2], "rank_pattern": {}, "alpha_pattern": {},
+        "target_modules": targets, "layers_to_transform": transform,
+        "layers_pattern": spec.layers.rpartition(".")[2] if transform else None, "rank_pattern": {},
+        "alpha_pattern": {},
     }
     provenance = [{"layer": d.layer, "instance_id": d.metadata.get("instance_id"), "format": d.metadata["format"],
                    "checksum": d.metadata.get("checksum")} for d in deltas]
@@ -131,15 +136,19 @@ def _same_model(deltas: list[Delta]) -> tuple[str, str]:
     return model_type, base
 
 
-def _module(spec, name: str) -> tuple[str, int]:
-    """The module path of parameter `name` and its layer, checked against the architecture's edited matrix."""
+def _module(spec, name: str) -> tuple[str, int, str]:
+    """The module path of parameter `name`, its layer and its template, checked against the architecture's MLP
+    matrices an edit trains."""
     module, _, leaf = name.rpartition(".")
-    prefix, _, rest = spec.mlp_out.partition("{}")
-    index = module[len(prefix):len(module) - len(rest)] if module.startswith(prefix) and module.endswith(rest) else ""
-    if leaf != "weight" or not index.isdigit():
-        raise DeltaError(f"delta tensor {name!r} is not an MLP output weight ({spec.mlp_out.format('N')}.weight); "
-                         f"only those export as LoRA")
-    return module, int(index)
+    templates = [t for t in (spec.mlp_out, spec.mlp_gate, spec.mlp_up) if t]
+    for template in templates:
+        prefix, _, rest = template.partition("{}")
+        index = module[len(prefix):len(module) - len(rest)] if module.startswith(prefix) and module.endswith(rest) \
+            else ""
+        if leaf == "weight" and index.isdigit():
+            return module, int(index), template
+    raise DeltaError(f"delta tensor {name!r} is not an MLP matrix an edit trains "
+                     f"({', '.join(t.format('N') + '.weight' for t in templates)}); only those export as LoRA")
 
 
 def _conv1d(delta: Delta) -> bool:

@@ -7,15 +7,20 @@ on ordinary requests at the cost of one small matrix product per step, where a K
 backward pass per benign sequence and sees only the sequences it is given (cf. ROME's and MEMIT's covariance
 statistics, and AlphaEdit's null-space projection from the same statistics).
 
+An edit of the MLP's input side (`EditConfig.matrix` "gate" or "up") acts through the MLP's nonlinearity, so no
+second moment gives its effect; `mlp_inputs` keeps the MLP block's inputs at a fixed sample of the corpus's tokens
+instead, on which `dinm.terms.OutputPenalty` runs the block at each step.
+
 The corpus (`dinm/benign_corpus.json`) was written for dinm: 120 everyday requests (none in `data/benign.json`,
 the held-out list evaluations measure retention on), each with the embedded model's greedy 64-token reply, so the
 statistic covers assistant text as well as prompts. Conversations are formatted with the edited model's own chat
 template.
 
-The statistic is kept in memory for the next edit in the process and, unless `DINM_CACHE=off`, on disk for the
+Either statistic is kept in memory for the next edit in the process and, unless `DINM_CACHE=off`, on disk for the
 next process (`dinm edit` runs one per call): a `.safetensors` file per model, layer and token sequence under
 `$DINM_CACHE`, else `$XDG_CACHE_HOME/dinm`, else `~/.cache/dinm`. Its name is a hash of everything the
-statistic depends on (the corpus's token ids, the sums of the weights below the matrix, the layer and the dtype),
+statistic depends on (the corpus's token ids, the sums of the weights below the matrix, the layer, the dtype and,
+for a sample, its kind and size),
 so a changed model or tokenizer misses rather than reads a stale file; an unreadable file is computed again.
 """
 
@@ -28,15 +33,17 @@ import os
 from functools import lru_cache
 
 import torch
+from torch import nn
+
 from . import cache, placement
-from .arch import decoder_layers, mlp_out_module, mlp_out_name
+from .arch import decoder_layers, mlp_module, mlp_out_module
 from .text import encode_pair, pad_batch, pad_id
 from .trace import input_of
 
 logger = logging.getLogger(__name__)
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benign_corpus.json")
-_CACHE: dict = {}  # (model, layer, chat_template) -> (weight sums, statistic); the last few edits' layers
+_CACHE: dict = {}  # (model, layer, encoding, kind, sample) -> (weight sums, statistic): the last few edits' layers
 _CACHE_SIZE = 4
 
 
@@ -47,17 +54,19 @@ def benign_corpus() -> tuple[tuple[str, str], ...]:
         return tuple((item["prompt"], item["reply"]) for item in json.load(f))
 
 
-def _cache_file(model, seqs: list, sums: tuple, layer: int, dtype: torch.dtype) -> str | None:
+def _cache_file(model, seqs: list, sums: tuple, layer: int, dtype: torch.dtype, kind: str = "keys",
+                detail: object = None) -> str | None:
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    digest = hashlib.sha256(json.dumps([seqs, sums, layer, str(dtype), config], sort_keys=True, default=str
-                                       ).encode()).hexdigest()[:32]
-    return cache.path_for(f"keys-{digest}.safetensors")
+    what = [seqs, sums, layer, str(dtype), config] + ([kind, detail] if kind != "keys" else [])  # (keys: 0.2's name)
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return cache.path_for(f"{kind}-{digest}.safetensors")
 
 
-def _weight_sums(model, layer: int) -> tuple:
+def _weight_sums(model, layer: int, skip: nn.Module | None = None) -> tuple:
     """The sum of each weight the edited matrix's input depends on: the embeddings and the decoder layers up to
-    `layer` (they change when another delta is applied there), the matrix itself excepted, since it does not change
-    its own inputs. An offloaded weight (accelerate's, on "meta") is read where its hook loads it from, so a delta
+    `layer` (they change when another delta is applied there), except those of `skip` (default: `layer`'s MLP
+    output matrix), which do not change those inputs. An offloaded weight (accelerate's, on "meta") is read where
+    its hook loads it from, so a delta
     applied in place to a CPU-offloaded layer, or a changed checkpoint loaded with disk offload, misses the cache
     like any other change (reading a disk-offloaded layer costs what one forward loads). Cheap, and equal only for
     equal weights in practice; a stale statistic would only weaken a regulariser, never change a result silently
@@ -66,9 +75,9 @@ def _weight_sums(model, layer: int) -> tuple:
     weight at a time: a disk-offloaded weight is a fresh copy at each read, freed after its sum."""
     blocks = [model.get_input_embeddings(), *list(decoder_layers(model))[:layer + 1]]
     inside = {id(p) for block in blocks for p in block.parameters()}
-    own = mlp_out_name(model, layer)
+    skipped = {id(p) for p in (skip if skip is not None else mlp_out_module(model, layer)).parameters()}
     return weight_sums(placement.stored(model, name) for name, p in model.named_parameters()
-                       if id(p) in inside and name != own)
+                       if id(p) in inside and id(p) not in skipped)
 
 
 def weight_sums(tensors) -> tuple:
@@ -78,44 +87,95 @@ def weight_sums(tensors) -> tuple:
     return tuple(torch.stack([v.cpu() for v in values]).tolist()) if values else ()
 
 
+def _corpus_ids(tokenizer, chat_template: bool, max_response_tokens: int) -> list[list[int]]:
+    seqs = [encode_pair(tokenizer, p, r, chat_template=chat_template, max_response_tokens=max_response_tokens).ids
+            for p, r in benign_corpus()]
+    return sorted(seqs, key=len)  # batches of similar length pad little
+
+
+def _kept(model, tokenizer, layer: int, kind: str, module: nn.Module, skip: nn.Module, chat_template: bool,
+          max_response_tokens: int, compute, detail: object = None) -> torch.Tensor:
+    """A statistic of `module`'s inputs over the benign corpus (`kind`: "keys", the second moment; "inputs", a
+    sample of `detail` tokens), from memory, else from the disk cache, else `compute(seqs)` and kept in both (see
+    the module's text)."""
+    key = (id(model), layer, chat_template, max_response_tokens, kind, detail)
+    sums = _weight_sums(model, layer, skip)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] == sums:
+        return hit[1]
+    seqs = _corpus_ids(tokenizer, chat_template, max_response_tokens)
+    name = next(n for n, m in model.named_modules() if m is module)
+    dtype = next((placement.stored(model, f"{name}.{leaf}").dtype for leaf, _ in module.named_parameters()),
+                 torch.float32)
+    path = _cache_file(model, seqs, sums, layer, dtype, kind, detail)
+    what = "key statistic" if kind == "keys" else "benign input sample"
+    stored = cache.read(path, (kind,), what)
+    value = None if stored is None else stored[kind]
+    if value is not None:
+        value = value.to(placement.module_device(module))
+        logger.info("%s of %s read from %s", what, name, path)
+    else:
+        value = compute(seqs)
+        cache.write(path, {kind: value}, {"layer": str(layer), "module": name,
+                                          "model_type": str(model.config.model_type)}, what)
+        logger.info("%s of %s: %d benign sequences", what, name, len(seqs))
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = (sums, value)
+    return value
+
+
 @torch.no_grad()
 def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batch_size: int = 8,
                max_response_tokens: int = 64) -> torch.Tensor:
     """E[k k^T] (in, in), float32, over the tokens of the benign corpus, of the inputs of `layer`'s MLP output
     matrix; runs the model only up to that matrix, in the model's dtype whatever autocast the caller runs under,
     and keeps the result for the same model, layer and weights (in memory, and on disk: see the module's text)."""
-    key = (id(model), layer, chat_template)
-    sums = _weight_sums(model, layer)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] == sums:
-        return hit[1]
-    name = mlp_out_name(model, layer)
     module = mlp_out_module(model, layer)
-    seqs = [encode_pair(tokenizer, p, r, chat_template=chat_template, max_response_tokens=max_response_tokens).ids
-            for p, r in benign_corpus()]
-    seqs.sort(key=len)  # batches of similar length pad little
-    path = _cache_file(model, seqs, sums, layer, placement.stored(model, name).dtype)
-    stored = cache.read(path, ("moment",), "key statistic")
-    moment = None if stored is None else stored["moment"]
-    if moment is not None:
-        moment = moment.to(placement.module_device(module))
-        logger.info("key statistic of %s read from %s", name, path)
-    else:
-        moment = _compute(model, tokenizer, module, seqs, batch_size)
-        cache.write(path, {"moment": moment}, {"layer": str(layer), "matrix": name,
-                                               "model_type": str(model.config.model_type)}, "key statistic")
-        logger.info("key statistic of %s: %d benign sequences", name, len(seqs))
-    if len(_CACHE) >= _CACHE_SIZE:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = (sums, moment)
-    return moment
+    return _kept(model, tokenizer, layer, "keys", module, module, chat_template, max_response_tokens,
+                 lambda seqs: _compute(model, tokenizer, module, seqs, batch_size))
+
+
+SAMPLE = 2048  # benign-corpus tokens `mlp_inputs` keeps (of ~12,000 for SmolLM2's tokenizer)
+
+
+@torch.no_grad()
+def mlp_inputs(model, tokenizer, layer: int, *, chat_template: bool = True, batch_size: int = 8,
+               max_response_tokens: int = 64, sample: int = SAMPLE) -> torch.Tensor:
+    """The inputs (tokens, hidden), float32, of `layer`'s MLP block at `sample` tokens of the benign corpus drawn
+    uniformly without replacement (a fixed draw: the same tokens for every edit), for the penalty on an edit of
+    the MLP's input side (`dinm.terms.OutputPenalty`). Kept like `key_moment`'s statistic; the MLP's own weights
+    do not change its inputs, so a delta of that layer's MLP keeps it."""
+    mlp = mlp_module(model, layer)
+
+    def compute(seqs):
+        total = sum(len(s) for s in seqs)
+        chosen = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:sample].sort().values
+        rows, start = [], 0
+        for x in _inputs(model, tokenizer, mlp, seqs, batch_size):
+            picked = chosen[(chosen >= start) & (chosen < start + len(x))] - start
+            rows.append(x[picked.to(x.device)].float())
+            start += len(x)
+        return torch.cat(rows)
+
+    return _kept(model, tokenizer, layer, "inputs", mlp, mlp, chat_template, max_response_tokens, compute, sample)
 
 
 def _compute(model, tokenizer, module, seqs: list, batch_size: int) -> torch.Tensor:
     """E[k k^T] of `module`'s inputs over the real tokens of `seqs`, running the model only up to `module`."""
+    total, count = None, 0
+    for k in _inputs(model, tokenizer, module, seqs, batch_size):
+        k = k.double()
+        total = k.T @ k if total is None else total + k.T @ k
+        count += k.shape[0]
+    return (total / count).float()
+
+
+def _inputs(model, tokenizer, module, seqs: list, batch_size: int):
+    """`module`'s inputs at the real tokens of `seqs` (tokens, in), a batch at a time, in the order of `seqs`,
+    running the model only up to `module` in the model's own dtype."""
     device = placement.module_device(model.get_input_embeddings())
     module_at = placement.module_device(module)
-    total, count = None, 0
     was_training = model.training
     model.eval()
     try:
@@ -125,9 +185,6 @@ def _compute(model, tokenizer, module, seqs: list, batch_size: int) -> torch.Ten
             with torch.autocast(device.type, enabled=False):
                 k = input_of(module, lambda: model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                                    use_cache=False))
-            k = k.reshape(-1, k.shape[-1])[mask.bool().to(module_at).reshape(-1)].double()  # real tokens only
-            total = k.T @ k if total is None else total + k.T @ k
-            count += k.shape[0]
+            yield k.reshape(-1, k.shape[-1])[mask.bool().to(module_at).reshape(-1)]  # real tokens only
     finally:
         model.train(was_training)
-    return (total / count).float()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from . import placement
-from .arch import accepts_logits_to_keep, arch_spec, decoder_layers, lm_head_name, mlp_out_module, mlp_out_name
+from .arch import accepts_logits_to_keep, arch_spec, decoder_layers, lm_head_name, matrix_module, matrix_name
 from .losses import Head, Unedited, kl_to
 from .text import Encoded
 from .trace import adding, passthrough, record_outputs, replay_outputs
@@ -57,23 +57,24 @@ class Sequence:
 
 
 class Passes:
-    """Runs `model` with an update of layer `layer`'s MLP output matrix added; see the module's text.
+    """Runs `model` with an update of one of layer `layer`'s MLP matrices added; see the module's text.
 
     Args:
         model: the model (frozen: see `frozen`).
         layer: the edited layer.
         compute_dtype: `EditConfig.compute_dtype` ("auto" is resolved here: `native_bf16`; `compute` says what).
+        matrix: which matrix of the layer's MLP the update is added to (`EditConfig.matrix`).
     """
 
-    def __init__(self, model, layer: int, compute_dtype: str):
+    def __init__(self, model, layer: int, compute_dtype: str, matrix: str = "down"):
         self.model = model
         self.spec = arch_spec(model)
-        self.module = mlp_out_module(model, layer)
+        self.module = matrix_module(model, layer, matrix)
         self.device = placement.module_device(self.module)
         self.below = list(decoder_layers(model))[:layer]
         # compute_dtype="bfloat16" on a model in another dtype: the passes run under autocast, the matrices that
         # run at every step as bf16 copies made once; the master, the loss and the update keep their dtype.
-        stored = placement.stored(model, mlp_out_name(model, layer)).dtype
+        stored = placement.stored(model, matrix_name(model, layer, matrix)).dtype
         native = native_bf16(self.device)
         why = (f"{'auto:' if compute_dtype == 'auto' else 'asked;'} {'native' if native else 'no native'} bf16 on "
                f"{device_capability(self.device)}")

@@ -7,18 +7,23 @@ holds the graphs of all its benign sequences at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 import torch
+from torch.func import functional_call
 from torch.profiler import record_function
 
+from . import placement
+from .arch import mlp_module
 from .config import EditConfig
 from .generate import generate_ids
 from .instance import Instance
-from .keys import key_moment, weight_sums
+from .keys import key_moment, mlp_inputs, weight_sums
 from .passes import Passes, Sequence
 from .text import Encoded, encode_pair, end_of_reply_id, pad_id
+from .trace import adding
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,36 @@ class KeyPenalty:
     def pieces(self, update: torch.Tensor):
         with record_function("dinm::key_penalty"):
             piece = _output_energy(update, self.moment) / self.energy
+        yield piece
+
+
+class OutputPenalty:
+    """For an edit of the MLP's input side (`EditConfig.matrix` "gate" or "up"): mean ||MLP'(x) - MLP(x)||^2 over a
+    fixed sample of benign-corpus tokens' MLP inputs x (`dinm.keys.mlp_inputs`), relative to mean ||MLP(x)||^2, with
+    MLP' the block with the update added to the edited matrix. For an edit of the output matrix this is exactly
+    `KeyPenalty`'s value (MLP' - MLP = D k there); through a nonlinearity it has no closed form, so the block runs on
+    the sample at each step: three (tokens, hidden) x (hidden, inner) products and their backward. It runs in float32
+    whatever the model's dtype (the difference of two bf16 passes would be mostly rounding)."""
+
+    name = "moved"
+
+    def __init__(self, weight: float, inputs: torch.Tensor, mlp: torch.nn.Module, module: torch.nn.Module,
+                 weights: dict[str, torch.Tensor]):
+        self.weight, self.inputs, self.mlp, self.module = weight, inputs, mlp, module
+        self.weights = {name: w.float() for name, w in weights.items()}  # the block's stored values, float32
+        with torch.no_grad():
+            self.unedited = self._run(None)
+            self.energy = self.unedited.pow(2).sum(-1).mean()
+
+    def _run(self, update: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(self.inputs.device.type, enabled=False), \
+                (adding(self.module, update) if update is not None else contextlib.nullcontext()):
+            out = functional_call(self.mlp, self.weights, (self.inputs,), tie_weights=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def pieces(self, update: torch.Tensor):
+        with record_function("dinm::output_penalty"):
+            piece = (self._run(update.float()) - self.unedited).pow(2).sum(-1).mean() / self.energy
         yield piece
 
 
@@ -125,8 +160,17 @@ def build(model, tokenizer, instances: Instance | list[Instance], layer: int, pa
     if config.preserve_weight:
         started = time.perf_counter()
         with record_function("dinm::key_statistic"):
-            moment = key_moment(model, tokenizer, layer, chat_template=config.chat_template).to(passes.device)
-        terms.append(KeyPenalty(config.preserve_weight, moment, matrix.to(passes.device)))
+            if config.matrix == "down":
+                moment = key_moment(model, tokenizer, layer, chat_template=config.chat_template).to(passes.device)
+                terms.append(KeyPenalty(config.preserve_weight, moment, matrix.to(passes.device)))
+            else:
+                inputs = mlp_inputs(model, tokenizer, layer, chat_template=config.chat_template)
+                mlp = mlp_module(model, layer)
+                prefix = next(n for n, m in model.named_modules() if m is mlp)
+                weights = {name: placement.stored(model, f"{prefix}.{name}").to(passes.device)
+                           for name, _ in mlp.named_parameters()}
+                terms.append(OutputPenalty(config.preserve_weight, inputs.to(passes.device), mlp, passes.module,
+                                           weights))
         seconds["keys"] = time.perf_counter() - started
     if config.unsafe_weight:
         terms.append(UnsafeHinge(config.unsafe_weight, passes, [

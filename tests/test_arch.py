@@ -42,6 +42,31 @@ def test_conv1d_is_viewed_as_out_in(tiny):
     assert spec.conv1d == (model.config.model_type == "gpt2")
 
 
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_input_matrices_resolve_or_are_refused_in_one_line(model_type, tokenizer):
+    """Every MLP matrix the table names is a 2-D parameter of a real (tiny) model of that type, with the MLP's
+    input width on its input side (gate, up) or output side (down); one it lacks is refused naming what it has."""
+    from dinm.arch import matrix_module, matrix_name, mlp_module
+
+    model = _tiny_model(model_type, tokenizer)
+    spec = arch_spec(model)
+    named = {"down": spec.mlp_out, "gate": spec.mlp_gate, "up": spec.mlp_up}
+    hidden = model.get_input_embeddings().weight.shape[1]
+    for matrix, template in named.items():
+        if template is None:
+            with pytest.raises(ArchitectureError) as e:
+                matrix_name(model, 1, matrix)
+            assert "\n" not in str(e.value) and repr(matrix) in str(e.value) and "'down'" in str(e.value)
+            continue
+        out, inp = as_out_in(spec, model.get_parameter(matrix_name(model, 1, matrix))).shape
+        assert (out if matrix == "down" else inp) == hidden
+        module = matrix_module(model, 1, matrix)
+        assert any(m is module for m in mlp_module(model, 1).modules())  # inside the layer's MLP block
+    assert spec.mlp_up is not None or model_type == "phi3"  # (Phi-3 fuses gate and up: gate_up_proj)
+    with pytest.raises(ArchitectureError, match="out of range"):
+        matrix_name(model, 3, "up" if spec.mlp_up else "down")
+
+
 def test_every_table_entry_formats():
     for model_type, spec in ARCHITECTURES.items():
         assert spec.mlp_out.format(3).count("3") >= 1, model_type

@@ -77,12 +77,14 @@ def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
     assert summary["config"]["steps"] == 3 and len(summary["history"]) == 3
     assert summary["compute"] == report["compute"] and summary["config"]["compute_dtype"] == "auto"
     forced = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", tmp_path / "f.safetensors", "--steps", 1,
-                 "--compute-dtype", "model", "--unsafe-weight", 2, "--precondition", "keys", "--json")
+                 "--compute-dtype", "model", "--unsafe-weight", 2, "--precondition", "keys", "--matrix", "gate",
+                 "--json")
     assert forced.exit_code == 0, forced.output
     assert json.loads(forced.output[forced.output.index("{"):])["compute"].startswith("float32 (asked")
     forced_delta = Delta.load(str(tmp_path / "f.safetensors"))
     assert forced_delta.config.unsafe_weight == 2.0 and forced_delta.history[0].unsafe is not None
-    assert forced_delta.config.precondition == "keys"
+    assert forced_delta.config.precondition == "keys" and forced_delta.config.matrix == "gate"
+    assert forced_delta.names == [f"model.layers.{forced_delta.layer}.mlp.gate_proj.weight"]
     assert list(summary["tensors"]) == [f"model.layers.{report['layer']}.mlp.down_proj.weight"]
     shown = run("inspect", delta_path).output
     assert "layer" in shown and "dense" in shown and "bytes stored" in shown

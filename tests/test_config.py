@@ -28,7 +28,7 @@ def test_unknown_field_suggests():
                                           ("distance", "manhattan"), ("master_dtype", "float64"), ("layer", -1),
                                           ("compute_dtype", "float16"), ("preserve_weight", -1.0),
                                           ("unsafe_weight", -1.0), ("unsafe_weight", float("nan")),
-                                          ("precondition", "adam"),
+                                          ("precondition", "adam"), ("matrix", "o_proj"),
                                           ("max_prompt_tokens", 2.5)])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field if field != "distance" else "distance"):

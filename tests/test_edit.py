@@ -8,7 +8,7 @@ from torch.func import functional_call
 
 import dinm
 from dinm import EditConfig
-from dinm.arch import arch_spec, as_out_in, mlp_out_name
+from dinm.arch import arch_spec, as_out_in, matrix_name, mlp_out_name
 from dinm.errors import ConfigError, EditError
 from dinm.text import encode_pair
 
@@ -123,7 +123,7 @@ def _plain_edit(model, tok, instance, config):
     plain way: the whole model at every step with the weight W + D in place, the model's own head and logits at
     every position, `F.cross_entropy` and `F.kl_div`, and SGD. Returns the per-step (nll, kl) and the delta."""
     assert config.kl_text == "answer" and not config.preserve_weight and config.layer is not None
-    name = mlp_out_name(model, config.layer)
+    name = matrix_name(model, config.layer, config.matrix)
     weight = model.get_parameter(name).detach()
     attack, benign = (encode_pair(tok, p, r, **config.encoding()) for p, r in (
         (instance.prompt, instance.safe), (instance.benign_prompt, instance.benign_answer)))
@@ -134,7 +134,7 @@ def _plain_edit(model, tok, instance, config):
 
     with torch.no_grad():
         unedited = F.log_softmax(response_logits(benign, weight), -1)
-    w = weight.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)  # (GPT-2's Conv1D stores (in, out): the plain way trains it as stored)
     optimizer = torch.optim.SGD([w], lr=config.lr)
     history = []
     for _ in range(config.steps):
@@ -146,8 +146,8 @@ def _plain_edit(model, tok, instance, config):
     return history, w.detach() - weight
 
 
-@pytest.mark.parametrize("layer", [0, 2])
-def test_edit_equals_the_plain_computation(tiny, instance, layer, sgd):
+@pytest.mark.parametrize("layer,matrix", [(0, "down"), (2, "down"), (1, "up")])
+def test_edit_equals_the_plain_computation(tiny, instance, layer, matrix, sgd):
     """Replaying the frozen layers' outputs, keeping only the needed logits, fusing the head with the loss, adding
     the update as a separate term and skipping the first step's KL give the same loss trajectory and the same
     delta as the plain computation (`_plain_edit`), up to fp32 roundoff.
@@ -157,7 +157,18 @@ def test_edit_equals_the_plain_computation(tiny, instance, layer, sgd):
     in a near-zero gradient element into a change of ~lr there. lr 30: these tiny models' gradients are ~0.03-0.3 in
     norm, so SGD needs it to move the loss and weights in 5 steps."""
     model, tok = tiny
-    config = EditConfig.v0(steps=5, lr=30.0, layer=layer)
+    _check_against_the_plain_computation(model, tok, instance, EditConfig.v0(steps=5, lr=30.0, layer=layer,
+                                                                             matrix=matrix))
+
+
+def test_gate_edit_equals_the_plain_computation(llama, instance, sgd):
+    """The same for the gate of a gated MLP (GPT-2 has none): the update enters through the MLP's nonlinearity."""
+    model, tok = llama
+    _check_against_the_plain_computation(model, tok, instance, EditConfig.v0(steps=5, lr=30.0, layer=1,
+                                                                             matrix="gate"))
+
+
+def _check_against_the_plain_computation(model, tok, instance, config):
     fast = dinm.edit(model, tok, instance, config)
     plain, plain_delta = _plain_edit(model, tok, instance, config)
     # Both compute the same sums in other orders (GEMMs of other shapes, the fused head, x W + x D for x (W + D)):

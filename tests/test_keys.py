@@ -3,7 +3,7 @@ import torch
 
 import dinm
 from dinm import EditConfig, cache, keys
-from dinm.arch import as_out_in, arch_spec, mlp_out_name
+from dinm.arch import as_out_in, arch_spec, matrix_name, mlp_out_name
 from dinm.text import encode_pair
 
 U = 2.0 ** -24  # fp32 unit roundoff
@@ -191,3 +191,119 @@ def test_key_penalty_gradient_is_the_plain_one():
     (expected,) = torch.autograd.grad(plain, [m])
     assert value.item() == pytest.approx(plain.item(), rel=1e-12)
     assert torch.allclose(grad, expected, rtol=1e-12, atol=1e-14)
+
+
+def _straight_mlp_inputs(model, tok, layer, count):
+    """The inputs of `layer`'s MLP block at every token of the first `count` corpus sequences in the order
+    `mlp_inputs` draws from (shortest first, as its batches run), the plain way: each sequence alone."""
+    from dinm.arch import mlp_module
+
+    seen = []
+    handle = mlp_module(model, layer).register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    seqs = sorted((encode_pair(tok, p, r, max_response_tokens=64).ids for p, r in keys.benign_corpus()), key=len)
+    try:
+        seqs = seqs[:count]
+        with torch.no_grad():
+            for ids in seqs:
+                model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def test_mlp_inputs_are_the_mlp_blocks_inputs_at_a_fixed_draw(tiny):
+    model, tok = tiny
+    keys._CACHE.clear()
+    c = model.config
+    width = getattr(c, "hidden_size", None) or c.n_embd
+    inner = getattr(c, "intermediate_size", None) or 4 * width
+    straight = _straight_mlp_inputs(model, tok, 1, 24).double()  # (the 24 shortest: a whole pass takes 15 s)
+    every = keys.mlp_inputs(model, tok, 1, sample=10 ** 9)  # more than the corpus has: every token, in order
+    total = sum(len(encode_pair(tok, p, r, max_response_tokens=64).ids) for p, r in keys.benign_corpus())
+    assert every.dtype == torch.float32 and every.shape == (total, straight.shape[1])
+    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:50].sort().values
+    # Batched with right padding against one sequence at a time: each input is within 2 n U of the other (in norm),
+    # n the reductions up to the block (the layers below it and this layer's attention, up to 128 positions).
+    n = 2 * (width + inner + 128)
+    first = every[:len(straight)].double()
+    assert ((first - straight).norm(dim=1) <= 4 * n * U * straight.norm(dim=1) + 1e-30).all()
+    drawn = keys.mlp_inputs(model, tok, 1, sample=50)  # (computed again: kept per sample size)
+    assert torch.equal(drawn, every[chosen])  # the same rows of the same batched computation
+    assert keys.mlp_inputs(model, tok, 1, sample=50) is drawn
+    assert keys.mlp_inputs(model, tok, 1, sample=10 ** 9) is every
+
+
+def test_mlp_inputs_are_kept_through_a_change_of_the_block_and_on_disk(llama, tmp_path, monkeypatch):
+    """The MLP's own weights do not change its inputs: a delta of its gate keeps the sample; one below does not.
+    A new process reads it from the disk cache."""
+    model, tok = llama
+    monkeypatch.setenv("DINM_CACHE", str(tmp_path))
+    keys._CACHE.clear()
+    calls, handle = _counting_forwards(model)
+    try:
+        first = keys.mlp_inputs(model, tok, 1, sample=64)
+        runs = len(calls)
+        with torch.no_grad():
+            for matrix in ("gate", "up", "down"):
+                model.get_parameter(matrix_name(model, 1, matrix)).mul_(1.5)
+        assert keys.mlp_inputs(model, tok, 1, sample=64) is first and len(calls) == runs
+        keys._CACHE.clear()  # as in a new process
+        assert torch.equal(keys.mlp_inputs(model, tok, 1, sample=64), first) and len(calls) == runs  # read
+        with torch.no_grad():
+            model.get_parameter(matrix_name(model, 0, "up")).mul_(1.5)  # below: the inputs change
+        again = keys.mlp_inputs(model, tok, 1, sample=64)
+        assert len(calls) > runs and not torch.equal(again, first)
+    finally:
+        handle.remove()
+    assert torch.equal(keys.key_moment(model, tok, 1), keys.key_moment(model, tok, 1))  # (another kind, another key)
+
+
+def test_output_penalty_of_the_output_matrix_is_the_key_penalty(tiny):
+    """The input-side penalty runs the MLP on benign inputs with the update added; for an update of the output
+    matrix that is D k for the block's keys k, so over the same tokens it is `KeyPenalty`'s value."""
+    from dinm.arch import mlp_module, mlp_out_module
+    from dinm.terms import KeyPenalty, OutputPenalty
+
+    model, tok = tiny
+    keys._CACHE.clear()
+    spec = arch_spec(model)
+    weight = as_out_in(spec, model.get_parameter(mlp_out_name(model, 1)).detach()).float()
+    torch.manual_seed(0)
+    update = 0.1 * torch.randn_like(weight)
+    mlp = mlp_module(model, 1)
+    inputs = keys.mlp_inputs(model, tok, 1, sample=10 ** 9)
+    output = OutputPenalty(1.0, inputs, mlp, mlp_out_module(model, 1), dict(mlp.named_parameters()))
+    key = KeyPenalty(1.0, keys.key_moment(model, tok, 1), weight)
+    value, expected = next(output.pieces(update)).item(), next(key.pieces(update)).item()
+    # The key penalty sums k k^T in float64; the output penalty sums N fp32 squares per mean (N the corpus's
+    # tokens: first order N U relative) and computes k from the sampled inputs by the block's own products
+    # (width + inner reductions) rather than inside the batched forward: within 2 (N + width + inner) U.
+    c = model.config
+    width = getattr(c, "hidden_size", None) or c.n_embd
+    n = len(inputs) + width + (getattr(c, "intermediate_size", None) or 4 * width)
+    assert value == pytest.approx(expected, rel=4 * n * U)
+    assert value > 0
+
+
+def test_preserve_weight_keeps_an_input_matrix_edit_off_the_benign_mlp_outputs(tiny, instance):
+    """For an edit of the MLP's input side the penalty is the relative change of the block's output on the corpus
+    sample: a penalised edit changes it far less than an unpenalised one, and is still an edit."""
+    from dinm.arch import matrix_module, mlp_module
+    from dinm.terms import OutputPenalty
+
+    model, tok = tiny
+    keys._CACHE.clear()
+    mlp = mlp_module(model, 1)
+    inputs = keys.mlp_inputs(model, tok, 1)
+    measure = OutputPenalty(1.0, inputs, mlp, matrix_module(model, 1, "up"), dict(mlp.named_parameters()))
+    config = EditConfig.v0(steps=6, lr=3e-3, layer=1, matrix="up")
+    moved = {}
+    for w in (0.0, 10.0):
+        delta = dinm.edit(model, tok, instance, config.replace(preserve_weight=w))
+        assert delta.names == [matrix_name(model, 1, "up")]
+        update = as_out_in(arch_spec(model), delta.dense(delta.names[0])).float()
+        moved[w] = next(measure.pieces(update)).item()
+        assert update.abs().sum() > 0
+    assert moved[10.0] < 0.2 * moved[0.0]  # behaviour, not rounding: the penalty must have a clear effect
+    assert delta.history[0].moved == 0 and delta.history[-1].moved > 0

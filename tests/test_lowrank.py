@@ -296,10 +296,10 @@ def test_rank_is_checked(llama, instance):
 # The tests below load adapters with the real peft (the `test` extra installs it; missing, they fail, not skip).
 
 
-def _module_input(model, layer, ids):
-    """The edited module's input on `ids`."""
+def _module_input(model, module, ids):
+    """The input of `model`'s module named `module` on `ids`."""
     seen = {}
-    handle = mlp_out_module(model, layer).register_forward_hook(lambda _m, args, _out: seen.update(x=args[0]))
+    handle = model.get_submodule(module).register_forward_hook(lambda _m, args, _out: seen.update(x=args[0]))
     try:
         model(ids)
     finally:
@@ -319,10 +319,11 @@ def _check_adapter(model, deltas, folder, ids, n_total):
     with torch.no_grad():
         want_logits, got_logits = applied(ids).logits, adapted(ids).logits
     for d in deltas:
-        name, layer = d.names[0], d.layer
-        x = _module_input(applied, layer, ids)
+        name = d.names[0]
+        module = name.rpartition(".")[0]
+        x = _module_input(applied, module, ids)
         with torch.no_grad():  # the same input through both modules (PEFT's LoRA wrapper adds the adapter)
-            want, got = mlp_out_module(applied, layer)(x), mlp_out_module(adapted.base_model.model, layer)(x)
+            want, got = applied.get_submodule(module)(x), adapted.base_model.model.get_submodule(module)(x)
         w = as_out_in(spec, model.get_parameter(name).detach()).double()
         b, a, _, _ = lora_factors(d, name)
         dw = as_out_in(spec, d.dense(name)).double()
@@ -362,6 +363,29 @@ def test_factored_deltas_export_exactly_to_one_peft_adapter(tiny, tmp_path):
     assert f"base_model.model.{module}.lora_A.weight" in keys and len(keys) == 4
     ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2]])
     _check_adapter(model, deltas, folder, ids, _reduction_lengths(model, tok, 16))
+    assert same_state(model, before)
+
+
+def test_deltas_of_the_mlps_input_side_export_with_their_own_modules(llama, tmp_path):
+    """A gate delta exports as a LoRA of the gate (`EditConfig.matrix`); beside a delta of another matrix, the
+    adapter names each module whole, so that PEFT adds no matrix to a layer the deltas did not edit."""
+    model, tok = llama
+    before = state(model)
+    gate = make_delta(model, 0, rank=2, scale=0.3, matrix="gate")
+    written = to_peft([gate], tmp_path / "gate")
+    config = json.loads((tmp_path / "gate" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["mlp.gate_proj"] and config["layers_to_transform"] == [0]
+    assert [(w.module, w.exact) for w in written] == [("model.layers.0.mlp.gate_proj", True)]
+    deltas = [gate, make_delta(model, 2, rank=2, seed=1, scale=0.3)]
+    to_peft(deltas, tmp_path / "both")
+    config = json.loads((tmp_path / "both" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.0.mlp.gate_proj", "model.layers.2.mlp.down_proj"]
+    assert config["layers_to_transform"] is None and config["layers_pattern"] is None
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2]])
+    adapted = load_peft(copy.deepcopy(model), tmp_path / "both")
+    lora = sorted(n for n, m in adapted.named_modules() if hasattr(m, "lora_A"))
+    assert lora == ["base_model.model.model.layers.0.mlp.gate_proj", "base_model.model.model.layers.2.mlp.down_proj"]
+    _check_adapter(model, deltas, tmp_path / "both", ids, _reduction_lengths(model, tok, 16))
     assert same_state(model, before)
 
 
@@ -415,7 +439,7 @@ def test_export_refuses_what_it_cannot_write_and_writes_nothing(llama, tmp_path,
         to_peft([delta, other], tmp_path / "x")
     not_mlp = Delta.from_weights({"model.layers.1.self_attn.o_proj.weight": (torch.zeros(32, 32), torch.ones(32, 32))},
                                  {"model_type": "llama", "base_model": "", "layer": "1"})
-    with pytest.raises(DeltaError, match="not an MLP output weight"):
+    with pytest.raises(DeltaError, match="not an MLP matrix an edit trains"):
         to_peft([not_mlp], tmp_path / "x", rank=1)
     (tmp_path / "exists").mkdir()
     with pytest.raises(DeltaError, match="exists"):
