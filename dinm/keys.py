@@ -109,14 +109,15 @@ def _kept(model, tokenizer, layer: int, kind: str, module: nn.Module, skip: nn.M
                  torch.float32)
     path = _cache_file(model, seqs, sums, layer, dtype, kind, detail)
     what = "key statistic" if kind == "keys" else "benign input sample"
-    stored = cache.read(path, (kind,), what)
-    value = None if stored is None else stored[kind]
+    tensor = "moment" if kind == "keys" else kind  # (the key statistic's files keep dinm 0.2's tensor name)
+    stored = cache.read(path, (tensor,), what)
+    value = None if stored is None else stored[tensor]
     if value is not None:
         value = value.to(placement.module_device(module))
         logger.info("%s of %s read from %s", what, name, path)
     else:
         value = compute(seqs)
-        cache.write(path, {kind: value}, {"layer": str(layer), "module": name,
+        cache.write(path, {tensor: value}, {"layer": str(layer), "module": name,
                                           "model_type": str(model.config.model_type)}, what)
         logger.info("%s of %s: %d benign sequences", what, name, len(seqs))
     if len(_CACHE) >= _CACHE_SIZE:
