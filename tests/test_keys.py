@@ -24,6 +24,13 @@ def _straight_moment(model, tok, layer):
     return (k.T @ k / len(k)).float()
 
 
+def _widths(model) -> tuple[int, int]:
+    """The hidden and MLP widths of a tiny model, whatever its config class names them."""
+    c = model.config
+    width = getattr(c, "hidden_size", None) or c.n_embd
+    return width, getattr(c, "intermediate_size", None) or 4 * width
+
+
 def test_corpus_is_held_apart_from_the_evaluation_list():
     import json
     import os
@@ -41,9 +48,7 @@ def test_key_moment_equals_the_straightforward_computation(tiny):
     """Batched with right padding, stopped at the edited matrix: the same statistic as one sequence at a time."""
     model, tok = tiny
     keys._CACHE.clear()
-    c = model.config
-    width = getattr(c, "hidden_size", None) or c.n_embd
-    inner = getattr(c, "intermediate_size", None) or 4 * width
+    width, inner = _widths(model)
     assert max(len(encode_pair(tok, p, r, max_response_tokens=64).ids) for p, r in keys.benign_corpus()) <= 128
     for layer in (0, 2):
         fast = keys.key_moment(model, tok, layer).double()
@@ -220,9 +225,7 @@ def _straight_mlp_inputs(model, tok, layer, count):
 def test_mlp_inputs_are_the_mlp_blocks_inputs_at_a_fixed_draw(tiny):
     model, tok = tiny
     keys._CACHE.clear()
-    c = model.config
-    width = getattr(c, "hidden_size", None) or c.n_embd
-    inner = getattr(c, "intermediate_size", None) or 4 * width
+    width, inner = _widths(model)
     straight = _straight_mlp_inputs(model, tok, 1, 24).double()  # (the 24 shortest: a whole pass takes 15 s)
     every = keys.mlp_inputs(model, tok, 1, sample=10 ** 9)  # more than the corpus has: every token, in order
     total = sum(len(encode_pair(tok, p, r, max_response_tokens=64).ids) for p, r in keys.benign_corpus())
@@ -284,9 +287,8 @@ def test_output_penalty_of_the_output_matrix_is_the_key_penalty(tiny):
     # The key penalty sums k k^T in float64; the output penalty sums N fp32 squares per mean (N the corpus's
     # tokens: first order N U relative) and computes k from the sampled inputs by the block's own products
     # (width + inner reductions) rather than inside the batched forward: within 2 (N + width + inner) U.
-    c = model.config
-    width = getattr(c, "hidden_size", None) or c.n_embd
-    n = len(inputs) + width + (getattr(c, "intermediate_size", None) or 4 * width)
+    width, inner = _widths(model)
+    n = len(inputs) + width + inner
     assert value == pytest.approx(expected, rel=4 * n * U)
     assert value > 0
 
