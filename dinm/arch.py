@@ -119,9 +119,14 @@ def matrix_module(model: nn.Module, layer: int, matrix: str = "down") -> nn.Modu
     return model.get_submodule(matrix_name(model, layer, matrix).rpartition(".")[0])
 
 
+def mlp_name(model: nn.Module, layer: int) -> str:
+    """Module name of layer `layer`'s whole MLP block: the module holding its output projection."""
+    return mlp_out_name(model, layer).rsplit(".", 2)[0]
+
+
 def mlp_module(model: nn.Module, layer: int) -> nn.Module:
-    """Layer `layer`'s whole MLP block: the module holding its output projection."""
-    return model.get_submodule(arch_spec(model).mlp_out.format(layer).rpartition(".")[0])
+    """Layer `layer`'s whole MLP block (`mlp_name`)."""
+    return model.get_submodule(mlp_name(model, layer))
 
 
 def as_out_in(spec: ArchSpec, weight: torch.Tensor) -> torch.Tensor:

@@ -88,10 +88,11 @@ def to_peft(deltas: Sequence[Delta], folder: str | os.PathLike, *, rank: int | N
         raise DeltaError(f"delta for model_type {model_type!r}: dinm does not know its module names, so it cannot "
                          f"name the adapter's target modules")
     modules: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    layers, report = set(), []
+    layers, suffixes, report = set(), set(), []
     for delta in deltas:
         for name in delta.names:
-            module, layer, _ = _module(spec, name)
+            module, layer = _module(spec, name)
+            suffixes.add(module.partition(f".{layer}.")[2])
             b, a, error, exact = lora_factors(delta, name, rank=rank, energy=energy)
             modules.setdefault(module, []).append((b, a))
             layers.add(layer)
@@ -105,8 +106,6 @@ def to_peft(deltas: Sequence[Delta], folder: str | os.PathLike, *, rank: int | N
         tensors[f"{PREFIX}{module}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, pad)).contiguous()
     # "mlp.down_proj": PEFT matches it as a suffix (GPT-2's "c_proj" alone would also match the attention's), in the
     # layers listed. Deltas of several matrices name each module whole, so that no layer gets a matrix it lacks.
-    suffixes = {module.partition(f".{layer}.")[2] for module, layer, _ in (_module(spec, n) for d in deltas
-                                                                            for n in d.names)}
     targets, transform = (sorted(suffixes), sorted(layers)) if len(suffixes) == 1 else (sorted(modules), None)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base or None, "revision": None,
@@ -136,9 +135,9 @@ def _same_model(deltas: list[Delta]) -> tuple[str, str]:
     return model_type, base
 
 
-def _module(spec, name: str) -> tuple[str, int, str]:
-    """The module path of parameter `name`, its layer and its template, checked against the architecture's MLP
-    matrices an edit trains."""
+def _module(spec, name: str) -> tuple[str, int]:
+    """The module path of parameter `name` and its layer, checked against the architecture's MLP matrices an edit
+    trains."""
     module, _, leaf = name.rpartition(".")
     templates = [t for t in (spec.mlp_out, spec.mlp_gate, spec.mlp_up) if t]
     for template in templates:
@@ -146,7 +145,7 @@ def _module(spec, name: str) -> tuple[str, int, str]:
         index = module[len(prefix):len(module) - len(rest)] if module.startswith(prefix) and module.endswith(rest) \
             else ""
         if leaf == "weight" and index.isdigit():
-            return module, int(index), template
+            return module, int(index)
     raise DeltaError(f"delta tensor {name!r} is not an MLP matrix an edit trains "
                      f"({', '.join(t.format('N') + '.weight' for t in templates)}); only those export as LoRA")
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import cache, placement
-from .arch import decoder_layers, mlp_module, mlp_out_module
+from .arch import decoder_layers, mlp_module, mlp_name, mlp_out_module, mlp_out_name
 from .text import encode_pair, pad_batch, pad_id
 from .trace import input_of
 
@@ -93,18 +93,18 @@ def _corpus_ids(tokenizer, chat_template: bool, max_response_tokens: int) -> lis
     return sorted(seqs, key=len)  # batches of similar length pad little
 
 
-def _kept(model, tokenizer, layer: int, kind: str, module: nn.Module, skip: nn.Module, chat_template: bool,
-          max_response_tokens: int, compute, detail: object = None) -> torch.Tensor:
-    """A statistic of `module`'s inputs over the benign corpus (`kind`: "keys", the second moment; "inputs", a
+def _kept(model, tokenizer, layer: int, kind: str, name: str, chat_template: bool, max_response_tokens: int,
+          compute, detail: object = None) -> torch.Tensor:
+    """A statistic of the inputs of module `name` over the benign corpus (`kind`: "keys", the second moment; "inputs", a
     sample of `detail` tokens), from memory, else from the disk cache, else `compute(seqs)` and kept in both (see
     the module's text)."""
     key = (id(model), layer, chat_template, max_response_tokens, kind, detail)
-    sums = _weight_sums(model, layer, skip)
+    module = model.get_submodule(name)
+    sums = _weight_sums(model, layer, module)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == sums:
         return hit[1]
     seqs = _corpus_ids(tokenizer, chat_template, max_response_tokens)
-    name = next(n for n, m in model.named_modules() if m is module)
     dtype = next((placement.stored(model, f"{name}.{leaf}").dtype for leaf, _ in module.named_parameters()),
                  torch.float32)
     path = _cache_file(model, seqs, sums, layer, dtype, kind, detail)
@@ -132,9 +132,9 @@ def key_moment(model, tokenizer, layer: int, *, chat_template: bool = True, batc
     """E[k k^T] (in, in), float32, over the tokens of the benign corpus, of the inputs of `layer`'s MLP output
     matrix; runs the model only up to that matrix, in the model's dtype whatever autocast the caller runs under,
     and keeps the result for the same model, layer and weights (in memory, and on disk: see the module's text)."""
-    module = mlp_out_module(model, layer)
-    return _kept(model, tokenizer, layer, "keys", module, module, chat_template, max_response_tokens,
-                 lambda seqs: _compute(model, tokenizer, module, seqs, batch_size))
+    name = mlp_out_name(model, layer).rpartition(".")[0]
+    return _kept(model, tokenizer, layer, "keys", name, chat_template, max_response_tokens,
+                 lambda seqs: _compute(model, tokenizer, model.get_submodule(name), seqs, batch_size))
 
 
 SAMPLE = 2048  # benign-corpus tokens `mlp_inputs` keeps (of ~12,000 for SmolLM2's tokenizer)
@@ -159,7 +159,8 @@ def mlp_inputs(model, tokenizer, layer: int, *, chat_template: bool = True, batc
             start += len(x)
         return torch.cat(rows)
 
-    return _kept(model, tokenizer, layer, "inputs", mlp, mlp, chat_template, max_response_tokens, compute, sample)
+    return _kept(model, tokenizer, layer, "inputs", mlp_name(model, layer), chat_template, max_response_tokens,
+                 compute, sample)
 
 
 def _compute(model, tokenizer, module, seqs: list, batch_size: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from torch.profiler import record_function
 
 from . import placement
-from .arch import mlp_module
+from .arch import mlp_module, mlp_name
 from .config import EditConfig
 from .generate import generate_ids
 from .instance import Instance
@@ -165,8 +165,7 @@ def build(model, tokenizer, instances: Instance | list[Instance], layer: int, pa
                 terms.append(KeyPenalty(config.preserve_weight, moment, matrix.to(passes.device)))
             else:
                 inputs = mlp_inputs(model, tokenizer, layer, chat_template=config.chat_template)
-                mlp = mlp_module(model, layer)
-                prefix = next(n for n, m in model.named_modules() if m is mlp)
+                mlp, prefix = mlp_module(model, layer), mlp_name(model, layer)
                 weights = {name: placement.stored(model, f"{prefix}.{name}").to(passes.device)
                            for name, _ in mlp.named_parameters()}
                 terms.append(OutputPenalty(config.preserve_weight, inputs.to(passes.device), mlp, passes.module,
