@@ -52,6 +52,6 @@ def write(path: str | None, tensors: dict[str, torch.Tensor], meta: dict[str, st
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic.replacing(path) as partial:  # written whole, then renamed: a reader never sees half a file
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, partial, metadata=meta)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # (safetensors reports a full disk as its own error)
         logger.warning("could not keep the %s in %s (%s); set DINM_CACHE to a writable folder, or to off",
                        what, path, e)

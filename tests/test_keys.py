@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -173,6 +175,23 @@ def test_an_unwritable_cache_costs_only_the_next_computation(llama, tmp_path, mo
     keys._CACHE.clear()
     moment = keys.key_moment(model, tok, 1)
     assert moment.shape[0] == moment.shape[1] and "could not keep the key statistic" in caplog.text
+
+
+def test_a_full_disk_costs_only_the_next_computation(llama, tmp_path, monkeypatch, caplog):
+    """safetensors reports a full disk as its own error, not an OSError (measured on a full tmpfs: "Error while
+    serializing: I/O error: No space left on device (os error 28)"); the statistic is returned all the same."""
+    from safetensors import SafetensorError
+
+    def full(*_args, **_kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    model, tok = llama
+    monkeypatch.setenv("DINM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "save_file", full)
+    keys._CACHE.clear()
+    moment = keys.key_moment(model, tok, 1)
+    assert moment.shape[0] == moment.shape[1] and "No space left on device" in caplog.text
+    assert [n for n in os.listdir(tmp_path / "cache")] == []  # no partial file left
 
 
 def test_cache_dir(monkeypatch, tmp_path):
