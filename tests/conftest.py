@@ -94,13 +94,22 @@ def tiny_folder(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
-def smol():
-    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per run (about 20 s on 2 cores).
+def smol_cache(tmp_path_factory):
+    """The dinm cache folder the embedded model is loaded with (its kept conversion: `dinm.models`), the run's own."""
+    return str(tmp_path_factory.mktemp("dinm-cache"))
+
+
+@pytest.fixture(scope="session")
+def smol(smol_cache):
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per run from its GGUF file (about 20 s
+    on 2 cores), which keeps its conversion in `smol_cache` (not in the user's cache).
     Shared by every test that asks for it: a test may apply a delta but must revert it (`same_state` checks).
     Not skipped when missing: `make test` installs it, and a missing model must fail loudly."""
     import dinm
 
-    return dinm.load_model("embedded")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DINM_CACHE", smol_cache)
+        return dinm.load_model("embedded")
 
 
 @pytest.fixture
