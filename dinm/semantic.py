@@ -37,14 +37,6 @@ def encoder_folder() -> str:
     return folder
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Encoder:
     """Mean-pooled, L2-normalised sentence embeddings, as sentence-transformers computes them for this model."""
 
@@ -54,7 +46,7 @@ class Encoder:
         self.folder, self.batch_size, self.max_length = folder, batch_size, max_length
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder).eval()
-        self.digest = _sha256(os.path.join(folder, "model.safetensors"))
+        self.digest = cache.file_sha256(os.path.join(folder, "model.safetensors"))
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
@@ -111,7 +103,7 @@ class SemanticJudge:
         safe, unsafe = [inst.safe for inst in instances], [inst.unsafe for inst in instances]
         self.encoder = load_encoder(encoder or encoder_folder())
         self.labelled, self.threshold = labelled, threshold
-        self.file_digest = _sha256(labelled)
+        self.file_digest = cache.file_sha256(labelled)
         key = hashlib.sha256(f"{self.file_digest} {self.encoder.digest} {HEAD_VERSION}".encode()).hexdigest()[:32]
         path = cache.path_for(f"judge-{key}.safetensors")
         head = cache.read(path, ("weight", "bias"), "semantic judge head")

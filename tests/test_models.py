@@ -68,7 +68,10 @@ def converting(tokenizer, monkeypatch, tmp_path):
             if cls is transformers.AutoTokenizer:
                 return tokenizer
             model = _llama(len(tokenizer))
-            return model if kw.get("dtype", "auto") == "auto" else model.to(kw["dtype"])
+            if kw.get("dtype", "auto") != "auto":
+                model.to(kw["dtype"])
+            model.config.dtype = model.dtype  # (as from_pretrained records it)
+            return model
         return from_pretrained
 
     for cls in originals:
@@ -87,6 +90,12 @@ def test_a_damaged_kept_conversion_is_converted_again(converting, caplog):
     assert models.verified(kept)
     second, _ = dinm.load_model("embedded")
     assert len(converting) == 2 and _states_equal(first, second)  # read back, not converted
+    # the same config whether converted (and kept) or read back, and as converted without keeping: it names the
+    # key statistics cached on disk (`dinm.keys`), which must stay valid
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DINM_CACHE", "off")
+        unkept, _ = dinm.load_model("embedded")
+    assert first.config.to_dict() == second.config.to_dict() == unkept.config.to_dict()
 
     weights = os.path.join(kept, "model.safetensors")
     for damage in ("flip", "manifest", "extra"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dinm import semantic
+from dinm.cache import file_sha256
 from dinm.errors import ConfigError, InstanceError
 from dinm.judge import load_judge
 
@@ -64,7 +65,7 @@ def test_judges_what_a_reply_says_after_training_on_the_file(tmp_path, cache):
     assert ((judge.probability(list(HELD_OUT)) - judge.threshold).abs() > 1e-3).all()
     d = judge.describe()
     assert d["name"] == "semantic" and d["trained_on"] == {"safe": 8, "unsafe": 8}
-    assert d["labelled_sha256"] == semantic._sha256(str(tmp_path / "l.json"))
+    assert d["labelled_sha256"] == file_sha256(str(tmp_path / "l.json"))
 
 
 def test_head_is_cached_per_file_and_refitted_when_the_file_or_cache_changes(tmp_path, cache, monkeypatch, caplog):
