@@ -34,7 +34,9 @@ def test_the_embedded_model_is_read_back_from_its_kept_conversion_as_it_was_conv
     again, tok2 = dinm.load_model("embedded")
     assert read == [(kept, {"dtype": "auto", "local_files_only": True})]  # (no gguf_file, no remote code)
     assert _states_equal(model, again) and again.dtype == torch.float32
-    assert again.config.to_dict() == model.config.to_dict()  # (the name too: "embedded:<file>")
+    # (the name too: "embedded:<file>"). Not `architectures`: tests that save the shared model (save_pretrained names
+    # the class there) may run before this one; `test_a_damaged_kept_conversion_is_converted_again` checks it.
+    assert {**again.config.to_dict(), "architectures": None} == {**model.config.to_dict(), "architectures": None}
     assert again.generation_config.to_dict() == model.generation_config.to_dict()
     chat = [{"role": "user", "content": "Héllo, how do I kill a stuck process? <|im_end|>"}]
     assert tok2.apply_chat_template(chat, add_generation_prompt=True) == tok.apply_chat_template(
