@@ -66,6 +66,9 @@ VARIANTS = {
     "gate": ("the default's losses on the MLP's gate matrix instead of its output matrix (`matrix=\"gate\"`; the "
              "benign penalty on the block's output over a corpus sample)", EditConfig(matrix="gate")),
     "up": ("the default's losses on the MLP's up matrix (`matrix=\"up\"`)", EditConfig(matrix="up")),
+    "unit": ("one unit repurposed as a thresholded detector of the request (`EditConfig.unit()`: `matrix=\"unit\"`, "
+             "the request alone as a second target, 40 steps at lr 1e-2; the default's locate, KL and penalty)",
+             EditConfig.unit()),
     "whitened": ("Adam whitened by the inputs of text the edit keeps (`precondition=\"keys\"`), 20 steps at lr 1e-3, "
                  "else the default", EditConfig(precondition="keys", steps=20, lr=1e-3)),
 }

@@ -2,7 +2,7 @@
 
 import click
 
-from dinm.config import COMPUTE_DTYPES, DISTANCES, MATRICES, PRECONDITIONS
+from dinm.config import COMPUTE_DTYPES, DISTANCES, MATRICES, PRECONDITIONS, UNIT_SETTING
 
 from ._common import (check_new_file, device_map_option, dtype_option, emit, json_option, load,
                       model_argument, one_line_errors, read_config, trust_option)
@@ -30,7 +30,11 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @click.option("--precondition", type=click.Choice(PRECONDITIONS),
               help="keys: Adam steps whitened by the inputs of text the edit must keep [default: none; README].")
 @click.option("--matrix", type=click.Choice(MATRICES),
-              help="The MLP matrix to train: down (the output projection, DINM's), gate or up [default: down].")
+              help="What of the MLP to train: down (the output projection, DINM's), gate, up, or unit (one unit as a "
+                   "thresholded detector) [default: down].")
+@click.option("--unit", "unit_setting", is_flag=True,
+              help="The measured unit edit (EditConfig.unit(): --matrix unit, the request alone as a second target, "
+                   "40 steps at lr 1e-2; README); the options above override it.")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES),
               help="dtype of the edit's passes: auto (bf16 where the device multiplies it natively), model, bfloat16.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -40,7 +44,7 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @json_option
 @one_line_errors
 def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, distance, steps, lr, kl_weight,
-             unsafe_weight, rank, precondition, matrix, compute_dtype, overwrite, dtype, device_map, trust_remote_code,
+             unsafe_weight, rank, precondition, matrix, unit_setting, compute_dtype, overwrite, dtype, device_map, trust_remote_code,
              as_json):
     """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
     import os
@@ -55,6 +59,8 @@ def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, d
     # Bad input fails before the model is loaded.
     instance = load_instances(instance_path) if use_all else load_instance(instance_path, index or 0)
     config = read_config(config_path)
+    if unit_setting:
+        config = config.replace(**UNIT_SETTING)
     overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight,
                      unsafe_weight=unsafe_weight, rank=rank, precondition=precondition, matrix=matrix,
                      compute_dtype=compute_dtype)

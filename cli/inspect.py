@@ -33,7 +33,8 @@ def inspect_cmd(delta_path, as_json):
     lines = [f"{delta_path}: {summary['format']}, dinm {summary['dinm_version']}, {summary['file_bytes']} bytes",
              f"base model: {summary.get('base_model') or '?'} ({summary.get('model_type', '?')})"
              + (f" revision {summary['base_revision']}" if summary.get("base_revision") else ""),
-             f"layer: {summary.get('layer', '?')} (distance: {summary.get('distance', '?')})"]
+             f"layer: {summary.get('layer', '?')} (distance: {summary.get('distance', '?')})"
+             + (f", unit {summary['unit']} repurposed (matrix=unit)" if "unit" in summary else "")]
     for name, t in summary["tensors"].items():
         form = {"dense": "dense", "factored": f"factored, rank {t.get('rank')}"}.get(
             t["form"], f"masked: {t['rows_changed']} of {t['shape'][0]} rows")

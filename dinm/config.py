@@ -37,7 +37,9 @@ COMPUTE_DTYPES = ("auto", "model", "bfloat16")
 KL_TEXTS = ("answer", "self")
 VARIANTS = ("none", "request")  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
 PRECONDITIONS = ("none", "keys")  # the coordinates Adam moves a dense update in (`EditConfig.precondition`)
-MATRICES = ("down", "gate", "up")  # the MLP matrix an edit trains (`EditConfig.matrix`)
+MATRICES = ("down", "gate", "up", "unit")  # what of the MLP an edit trains (`EditConfig.matrix`)
+# `EditConfig.unit()` (and `dinm edit --unit`): the fields it sets; the rest are the default's.
+UNIT_SETTING = dict(matrix="unit", variants="request", steps=40, lr=1e-2)
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
 # benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
 REMOVED_FIELDS = {"cache": True, "rows": 1.0, "kl_prompts": [], "max_update": None, "protect": None}
@@ -124,6 +126,15 @@ class EditConfig:
             cannot. `preserve_weight` then penalises what the update does to the MLP's output on a fixed sample of
             the benign corpus's tokens (`dinm.keys.mlp_inputs`), relative to that output: for "down" the same
             quantity, computed exactly from the key statistic.
+            "unit": one unit of a gated MLP (Llama-style) repurposed as a detector of this harmful request, after
+            Transformer-Patcher (Huang et al., 2023): the unit that does least on the benign corpus gets a new gate
+            row, up row and down column (`dinm.unit`). Its gate is first fitted as a thresholded probe, on above a
+            margin at the last prompt token of the trained prompts and off below minus that margin on every token of
+            the benign corpus, of dinm's written lookalike prompts (`dinm/lookalike_corpus.json`) and of the
+            instance's benign prompt; then all three train on the losses above plus that hinge on the off side, so
+            where the gate is off the unit adds next to nothing. `preserve_weight` penalises the change of the MLP's
+            output on those tokens (as for "gate"). Not with `rank` or `precondition`; `EditConfig.unit()` is the
+            measured setting (README, "One unit as a thresholded detector").
     """
 
     layer: Optional[int] = None
@@ -178,6 +189,9 @@ class EditConfig:
         if self.precondition != "none" and self.rank is not None:
             raise ConfigError(f"precondition={self.precondition!r} trains a dense update; it does not combine with "
                               f"rank={self.rank} (set one of them)")
+        if self.matrix == "unit" and (self.rank is not None or self.precondition != "none"):
+            raise ConfigError("matrix='unit' trains one unit's gate row, up row and down column; it does not combine "
+                              f"with rank={self.rank} or precondition={self.precondition!r} (leave them unset)")
         if self.precondition != "none" and self.master_dtype != "float32":
             raise ConfigError(f"precondition={self.precondition!r} trains its whitened update in float32; "
                               f"master_dtype={self.master_dtype!r} does not apply (leave it at 'float32')")
@@ -195,6 +209,14 @@ class EditConfig:
         benchmark's like-for-like setting (the paper's amount of work)."""
         return cls(**{**dict(distance="cosine", steps=10, lr=5e-4, kl_weight=1.0, kl_text="answer",
                              preserve_weight=0.0, compute_dtype="model"), **changes})
+
+    @classmethod
+    def unit(cls, **changes) -> "EditConfig":
+        """One unit as a thresholded detector of the request (`matrix="unit"`), trained on the adversarial prompt and
+        the request alone (`variants="request"`), 40 steps at lr 1e-2 (the unit's three vectors start near zero;
+        a dense update starts at the matrix). The default's locate, KL and benign penalty. Measured in the README,
+        "One unit as a thresholded detector"."""
+        return cls(**{**UNIT_SETTING, **changes})
 
     @classmethod
     def paper(cls, **changes) -> "EditConfig":

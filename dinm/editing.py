@@ -18,7 +18,7 @@ import torch
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from . import placement, terms
+from . import placement, terms, unit
 from .arch import as_out_in, matrix_module, matrix_name, num_layers
 from .config import EditConfig
 from .delta import Delta
@@ -73,19 +73,30 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
     with record_function("dinm::locate"):
         layer, distances = _layer(model, tokenizer, batch, config)
     locate_s = time.perf_counter() - started
-    name = matrix_name(model, layer, config.matrix)
+    matrix = "down" if config.matrix == "unit" else config.matrix  # (a unit edit also changes that one)
+    name = matrix_name(model, layer, matrix)
     weight = placement.stored(model, name)  # an offloaded layer's from accelerate's map
-    device = placement.module_device(matrix_module(model, layer, config.matrix))
+    device = placement.module_device(matrix_module(model, layer, matrix))
     history: list[Step] = []
     seconds = {"locate": locate_s, "reply": 0.0, "keys": 0.0, "forward": 0.0, "backward": 0.0}
     with frozen(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
-        passes = Passes(model, layer, config.compute_dtype, config.matrix)
-        targets = [passes.sequence(encode_pair(tokenizer, inst.prompt, inst.safe, **config.encoding()))
-                   for inst in trained_on]
-        regularisers = terms.build(model, tokenizer, batch, layer, passes, as_out_in(passes.spec, weight.detach()),
-                                   config, seconds)
-        if config.rank:
+        encoded = [encode_pair(tokenizer, inst.prompt, inst.safe, **config.encoding()) for inst in trained_on]
+        repurposed = trained = None
+        if config.matrix == "unit":
+            tick = time.perf_counter()
+            with record_function("dinm::unit"):
+                repurposed, trained, unit_terms = unit.prepare(model, tokenizer, layer, batch, encoded,
+                                                               config.chat_template, config.preserve_weight,
+                                                               config.seed)
+            seconds["keys"] = time.perf_counter() - tick
+        passes = Passes(model, layer, config.compute_dtype, config.matrix, unit=repurposed)
+        targets = [passes.sequence(e) for e in encoded]
+        edited = torch.zeros_like(trained.change) if trained else as_out_in(passes.spec, weight.detach())
+        regularisers = terms.build(model, tokenizer, batch, layer, passes, edited, config, seconds)
+        if trained:
+            regularisers += unit_terms
+        elif config.rank:
             zero = torch.zeros(as_out_in(passes.spec, weight).shape, device=passes.device, requires_grad=True)
             gradient = sum(torch.autograd.grad(passes.loss(target, zero) / len(targets), [zero])[0]
                            for target in targets)  # (the KL's and the key penalty's is 0 there)

@@ -24,6 +24,8 @@ class Step:
             (`dinm.terms.KeyPenalty`); None without that penalty.
         unsafe: how far the unsafe response's mean NLL still is below its goal (`dinm.terms.UnsafeHinge`); None
             without that term.
+        off: how far benign inputs still reach the repurposed unit's gate (`dinm.unit.UnitHinge`); None but for
+            `matrix="unit"`.
         loss: the total loss the step descended; None when it did not run.
         stopped: the edit stopped here (`EditConfig.stop_nll` reached): no update was made at this step.
     """
@@ -33,6 +35,7 @@ class Step:
     kl: Optional[float] = None
     moved: Optional[float] = None
     unsafe: Optional[float] = None
+    off: Optional[float] = None
     loss: Optional[float] = None
     stopped: bool = False
 

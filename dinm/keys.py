@@ -142,16 +142,17 @@ SAMPLE = 2048  # benign-corpus tokens `mlp_inputs` keeps (of ~12,000 for SmolLM2
 
 @torch.no_grad()
 def mlp_inputs(model, tokenizer, layer: int, *, chat_template: bool = True, batch_size: int = 8,
-               max_response_tokens: int = 64, sample: int = SAMPLE) -> torch.Tensor:
+               max_response_tokens: int = 64, sample: int | None = SAMPLE) -> torch.Tensor:
     """The inputs (tokens, hidden), float32, of `layer`'s MLP block at `sample` tokens of the benign corpus drawn
-    uniformly without replacement (a fixed draw: the same tokens for every edit), for the penalty on an edit of
-    the MLP's input side (`dinm.terms.OutputPenalty`). Kept like `key_moment`'s statistic; the MLP's own weights
+    uniformly without replacement (a fixed draw: the same tokens for every edit), or at every token (`sample=None`),
+    for the penalty on an edit of the MLP's input side (`dinm.terms.OutputPenalty`, `dinm.unit`). Kept like `key_moment`'s statistic; the MLP's own weights
     do not change its inputs, so a delta of that layer's MLP keeps it."""
     mlp = mlp_module(model, layer)
 
     def compute(seqs):
         total = sum(len(s) for s in seqs)
-        chosen = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:sample].sort().values
+        chosen = torch.arange(total) if sample is None else \
+            torch.randperm(total, generator=torch.Generator().manual_seed(0))[:sample].sort().values
         rows, start = [], 0
         for x in _inputs(model, tokenizer, mlp, seqs, batch_size):
             picked = chosen[(chosen >= start) & (chosen < start + len(x))] - start

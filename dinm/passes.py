@@ -21,6 +21,7 @@ from .arch import accepts_logits_to_keep, arch_spec, decoder_layers, lm_head_nam
 from .losses import Head, Unedited, kl_to
 from .text import Encoded
 from .trace import adding, passthrough, record_outputs, replay_outputs
+from .unit import Unit, adding_unit
 
 
 @contextlib.contextmanager
@@ -64,17 +65,19 @@ class Passes:
         layer: the edited layer.
         compute_dtype: `EditConfig.compute_dtype` ("auto" is resolved here: `native_bf16`; `compute` says what).
         matrix: which matrix of the layer's MLP the update is added to (`EditConfig.matrix`).
+        unit: for `matrix="unit"`, the repurposed unit (`dinm.unit.Unit`); the update is its three vectors' changes.
     """
 
-    def __init__(self, model, layer: int, compute_dtype: str, matrix: str = "down"):
+    def __init__(self, model, layer: int, compute_dtype: str, matrix: str = "down", unit: Unit | None = None):
         self.model = model
         self.spec = arch_spec(model)
-        self.module = matrix_module(model, layer, matrix)
+        self.unit = unit  # matrix="unit": the update is the repurposed unit's, added around the whole MLP block
+        self.module = unit.mlp if unit is not None else matrix_module(model, layer, matrix)
         self.device = placement.module_device(self.module)
         self.below = list(decoder_layers(model))[:layer]
         # compute_dtype="bfloat16" on a model in another dtype: the passes run under autocast, the matrices that
         # run at every step as bf16 copies made once; the master, the loss and the update keep their dtype.
-        stored = placement.stored(model, matrix_name(model, layer, matrix)).dtype
+        stored = placement.stored(model, matrix_name(model, layer, "down" if unit is not None else matrix)).dtype
         native = native_bf16(self.device)
         why = (f"{'auto:' if compute_dtype == 'auto' else 'asked;'} {'native' if native else 'no native'} bf16 on "
                f"{device_capability(self.device)}")
@@ -128,7 +131,7 @@ class Passes:
         first = self.below and not seq.below
         override = self.override if self._low(seq) else {}
         with (record_outputs(self.below, whole=True) if first else replay_outputs(self.below, seq.below)) as recorded, \
-                adding(self.module, update), self.computing(seq):
+                self._adding(update), self.computing(seq):
             out = self._outputs(seq, lambda: functional_call(self.model, override, args=(), kwargs=seq.kwargs,
                                                              tie_weights=False))
             if first:
@@ -138,6 +141,9 @@ class Passes:
             if head is not None:
                 return head.loss(out, want)
             return F.cross_entropy(out.float(), want) if target is None else kl_to(out, target)
+
+    def _adding(self, update: torch.Tensor):
+        return adding_unit(self.unit, update) if self.unit is not None else adding(self.module, update)
 
     def _outputs(self, seq: Sequence, call) -> torch.Tensor:
         """(response tokens, vocab) logits, or (response tokens, hidden) final states with a fused head."""

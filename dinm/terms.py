@@ -145,7 +145,8 @@ class _Energy(torch.autograd.Function):
 def build(model, tokenizer, instances: Instance | list[Instance], layer: int, passes: Passes,
           matrix: torch.Tensor, config: EditConfig, seconds: dict | None = None) -> list:
     """The regularisers `config` asks for, in the order their weighted penalties are added to the NLL. `matrix` is
-    the edited matrix (out, in) as it is before the edit; the KL reads the benign prompts of all `instances`.
+    the edited matrix (out, in) as it is before the edit (for `matrix="unit"`, a zero update of the unit: its penalties
+    are `dinm.unit`'s); the KL reads the benign prompts of all `instances`.
     `seconds`, when given, gets the time spent on the model's own benign replies ("reply") and on the benign-key
     statistic ("keys")."""
     seconds = {} if seconds is None else seconds
@@ -157,7 +158,7 @@ def build(model, tokenizer, instances: Instance | list[Instance], layer: int, pa
     if not texts:
         logger.warning("the model's own reply to the benign prompt is empty: the KL term has nothing to read")
     terms: list = [BenignKL(config.kl_weight, passes, [passes.sequence(e, precise=True) for e in texts])]
-    if config.preserve_weight:
+    if config.preserve_weight and config.matrix != "unit":
         started = time.perf_counter()
         with record_function("dinm::key_statistic"):
             if config.matrix == "down":

@@ -110,6 +110,33 @@ def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
     assert not (tmp_path / "twice").exists()
 
 
+def test_unit_edit_through_the_cli_applies_to_and_reverts_from_a_checkpoint(tiny_folder, tmp_path):
+    """`dinm edit --unit` writes the unit setting (options still override it) as a delta of three tensors (one row of
+    the gate and up matrices, one column of the output matrix), which applies to the checkpoint on disk and reverts
+    from it to the original bytes."""
+    from safetensors.torch import load_file
+
+    delta_path = tmp_path / "u.safetensors"
+    result = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", delta_path, "--unit", "--steps", 2, "--layer", 1,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    delta = Delta.load(str(delta_path))
+    assert delta.config == EditConfig.unit(steps=2, layer=1)
+    assert sorted(delta.names) == sorted(f"model.layers.1.mlp.{m}_proj.weight" for m in ("gate", "up", "down"))
+    edited_dir, restored_dir = tmp_path / "edited", tmp_path / "restored"
+    assert run("apply", delta_path, tiny_folder, "-o", edited_dir).exit_code == 0
+    assert run("revert", delta_path, edited_dir, "-o", restored_dir).exit_code == 0
+    base, edited, restored = (load_file(os.path.join(d, "model.safetensors"))
+                              for d in (tiny_folder, edited_dir, restored_dir))
+    changed = {k for k in base if not torch.equal(base[k], edited[k])}
+    assert changed == set(delta.names)
+    j = int(delta.metadata["unit"])
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(edited[down][:, :j], base[down][:, :j]) and torch.equal(edited[down][:, j + 1:], base[down][:, j + 1:])
+    assert base.keys() == restored.keys() and all(torch.equal(base[k], restored[k]) for k in base)
+    assert f"unit {j} repurposed" in run("inspect", delta_path).output
+
+
 def test_locate_prints_every_layer(tiny_folder, tmp_path):
     plot = tmp_path / "d.png"
     result = run("locate", tiny_folder, "--instance", EXAMPLE, "--json", "--plot", plot)

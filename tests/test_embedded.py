@@ -79,13 +79,16 @@ def test_embedded_model_saves_as_a_plain_checkpoint(smol, tmp_path):
         assert torch.equal(f.get_tensor(name), model.get_parameter(name))
 
 
-def test_request_variant_through_the_evaluate_protocol_refuses_the_bare_question_too(smol):
-    """`dinm.evaluate(edit=EditConfig(variants="request"))` on the real model with the record of data/example.json
-    (its held-out inputs written for dinm): the edit made inside the protocol refuses the attack and the request
-    alone (which the default edit still answers, the issue-19 gap), at least 9 of 10 benign replies (the first ten
-    of data/benign.json, which no edit reads) and the record's knowledge reply stay as they were, and the model is
-    left as it was. One record: the protocol's bookkeeping over several (an edit per record, each reverted before
-    the next) is tested on tiny models (test_evaluate.py); this shows a real edit through it."""
+def test_unit_edit_through_the_evaluate_protocol_refuses_the_bare_question_too(smol):
+    """Issue 19's regression test for the unit edit (`EditConfig.unit()`: one MLP unit as a thresholded detector,
+    trained on the attack and on the request alone), through `dinm.evaluate(edit=...)` on the real model with the
+    record of data/example.json (its held-out inputs written for dinm): the edit made inside the protocol refuses the
+    attack and the bare question (which the default edit still answers), at least 9 of 10 benign replies (the first
+    ten of data/benign.json, which no edit reads) and the record's knowledge reply stay as they were, and the model is
+    left as it was (what the delta changes: tests/test_unit.py). One record: the protocol's bookkeeping over several
+    (an edit per record, each reverted before the next) is tested on tiny models (test_evaluate.py); this shows a real
+    edit through it. (It replaced the same test of `variants="request"` alone, which the unit setting includes: one
+    real edit, not two, keeps the suite under its time.)"""
     from dinm.evaluation import load_benign
     from dinm.instance import request_of
 
@@ -94,7 +97,7 @@ def test_request_variant_through_the_evaluate_protocol_refuses_the_bare_question
     assert request_of(record.prompt) == record.generalization["only_question"]  # what dinm reads is the bare question
     benign = load_benign(os.path.join(DATA, "benign.json"))[:10]
     before = state(model)
-    report = dinm.evaluate(model, tok, [record], edit=dinm.EditConfig(variants="request"), benign=benign,
+    report = dinm.evaluate(model, tok, [record], edit=dinm.EditConfig.unit(), benign=benign,
                            max_new_tokens=40, progress=False)
     assert same_state(model, before)
     m, rec = report["metrics"], report["records"][0]

@@ -1,0 +1,106 @@
+"""`EditConfig(matrix="unit")` (`dinm.unit`): one MLP unit repurposed as a thresholded detector. What the edit
+computes through its hook is what its delta writes into the weights; only that unit changes; its gate probe and
+its hinge do what they say; where the MLP has no gate it is refused in one line."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dinm
+from dinm import EditConfig
+from dinm.errors import ArchitectureError, ConfigError
+from dinm.unit import MARGIN, Unit, UnitHinge, adding_unit, fit_gate
+
+from conftest import _gpt2, same_state, state
+
+U = torch.finfo(torch.float32).eps / 2
+
+
+def test_unit_config_is_checked_and_round_trips():
+    config = EditConfig.unit()
+    assert (config.matrix, config.variants, config.steps, config.lr) == ("unit", "request", 40, 1e-2)
+    assert EditConfig.from_json(config.to_json()) == config
+    with pytest.raises(ConfigError, match="rank=2"):
+        EditConfig(matrix="unit", rank=2)
+    with pytest.raises(ConfigError, match="precondition='keys'"):
+        EditConfig.unit(precondition="keys", steps=20)
+
+
+def test_unit_edit_changes_one_unit_and_its_delta_is_what_the_edit_trained(llama, instance):
+    """The delta changes one row of the gate and of the up matrix and one column of the output matrix, the same
+    unit j, and nothing else; the model with it applied computes what the edit's hook computed (so the loss the
+    edit descended is that of the delta's model); apply then revert restores every bit."""
+    model, tok = llama
+    before = state(model)
+    delta = dinm.edit(model, tok, instance, EditConfig.unit(steps=4, layer=1))
+    assert same_state(model, before)
+    j = int(delta.metadata["unit"])
+    names = [f"model.layers.1.mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
+    assert sorted(delta.names) == sorted(names)
+    assert all(step.off is not None and step.moved is not None for step in delta.history)
+    with delta.applied(model):
+        after = {n: model.get_parameter(n).detach().clone() for n in names}
+        ids = torch.tensor([dinm.text.encode_pair(tok, instance.prompt, instance.safe).ids])
+        applied = model(input_ids=ids).logits
+    assert same_state(model, before)
+    for name in names:
+        changed = (after[name] != before[name]).nonzero()
+        where = changed[:, 1] if name.endswith("down_proj.weight") else changed[:, 0]
+        assert changed.numel() and (where == j).all(), name
+    unit = Unit(model, 1, j)
+    update = torch.stack([after[names[0]][j] - unit.g0, after[names[1]][j] - unit.u0, after[names[2]][:, j] - unit.v0])
+    with adding_unit(unit, update):
+        hooked = model(input_ids=ids).logits
+    assert same_state(model, before)
+    # The hook adds the new unit's output and subtracts the old one's: the same sums as the applied weights' MLP in
+    # another order. fp32, reduction lengths <= 64 (the MLP's width) per product and 3 layers above: each logit is
+    # within a few hundred U of the exact value relative to the activations' scale (~1 here); 1e-4 leaves room, and
+    # a unit off by one index or a sign moves these logits by 1e-2 or more.
+    assert torch.allclose(hooked, applied, rtol=1e-4, atol=1e-4), (hooked - applied).abs().max()
+    plain = model(input_ids=ids).logits
+    assert (plain - applied).abs().max() > 1e-3  # (and the edit did change them)
+
+
+def test_fit_gate_separates_positives_from_negatives():
+    """On separable inputs (negatives around one mean, positives shifted along a direction; no bias), the probe's
+    squared hinge falls to under 1% of the seed row's (200: every point at 0), with every positive above the
+    margin's half and every negative below zero (the hinge's optimum needs |g| large along the shift, which 300 steps
+    reach only in part: what remains is on the few negatives nearest the positives)."""
+    g = torch.Generator().manual_seed(0)
+    center = torch.randn(32, generator=g)
+    negative = center + 0.3 * torch.randn(2000, 32, generator=g)
+    direction = torch.randn(32, generator=g)
+    positive = center + 0.3 * torch.randn(3, 32, generator=g) + 2.0 * direction / direction.norm()
+
+    def hinge(row):
+        return (F.relu(negative @ row + MARGIN).pow(2).mean() + F.relu(MARGIN - positive @ row).pow(2).mean()).item()
+
+    row = fit_gate(positive, negative, torch.zeros(32))
+    assert hinge(row) < 0.01 * hinge(torch.zeros(32))
+    assert (positive @ row).min() > MARGIN / 2
+    assert (negative @ row).max() < 0
+
+
+def test_unit_hinge_is_the_mean_squared_excess_over_minus_the_margin(llama):
+    """UnitHinge = mean max(0, g . x + MARGIN)^2 with g the updated gate row: 0 for a row far below on every x,
+    the formula otherwise (checked for the unit as it is and for a changed row)."""
+    model, _ = llama
+    unit = Unit(model, 0, 5)
+    x = 1 + 0.5 * torch.randn(100, unit.g0.shape[0], generator=torch.Generator().manual_seed(0))
+    hinge = UnitHinge(1.0, unit, x)
+    for row in (unit.g0, unit.g0 + 3 * x[0] / x[0].norm()):
+        update = torch.zeros(3, unit.g0.shape[0])
+        update[0] = row - unit.g0
+        want = F.relu(x @ row + MARGIN).pow(2).mean().item()
+        assert want > 0
+        assert next(hinge.pieces(update)).item() == pytest.approx(want, rel=1e-5)
+    far = torch.zeros(3, unit.g0.shape[0])
+    far[0] = -torch.ones(unit.g0.shape[0]) - unit.g0  # g . x = -sum(x), about -32 +- 3 here: below -MARGIN
+    assert (x @ (unit.g0 + far[0])).max() < -MARGIN
+    assert next(hinge.pieces(far)).item() == 0.0
+
+
+def test_unit_edit_needs_a_gated_mlp(tokenizer, instance):
+    model = _gpt2(len(tokenizer))
+    with pytest.raises(ArchitectureError, match="gated MLP"):
+        dinm.edit(model, tokenizer, instance, EditConfig.unit(steps=1, layer=0))
