@@ -44,8 +44,8 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @json_option
 @one_line_errors
 def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, distance, steps, lr, kl_weight,
-             unsafe_weight, rank, precondition, matrix, unit_setting, compute_dtype, overwrite, dtype, device_map, trust_remote_code,
-             as_json):
+             unsafe_weight, rank, precondition, matrix, unit_setting, compute_dtype, overwrite, dtype, device_map,
+             trust_remote_code, as_json):
     """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
     import os
     import time

@@ -145,8 +145,9 @@ def mlp_inputs(model, tokenizer, layer: int, *, chat_template: bool = True, batc
                max_response_tokens: int = 64, sample: int | None = SAMPLE) -> torch.Tensor:
     """The inputs (tokens, hidden), float32, of `layer`'s MLP block at `sample` tokens of the benign corpus drawn
     uniformly without replacement (a fixed draw: the same tokens for every edit), or at every token (`sample=None`),
-    for the penalty on an edit of the MLP's input side (`dinm.terms.OutputPenalty`, `dinm.unit`). Kept like `key_moment`'s statistic; the MLP's own weights
-    do not change its inputs, so a delta of that layer's MLP keeps it."""
+    for the penalty on an edit of the MLP's input side (`dinm.terms.OutputPenalty`) and a unit edit's negatives
+    (`dinm.unit`). Kept like `key_moment`'s statistic; the MLP's own weights do not change its inputs, so a delta of
+    that layer's MLP keeps it."""
     mlp = mlp_module(model, layer)
 
     def compute(seqs):

@@ -78,6 +78,17 @@ def adding(module: nn.Module, update: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def adding_term(module: nn.Module, term) -> Iterator[None]:
+    """Inside the block `module` returns its output plus `term(x)`, x its first input (`dinm.unit`: a repurposed MLP
+    unit's new output minus its old one)."""
+    handle = module.register_forward_hook(lambda _m, args, out: out + term(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class _Reached(Exception):
     """Raised by `input_of`'s hook once the module's input is read: the layers above need not run."""
 

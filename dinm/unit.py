@@ -25,11 +25,9 @@ The update is carried as the three vectors' changes, stacked (3, hidden): zero i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from functools import lru_cache
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +39,11 @@ from .delta import Delta
 from .errors import ArchitectureError, EditError
 from .keys import _inputs, mlp_inputs
 from .text import Encoded, prompt_ids
-from .trace import input_of
+from .trace import adding_term, input_of
 
 LOOKALIKES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lookalike_corpus.json")
-MARGIN = 10.0  # the gate's pre-activation: above it where the unit acts, below minus it where it must not (SiLU(-10) = -4.5e-4)
+# The gate's pre-activation: above it where the unit acts, below minus it where it must not (SiLU(-10) = -4.5e-4).
+MARGIN = 10.0
 PROBE_STEPS, PROBE_LR = 300, 0.05  # the gate probe's fit (Adam), before the edit's steps
 HINGE_WEIGHT = 1.0  # `UnitHinge`'s weight beside the NLL (its value is in squared pre-activation units)
 
@@ -71,7 +70,7 @@ class Unit:
         self.g0 = self.weights["gate"][j].detach().float().to(device)
         self.u0 = self.weights["up"][j].detach().float().to(device)
         self.v0 = self.weights["down"][:, j].detach().float().to(device)
-        self.bias = [_bias_at(model, self.names[m], j, device) for m in ("gate", "up")]
+        self.bias = [_bias_at(model, self.names[m], j) for m in ("gate", "up")]
 
     def output(self, x: torch.Tensor, update: torch.Tensor | None = None) -> torch.Tensor:
         """The unit's (new) output on inputs x (..., hidden): act(g . x + b_g) (u . x + b_u) v, in x's dtype."""
@@ -110,21 +109,16 @@ def check(model, layer: int) -> None:
                                 f"with (use matrix='down')")
 
 
-def _bias_at(model, name: str, j: int, device) -> float:
+def _bias_at(model, name: str, j: int) -> float:
+    """Element j of the bias beside weight `name`, 0.0 where the matrix has none (Llama's MLP, unless `mlp_bias`)."""
     bias = name.removesuffix(".weight") + ".bias"
     return float(placement.stored(model, bias)[j]) if bias in dict(model.named_parameters()) else 0.0
 
 
-@contextlib.contextmanager
-def adding_unit(unit: Unit, update: torch.Tensor) -> Iterator[None]:
-    """Inside the block the MLP returns its output with the unit's old contribution replaced by the new one (the
-    model is not written to, as with `dinm.trace.adding`)."""
-    handle = unit.mlp.register_forward_hook(
-        lambda _m, args, out: out + unit.output(args[0], update) - unit.output(args[0]))
-    try:
-        yield
-    finally:
-        handle.remove()
+def adding_unit(unit: Unit, update: torch.Tensor):
+    """Inside the block (a context manager) the MLP returns its output with the unit's old contribution replaced by
+    the new one; the model is not written to, as with `dinm.trace.adding`."""
+    return adding_term(unit.mlp, lambda x: unit.output(x, update) - unit.output(x))
 
 
 @torch.no_grad()
@@ -160,15 +154,16 @@ def choose(model, layer: int, inputs: torch.Tensor) -> int:
     return int((usage * w["down"].norm(dim=0)).argmin())
 
 
-def fit_gate(positive: torch.Tensor, negative: torch.Tensor, seed_row: torch.Tensor) -> torch.Tensor:
-    """A gate row g with g . x above `MARGIN` on `positive` and below -`MARGIN` on `negative` as far as a squared
-    hinge (plus a small ridge) gets in `PROBE_STEPS` Adam steps from `seed_row` (small)."""
+def fit_gate(positive: torch.Tensor, negative: torch.Tensor, seed_row: torch.Tensor,
+             bias: float = 0.0) -> torch.Tensor:
+    """A gate row g with g . x + `bias` above `MARGIN` on `positive` and below -`MARGIN` on `negative` as far as a
+    squared hinge (plus a small ridge) gets in `PROBE_STEPS` Adam steps from `seed_row` (small)."""
     g = seed_row.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([g], lr=PROBE_LR)
     with torch.enable_grad():
         for _ in range(PROBE_STEPS):
-            loss = F.relu(negative @ g + MARGIN).pow(2).mean() + F.relu(MARGIN - positive @ g).pow(2).mean() \
-                + 1e-4 * g.pow(2).sum()
+            loss = F.relu(negative @ g + bias + MARGIN).pow(2).mean() \
+                + F.relu(MARGIN - positive @ g - bias).pow(2).mean() + 1e-4 * g.pow(2).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -240,7 +235,7 @@ def prepare(model, tokenizer, layer: int, instances: list, targets: list[Encoded
     negative = negative.to(unit.g0.device)
     generator = torch.Generator().manual_seed(seed)
     seed_row = (torch.randn(negative.shape[1], generator=generator) * 1e-3).to(negative.device)
-    gate = fit_gate(positives(model, layer, targets).to(negative.device), negative, seed_row)
+    gate = fit_gate(positives(model, layer, targets).to(negative.device), negative, seed_row, unit.bias[0])
     terms = [UnitHinge(HINGE_WEIGHT, unit, negative)]
     if weight:
         terms.append(UnitPenalty(weight, unit, negative, output_energy(model, layer, negative)))
