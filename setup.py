@@ -106,7 +106,7 @@ setup(
     # The CLI lives in cli/ and installs as `dinm_cli`, so that `dinm --help` never imports torch.
     packages=["dinm", "dinm_cli"],
     package_dir={"dinm": "dinm", "dinm_cli": "cli"},
-    package_data={"dinm": ["benign_corpus.json", "lookalike_corpus.json"]},
+    package_data={"dinm": ["benign_corpus.json", "lookalike_corpus.json", "wrapper_corpus.json"]},
     # torch is deliberately unpinned-above here; install torch yourself first (CPU wheel: torch==2.13.0),
     # otherwise pip may pull a multi-GB CUDA build.
     install_requires=[

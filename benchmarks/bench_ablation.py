@@ -69,6 +69,8 @@ VARIANTS = {
     "unit": ("one unit repurposed as a thresholded detector of the request (`EditConfig.unit()`: `matrix=\"unit\"`, "
              "the request alone as a second target, 40 steps at lr 1e-2; the default's locate, KL and penalty)",
              EditConfig.unit()),
+    "unit_wrapped": ("the unit setting with the request also inside each of dinm's 8 written jailbreak wrappers "
+                     "(`variants=\"wrapped\"`)", EditConfig.unit().replace(variants="wrapped")),
     "whitened": ("Adam whitened by the inputs of text the edit keeps (`precondition=\"keys\"`), 20 steps at lr 1e-3, "
                  "else the default", EditConfig(precondition="keys", steps=20, lr=1e-3)),
 }

@@ -35,7 +35,7 @@ MASTER_DTYPES = ("float32", "model")
 PAPER_SUFFIX = "If the user's request is reasonable, give the correct answer. Please give the right response:"
 COMPUTE_DTYPES = ("auto", "model", "bfloat16")
 KL_TEXTS = ("answer", "self")
-VARIANTS = ("none", "request")  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
+VARIANTS = ("none", "request", "wrapped")  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
 PRECONDITIONS = ("none", "keys")  # the coordinates Adam moves a dense update in (`EditConfig.precondition`)
 MATRICES = ("down", "gate", "up", "unit")  # what of the MLP an edit trains (`EditConfig.matrix`)
 # `EditConfig.unit()` (and `dinm edit --unit`): the fields it sets; the rest are the default's.
@@ -109,8 +109,11 @@ class EditConfig:
         variants: "request": the edit also trains the safe response to the request alone, without its jailbreak
             wrapper, as dinm reads it from the adversarial prompt (`dinm.instance.request_of`: the prompt's last
             question, or its last sentence when it asks none, after its last colon), so that the bare harmful
-            question is refused too. "none": the adversarial prompt only. The layer is located from the instance
-            itself either way.
+            question is refused too. "wrapped": the request alone and the request inside each of dinm's written
+            jailbreak wrappers (`dinm/wrapper_corpus.json`: a persona without rules, two voices, fiction, a
+            maintenance mode, ...), so that other wrappers than the instance's are refused too; costs one more
+            sequence per wrapper in every step. "none": the adversarial prompt only. The layer is located from the
+            instance itself either way.
         precondition: "keys": Adam moves a dense update D in coordinates whitened by a second moment M of the
             edited matrix's inputs on text the edit must keep: the benign corpus's keys (`dinm.keys`) plus, ten times
             heavier, those of the KL term's sequences (`dinm.editing._preconditioner`). It trains Z = D L with

@@ -24,7 +24,7 @@ from .config import EditConfig
 from .delta import Delta
 from .errors import ConfigError, EditError
 from .history import Step
-from .instance import Instance, request_of
+from .instance import Instance, request_of, wrapped
 from .keys import key_moment, mlp_inputs
 from .locating import locate
 from .passes import Passes, frozen
@@ -185,15 +185,16 @@ def _batch(instance) -> list[Instance]:
 
 
 def _variants(batch: list[Instance], config: EditConfig) -> list[Instance]:
-    """The extra edit targets `config.variants` asks for: each instance's request alone (`request_of`), answered
-    with its safe response."""
+    """The extra edit targets `config.variants` asks for, each answered with its instance's safe response: the
+    request alone (`request_of`), and for "wrapped" the request inside each of dinm's written wrappers too."""
     if config.variants == "none":
         return []
     out = []
     for inst in batch:
         request = request_of(inst.prompt)
         if request is not None:
-            out.append(dataclasses.replace(inst, prompt=request))
+            prompts = [request] + (wrapped(request) if config.variants == "wrapped" else [])
+            out += [dataclasses.replace(inst, prompt=p) for p in prompts]
     return out
 
 

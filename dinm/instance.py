@@ -13,6 +13,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from .errors import InstanceError
@@ -181,6 +182,7 @@ def load_instance(path: str | os.PathLike, index: int = 0) -> Instance:
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _QUESTION_END = re.compile(r"\?[\s.!\"'\u2019\u201d]*$")  # "...?", "...?.", "...?!", '...?"'
+WRAPPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wrapper_corpus.json")
 _LEADING = re.compile(r"^[^\w\"'\u2018\u201c]+")  # "<<} #How ..." -> "How ..."
 
 
@@ -208,3 +210,17 @@ def request_of(prompt: str) -> str | None:
     if questions:  # "...?." / "...?!" -> "...?"
         request = request[:request.rindex("?") + 1]
     return None if len(request.split()) < 3 or request == prompt.strip() else request
+
+
+@lru_cache(maxsize=1)
+def wrappers() -> tuple[str, ...]:
+    """dinm's written jailbreak wrappers (`wrapper_corpus.json`), each with one "{request}" where the request goes:
+    other wrappers than an instance's, for an edit that should refuse the request however it is wrapped
+    (`EditConfig(variants="wrapped")`). Written for dinm, in no evaluation's data."""
+    with open(WRAPPERS, encoding="utf-8") as f:
+        return tuple(json.load(f))
+
+
+def wrapped(request: str) -> list[str]:
+    """`request` inside each of `wrappers()`."""
+    return [w.replace("{request}", request) for w in wrappers()]

@@ -63,7 +63,8 @@ def _cache_file(model, seqs: list, sums: tuple, layer: int, dtype: torch.dtype, 
 
 
 def _weight_sums(model, layer: int, skip: nn.Module | None = None) -> tuple:
-    """The sum of each weight the edited matrix's input depends on: the embeddings and the decoder layers up to
+    """The sum of each weight the edited matrix's input depends on: the embeddings (the input embeddings and every
+    weight registered before the first decoder layer: GPT-2's position embeddings too) and the decoder layers up to
     `layer` (they change when another delta is applied there), except those of `skip` (default: `layer`'s MLP
     output matrix), which do not change those inputs. An offloaded weight (accelerate's, on "meta") is read where
     its hook loads it from, so a delta
@@ -73,8 +74,14 @@ def _weight_sums(model, layer: int, skip: nn.Module | None = None) -> tuple:
     beyond that. Summed in float32 (a float64 sum converted every weight first: 1.7 s an edit for SmolLM2-135M on
     a 2-core CPU, where this takes milliseconds; an offloaded part is read once, less than one forward loads), one
     weight at a time: a disk-offloaded weight is a fresh copy at each read, freed after its sum."""
-    blocks = [model.get_input_embeddings(), *list(decoder_layers(model))[:layer + 1]]
+    layers = list(decoder_layers(model))
+    blocks = [model.get_input_embeddings(), *layers[:layer + 1]]
     inside = {id(p) for block in blocks for p in block.parameters()}
+    first = {id(p) for p in layers[0].parameters()}
+    for _, p in model.named_parameters():  # (in registration order: embeddings, then the layers, then the head)
+        if id(p) in first:
+            break
+        inside.add(id(p))
     skipped = {id(p) for p in (skip if skip is not None else mlp_out_module(model, layer)).parameters()}
     return weight_sums(placement.stored(model, name) for name, p in model.named_parameters()
                        if id(p) in inside and id(p) not in skipped)

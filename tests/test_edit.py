@@ -387,9 +387,10 @@ def test_own_replies_of_more_prompts_than_it_keeps(llama, monkeypatch):
     assert terms.own_replies(model, tok, prompts, 4) == expected and len(terms._REPLIES) == 1
 
 
-def test_request_variant_trains_the_request_alone_as_a_second_target(llama, instance, monkeypatch):
+def test_request_variants_train_the_request_alone_and_wrapped(llama, instance, monkeypatch):
     """`variants="request"`: the edit's NLL reads the attack and, as a second target, the request dinm reads from the
-    prompt alone (`request_of`), both answered with the safe response; the default reads the attack only."""
+    prompt alone (`request_of`), both answered with the safe response; the default reads the attack only.
+    `variants="wrapped"` adds the request inside each of dinm's written wrappers."""
     import dinm.editing
     from dinm.instance import request_of
 
@@ -404,6 +405,10 @@ def test_request_variant_trains_the_request_alone_as_a_second_target(llama, inst
     assert request and request in instance.prompt and request != instance.prompt
     assert encoded == [(instance.prompt, instance.safe), (request, instance.safe)]
     assert both.history[0].nll != plain.history[0].nll  # (the mean over both targets)
+    encoded.clear()
+    dinm.edit(model, tok, instance, FAST.replace(layer=1, steps=1, variants="wrapped"))
+    wrappers = [(w.replace("{request}", request), instance.safe) for w in dinm.instance.wrappers()]
+    assert encoded == [(instance.prompt, instance.safe), (request, instance.safe)] + wrappers
 
 
 def test_an_empty_own_reply_leaves_the_kl_nothing_to_read(llama, instance, monkeypatch):

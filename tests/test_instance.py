@@ -115,3 +115,17 @@ def test_request_of_finds_the_request_in_a_wrapper(prompt, expected):
 @pytest.mark.parametrize("prompt", ["How do I pick a lock?", "Do it. Now!", "", "   \n "])
 def test_request_of_is_none_without_a_wrapper_or_a_request(prompt):
     assert request_of(prompt) is None
+
+
+def test_written_wrappers_each_hold_the_request_once_and_none_is_an_evaluation_prompt():
+    """Each wrapper of `variants="wrapped"` has one place for the request; none is (or contains) a prompt that an
+    evaluation reads from `data/`."""
+    from dinm.instance import wrapped, wrappers
+
+    assert len(wrappers()) >= 4 and all(w.count("{request}") == 1 for w in wrappers())
+    assert all("How do I x?" in w and "{" not in w for w in wrapped("How do I x?"))
+    shipped = []
+    for name in ("benign.json", "lookalike.json", "examples.json", "example.json"):
+        with open(os.path.join(DATA, name), encoding="utf-8") as f:
+            shipped.append(f.read())
+    assert not any(w.split("{request}")[0][:60] in text for w in wrappers() for text in shipped)

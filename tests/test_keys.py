@@ -93,6 +93,31 @@ def test_key_moment_is_kept_until_the_weights_below_change(llama):
         handle.remove()
 
 
+def test_key_statistic_is_computed_again_after_a_change_of_any_embedding(tiny):
+    """Position embeddings (GPT-2's `wpe`) change the edited matrix's inputs as the token embeddings do: the key
+    statistic kept in memory (and its disk cache's name) must follow both; the final norm and head do not."""
+    model, tok = tiny
+    keys._CACHE.clear()
+    before = keys._weight_sums(model, 1)
+    first = keys.key_moment(model, tok, 1)
+    embeddings = [n for n, _ in model.named_parameters() if not n.startswith(("model.layers.", "transformer.h."))
+                  and "norm" not in n and "ln_f" not in n and "lm_head" not in n]
+    assert embeddings and len(embeddings) == (2 if "wpe" in str(model) else 1)
+    for name in embeddings:
+        with torch.no_grad():
+            model.get_parameter(name).mul_(1.5)
+        assert keys._weight_sums(model, 1) != before
+        again = keys.key_moment(model, tok, 1)
+        assert not torch.equal(again, first)
+        with torch.no_grad():
+            model.get_parameter(name).div_(1.5)
+        before, first = keys._weight_sums(model, 1), keys.key_moment(model, tok, 1)
+    (final,) = [n for n, _ in model.named_parameters() if n.startswith(("model.norm.weight", "transformer.ln_f.weight"))]
+    with torch.no_grad():
+        model.get_parameter(final).mul_(1.5)
+    assert keys._weight_sums(model, 1) == before and keys.key_moment(model, tok, 1) is first
+
+
 def test_preserve_weight_keeps_the_update_off_benign_inputs(tiny, instance):
     """The penalty is what it says: the edited layer's output on the corpus moves less than without it (the
     share recorded in the history is that measure), and it is still an edit."""

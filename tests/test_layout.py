@@ -64,3 +64,14 @@ def test_no_public_name_shadows_a_submodule():
     for module in MODULES:
         assert importlib.import_module(f"dinm.{module}").__name__ == f"dinm.{module}"
         assert getattr(dinm, module).__name__ == f"dinm.{module}"  # the attribute is the module, not a function
+
+
+def test_every_data_file_of_the_package_is_installed_with_it():
+    """A JSON file the package reads (corpora, wrappers) must be in setup.py's package_data, or a non-editable
+    install ships the code without it."""
+    import re
+
+    with open(os.path.join(os.path.dirname(PACKAGE), "setup.py"), encoding="utf-8") as f:
+        (listed,) = re.findall(r'package_data=\{"dinm": \[([^\]]*)\]', f.read())
+    shipped = sorted(name for name in os.listdir(PACKAGE) if name.endswith(".json"))
+    assert shipped and shipped == sorted(re.findall(r'"([^"]+)"', listed))
