@@ -84,10 +84,10 @@ class Unit:
     def delta(self, update: torch.Tensor, info: dict) -> Delta:
         """The delta that writes the new gate row, up row and down column into the checkpoint."""
         edits = {}
-        for i, m in enumerate(("gate", "up", "down")):
+        for i, (m, old) in enumerate(zip(("gate", "up", "down"), (self.g0, self.u0, self.v0))):
             base = self.weights[m].detach()
             edited = base.clone()
-            new = (torch.stack([self.g0, self.u0, self.v0])[i] + update[i]).to(base.device, base.dtype)
+            new = (old + update[i]).to(base.device, base.dtype)
             if m == "down":
                 edited[:, self.j] = new
             else:
