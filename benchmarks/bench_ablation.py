@@ -71,9 +71,6 @@ VARIANTS = {
              EditConfig.unit()),
     "unit_wrapped": ("the unit setting with the request also inside each of dinm's 8 written jailbreak wrappers "
                      "(`variants=\"wrapped\"`)", EditConfig.unit().replace(variants="wrapped")),
-    "unit_probe": ("the unit setting with its gate also fitted to fire at the request inside each of dinm's 8 "
-                   "written wrappers and stay off on dinm's lookalikes inside them, not trained by the NLL "
-                   "(`probe=\"wrapped\"`)", EditConfig.unit(probe="wrapped")),
     "whitened": ("Adam whitened by the inputs of text the edit keeps (`precondition=\"keys\"`), 20 steps at lr 1e-3, "
                  "else the default", EditConfig(precondition="keys", steps=20, lr=1e-3)),
 }

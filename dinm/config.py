@@ -38,7 +38,6 @@ KL_TEXTS = ("answer", "self")
 VARIANTS = ("none", "request", "wrapped")  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
 PRECONDITIONS = ("none", "keys")  # the coordinates Adam moves a dense update in (`EditConfig.precondition`)
 MATRICES = ("down", "gate", "up", "unit")  # what of the MLP an edit trains (`EditConfig.matrix`)
-PROBES = ("trained", "wrapped")  # the prompts a unit's gate is fitted to fire on (`EditConfig.probe`)
 # `EditConfig.unit()` (and `dinm edit --unit`): the fields it sets; the rest are the default's.
 UNIT_SETTING = dict(matrix="unit", variants="request", steps=40, lr=1e-2)
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
@@ -139,12 +138,6 @@ class EditConfig:
             where the gate is off the unit adds next to nothing. `preserve_weight` penalises the change of the MLP's
             output on those tokens (as for "gate"). Not with `rank` or `precondition`; `EditConfig.unit()` is the
             measured setting (README, "One unit as a thresholded detector").
-        probe: `matrix="unit"` only: the prompts the unit's gate is fitted to fire on. "trained": the trained
-            prompts (the adversarial prompt, and the request with `variants`). "wrapped": also the request inside
-            each of dinm's written jailbreak wrappers (`dinm/wrapper_corpus.json`), which the NLL does not train (no
-            cost per step, unlike `variants="wrapped"`), while dinm's lookalike prompts inside the same wrappers join
-            the tokens it must stay off on, so that the gate reads the request rather than the wrapper; a hinge keeps
-            the gate on at those prompts through the steps (`dinm.unit.UnitHinge`).
     """
 
     layer: Optional[int] = None
@@ -169,7 +162,6 @@ class EditConfig:
     unsafe_weight: float = 0.0
     precondition: str = "none"
     matrix: str = "down"
-    probe: str = "trained"
 
     def __post_init__(self):
         check_distance(self.distance)
@@ -195,11 +187,6 @@ class EditConfig:
             raise ConfigError(f"variants must be one of {VARIANTS}, got {self.variants!r}")
         if self.matrix not in MATRICES:
             raise ConfigError(f"matrix must be one of {MATRICES}, got {self.matrix!r}")
-        if self.probe not in PROBES:
-            raise ConfigError(f"probe must be one of {PROBES}, got {self.probe!r}")
-        if self.probe != "trained" and self.matrix != "unit":
-            raise ConfigError(f"probe={self.probe!r} fits a unit's gate; it needs matrix='unit' (now "
-                              f"{self.matrix!r})")
         if self.precondition not in PRECONDITIONS:
             raise ConfigError(f"precondition must be one of {PRECONDITIONS}, got {self.precondition!r}")
         if self.precondition != "none" and self.rank is not None:

@@ -88,7 +88,7 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
             with record_function("dinm::unit"):
                 repurposed, trained, unit_terms = unit.prepare(model, tokenizer, layer, batch, encoded,
                                                                config.chat_template, config.preserve_weight,
-                                                               config.seed, config.probe)
+                                                               config.seed)
             seconds["keys"] = time.perf_counter() - tick
         passes = Passes(model, layer, config.compute_dtype, config.matrix, unit=repurposed)
         targets = [passes.sequence(e) for e in encoded]

@@ -26,8 +26,6 @@ class Step:
             without that term.
         off: how far benign inputs still reach the repurposed unit's gate (`dinm.unit.UnitHinge`); None but for
             `matrix="unit"`.
-        on: how far the probe's extra positives fall below the unit's gate margin (`UnitHinge(side="on")`); None but
-            for `probe="wrapped"`.
         loss: the total loss the step descended; None when it did not run.
         stopped: the edit stopped here (`EditConfig.stop_nll` reached): no update was made at this step.
     """
@@ -38,7 +36,6 @@ class Step:
     moved: Optional[float] = None
     unsafe: Optional[float] = None
     off: Optional[float] = None
-    on: Optional[float] = None
     loss: Optional[float] = None
     stopped: bool = False
 

@@ -20,11 +20,6 @@ The steps:
    and its down column at zero, so the first pass is the unedited model but for the repurposed unit's old output;
 4. then the three train on the edit's losses plus `UnitHinge`, which keeps the negatives below -`MARGIN`.
 
-With `EditConfig(probe="wrapped")` the probe also fires at the request inside each of dinm's written jailbreak wrappers
-(`dinm.instance.wrapped`), which the NLL does not train, and stays off on dinm's lookalike prompts inside the same
-wrappers (`probe_prompts`): the gate should read the request, not the wrapper. Those positives are kept on through the
-steps by `UnitHinge(side="on")`.
-
 The update is carried as the three vectors' changes, stacked (3, hidden): zero is the unedited unit.
 """
 
@@ -42,7 +37,6 @@ from . import placement
 from .arch import arch_spec, matrix_name, mlp_module
 from .delta import Delta
 from .errors import ArchitectureError, EditError
-from .instance import request_of, wrapped, wrappers
 from .keys import _inputs, mlp_inputs
 from .text import Encoded, prompt_ids
 from .trace import adding_term, input_of
@@ -127,37 +121,23 @@ def adding_unit(unit: Unit, update: torch.Tensor):
     return adding_term(unit.mlp, lambda x: unit.output(x, update) - unit.output(x))
 
 
-def probe_prompts(instances: list) -> tuple[list[str], list[str]]:
-    """`probe="wrapped"`'s extra prompts: (positives) each instance's request (`request_of`) inside each of dinm's
-    written wrappers, and (negatives) dinm's lookalike prompts inside the same wrappers, lookalike i in wrapper
-    i mod 8 (a causal model reads a wrapper's opening the same whatever follows it, so one pass over each lookalike
-    covers every wrapper's opening and each lookalike once)."""
-    requests = [r for r in dict.fromkeys(request_of(inst.prompt) for inst in instances) if r is not None]
-    frames = wrappers()
-    negative = [frames[i % len(frames)].replace("{request}", p) for i, p in enumerate(lookalike_corpus())]
-    return [p for r in requests for p in wrapped(r)], negative
-
-
 @torch.no_grad()
-def negatives(model, tokenizer, layer: int, instances: list, chat_template: bool,
-              extra: list[str] = ()) -> torch.Tensor:
-    """The MLP inputs (tokens, hidden), float32, at every token the unit must stay off on (the module's step 1),
-    and at every token of the `extra` prompts."""
+def negatives(model, tokenizer, layer: int, instances: list, chat_template: bool) -> torch.Tensor:
+    """The MLP inputs (tokens, hidden), float32, at every token the unit must stay off on (the module's step 1)."""
     corpus = mlp_inputs(model, tokenizer, layer, chat_template=chat_template, sample=None)
-    prompts = list(lookalike_corpus()) + list(dict.fromkeys(inst.benign_prompt for inst in instances)) + list(extra)
+    prompts = list(lookalike_corpus()) + list(dict.fromkeys(inst.benign_prompt for inst in instances))
     seqs = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
     own = torch.cat(list(_inputs(model, tokenizer, mlp_module(model, layer), seqs, 8))).float()
     return torch.cat([corpus.to(own.device), own])
 
 
 @torch.no_grad()
-def positives(model, layer: int, prompts: list[list[int]]) -> torch.Tensor:
-    """The MLP inputs (n, hidden), float32, at the last token of each prompt (ids: the formatted prompt, which ends
-    where the reply starts)."""
+def positives(model, layer: int, encoded: list[Encoded]) -> torch.Tensor:
+    """The MLP inputs (n, hidden), float32, at the last prompt token of each trained prompt + response."""
     mlp = mlp_module(model, layer)
     device = placement.module_device(model.get_input_embeddings())
-    rows = [input_of(mlp, lambda: model(input_ids=torch.tensor([ids], device=device), use_cache=False))[0, -1].float()
-            for ids in prompts]
+    rows = [input_of(mlp, lambda: model(input_ids=torch.tensor([e.ids[:e.n_prompt]], device=device),
+                                       use_cache=False))[0, -1].float() for e in encoded]
     return torch.stack(rows)
 
 
@@ -191,18 +171,17 @@ def fit_gate(positive: torch.Tensor, negative: torch.Tensor, seed_row: torch.Ten
 
 
 class UnitHinge:
-    """`side="off"`: mean over `inputs` x of max(0, g . x + b + `MARGIN`)^2, the repurposed unit's gate stays off on
-    benign and lookalike text (logged as a step's `off`); `side="on"`: mean of max(0, `MARGIN` - g . x - b)^2, it
-    stays on at the probe's extra positives (`probe="wrapped"`; logged as `on`). g: the updated gate row, b: its bias."""
+    """Mean over the negatives of max(0, g . x + `MARGIN`)^2: the repurposed unit's gate stays off on benign and
+    lookalike text. Logged as a step's `off`."""
 
-    def __init__(self, weight: float, unit: Unit, inputs: torch.Tensor, side: str = "off"):
-        self.weight, self.unit, self.inputs, self.name = weight, unit, inputs, side
-        self.sign = {"off": 1.0, "on": -1.0}[side]
+    name = "off"
+
+    def __init__(self, weight: float, unit: Unit, negative: torch.Tensor):
+        self.weight, self.unit, self.negative = weight, unit, negative
 
     def pieces(self, update: torch.Tensor):
         with record_function("dinm::unit_hinge"):
-            pre = self.inputs @ (self.unit.g0 + update[0]) + self.unit.bias[0]
-            piece = F.relu(self.sign * pre + MARGIN).pow(2).mean()
+            piece = F.relu(self.negative @ (self.unit.g0 + update[0]) + self.unit.bias[0] + MARGIN).pow(2).mean()
         yield piece
 
 
@@ -246,25 +225,18 @@ class Trained:
 
 
 def prepare(model, tokenizer, layer: int, instances: list, targets: list[Encoded], chat_template: bool,
-            weight: float, seed: int, probe: str = "trained") -> tuple[Unit, Trained, list]:
+            weight: float, seed: int) -> tuple[Unit, Trained, list]:
     """The repurposed unit for an edit of `instances` that trains `targets` (prompt + safe response), its trained
-    vectors (the gate fitted as a probe) and the unit's regularisers (`weight`: `EditConfig.preserve_weight`;
-    `probe`: `EditConfig.probe`)."""
+    vectors (the gate fitted as a probe) and the unit's regularisers (`weight`: `EditConfig.preserve_weight`)."""
     check(model, layer)
-    extra_on, extra_off = probe_prompts(instances) if probe == "wrapped" else ([], [])
-    negative = negatives(model, tokenizer, layer, instances, chat_template, extra_off)
+    negative = negatives(model, tokenizer, layer, instances, chat_template)
     j = choose(model, layer, negative)
     unit = Unit(model, layer, j)
     negative = negative.to(unit.g0.device)
     generator = torch.Generator().manual_seed(seed)
     seed_row = (torch.randn(negative.shape[1], generator=generator) * 1e-3).to(negative.device)
-    trained = positives(model, layer, [e.ids[:e.n_prompt] for e in targets]).to(negative.device)
-    on = positives(model, layer, [prompt_ids(tokenizer, p, chat_template) for p in extra_on]).to(negative.device) \
-        if extra_on else trained[:0]
-    gate = fit_gate(torch.cat([trained, on]), negative, seed_row, unit.bias[0])
+    gate = fit_gate(positives(model, layer, targets).to(negative.device), negative, seed_row, unit.bias[0])
     terms = [UnitHinge(HINGE_WEIGHT, unit, negative)]
-    if len(on):
-        terms.append(UnitHinge(HINGE_WEIGHT, unit, on, side="on"))
     if weight:
         terms.append(UnitPenalty(weight, unit, negative, output_energy(model, layer, negative)))
     return unit, Trained(unit, gate), terms

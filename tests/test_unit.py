@@ -9,10 +9,7 @@ import torch.nn.functional as F
 import dinm
 from dinm import EditConfig
 from dinm.errors import ArchitectureError, ConfigError
-from dinm.instance import request_of, wrapped, wrappers
-from dinm.text import encode_pair, prompt_ids
-from dinm.unit import MARGIN, Unit, UnitHinge, adding_unit, fit_gate, lookalike_corpus, positives, prepare, \
-    probe_prompts
+from dinm.unit import MARGIN, Unit, UnitHinge, adding_unit, fit_gate
 
 from conftest import _gpt2, same_state, state
 
@@ -27,11 +24,6 @@ def test_unit_config_is_checked_and_round_trips():
         EditConfig(matrix="unit", rank=2)
     with pytest.raises(ConfigError, match="precondition='keys'"):
         EditConfig.unit(precondition="keys", steps=20)
-    assert EditConfig.from_json(EditConfig.unit(probe="wrapped").to_json()).probe == "wrapped"
-    with pytest.raises(ConfigError, match="probe='wrapped' .* needs matrix='unit'"):
-        EditConfig(probe="wrapped")
-    with pytest.raises(ConfigError, match="probe must be one of"):
-        EditConfig.unit(probe="all")
 
 
 def test_unit_edit_changes_one_unit_and_its_delta_is_what_the_edit_trained(llama, instance):
@@ -45,7 +37,7 @@ def test_unit_edit_changes_one_unit_and_its_delta_is_what_the_edit_trained(llama
     j = int(delta.metadata["unit"])
     names = [f"model.layers.1.mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
     assert sorted(delta.names) == sorted(names)
-    assert all(step.off is not None and step.moved is not None and step.on is None for step in delta.history)
+    assert all(step.off is not None and step.moved is not None for step in delta.history)
     with delta.applied(model):
         after = {n: model.get_parameter(n).detach().clone() for n in names}
         ids = torch.tensor([dinm.text.encode_pair(tok, instance.prompt, instance.safe).ids])
@@ -106,44 +98,6 @@ def test_unit_hinge_is_the_mean_squared_excess_over_minus_the_margin(llama):
     far[0] = -torch.ones(unit.g0.shape[0]) - unit.g0  # g . x = -sum(x), about -32 +- 3 here: below -MARGIN
     assert (x @ (unit.g0 + far[0])).max() < -MARGIN
     assert next(hinge.pieces(far)).item() == 0.0
-    # side="on" mirrors it: max(0, MARGIN - g . x)^2, 0 for the row far above, the formula for the row far below.
-    on = UnitHinge(1.0, unit, x, side="on")
-    assert next(on.pieces(-far)).item() == 0.0  # (g . x = sum(x) + 2 g0 . x, well above MARGIN)
-    want = F.relu(MARGIN - x @ (unit.g0 + far[0])).pow(2).mean().item()
-    assert want > MARGIN ** 2 and next(on.pieces(far)).item() == pytest.approx(want, rel=1e-5)
-
-
-def test_wrapped_probe_reads_the_request_in_every_written_wrapper(instance):
-    """probe="wrapped": positives are the instance's request in each written wrapper; negatives each lookalike
-    prompt in one wrapper, in turn (every wrapper's opening is read, and every lookalike once)."""
-    on, off = probe_prompts([instance, instance])  # (one request, however many times its instance comes)
-    request = request_of(instance.prompt)
-    assert request and on == wrapped(request) and len(on) == len(wrappers()) == 8
-    assert all(request in p and p != request for p in on)
-    frames = wrappers()
-    assert off == [frames[i % 8].replace("{request}", p) for i, p in enumerate(lookalike_corpus())]
-    assert {p[:30] for p in off} == {f[:30] for f in frames}
-
-
-def test_wrapped_probe_adds_its_prompts_to_the_fit_and_keeps_them_on(llama, instance):
-    """prepare() with probe="wrapped" takes the wrapped lookalikes' tokens as negatives (exactly their count more) and
-    the wrapped requests' last prompt tokens as positives, held by an `on` hinge; the edit records that hinge at
-    every step (without the option there is none: the test above)."""
-    model, tok = llama
-    target = encode_pair(tok, instance.prompt, instance.safe)
-    plain = prepare(model, tok, 1, [instance], [target], True, 1000.0, 0)
-    probed = prepare(model, tok, 1, [instance], [target], True, 1000.0, 0, probe="wrapped")
-    on_terms = [t for t in probed[2] if t.name == "on"]
-    assert [t.name for t in plain[2]] == ["off", "moved"] and len(on_terms) == 1
-    on, off = probe_prompts([instance])
-    want = positives(model, 1, [prompt_ids(tok, p) for p in on])
-    assert torch.equal(on_terms[0].inputs, want)
-    extra_tokens = sum(len(prompt_ids(tok, p)) for p in off)
-    assert probed[2][0].inputs.shape[0] == plain[2][0].inputs.shape[0] + extra_tokens
-    # The fitted gate differs from the plain fit's (it also had to fire on the wrapped requests).
-    assert not torch.equal(probed[1].change[0], plain[1].change[0])
-    delta = dinm.edit(model, tok, instance, EditConfig.unit(steps=2, layer=1, probe="wrapped"))
-    assert all(step.on is not None and step.off is not None for step in delta.history)
 
 
 def test_unit_edit_needs_a_gated_mlp(tokenizer, instance):
