@@ -35,44 +35,46 @@ from _results import record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRONG = dict(distance="cosine", steps=10, lr=2e-3, kl_text="self", kl_weight=10.0, preserve_weight=0.0)
-PENALTY = dict(distance="cosine", steps=10)  # the default before the locate rule and step count changed
+PENALTY = dict(distance="cosine", steps=10)  # the dense default before the locate rule and step count changed
 VARIANTS = {
     "paper": ("`EditConfig.paper()`: locate `paper`, no chat template, KL without gradient", EditConfig.paper()),
     "v0": ("`EditConfig.v0()`, the first default (cosine, KL 1 on the answer, 10 steps, lr 5e-4)", EditConfig.v0()),
     "suffix": ("v0 + the paper's suffix on the attack prompt (`prompt_suffix`)",
                EditConfig.v0(prompt_suffix=PAPER_SUFFIX)),
     "lr2e-3": ("v0 at lr 2e-3", EditConfig.v0(lr=2e-3)),
-    "self10": ("lr 2e-3, KL 10 on the model's own reply (`kl_text=\"self\"`)", EditConfig(**STRONG)),
+    "self10": ("lr 2e-3, KL 10 on the model's own reply (`kl_text=\"self\"`)", EditConfig.dense(**STRONG)),
     "preserve": ("lr 2e-3, self KL 10, `preserve_weight=1000` (benign-key penalty, `dinm.keys`)",
-                 EditConfig(**PENALTY)),
-    "preserve_nokl": ("lr 2e-3, no KL, `preserve_weight=1000`", EditConfig(**PENALTY, kl_weight=0.0)),
+                 EditConfig.dense(**PENALTY)),
+    "preserve_nokl": ("lr 2e-3, no KL, `preserve_weight=1000`", EditConfig.dense(**PENALTY, kl_weight=0.0)),
     "inner": ("lr 2e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner` (neither first nor last layer)",
-              EditConfig(distance="cosine_inner", steps=10)),
-    "steps30": ("lr 2e-3, self KL 10, `preserve_weight=1000`, 30 steps", EditConfig(distance="cosine", steps=30)),
+              EditConfig.dense(distance="cosine_inner", steps=10)),
+    "steps30": ("lr 2e-3, self KL 10, `preserve_weight=1000`, 30 steps", EditConfig.dense(distance="cosine", steps=30)),
     "inner_steps30": ("lr 2e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner`, 30 steps",
-                      EditConfig(steps=30)),
-    "inner_steps50": ("**default**: lr 2e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner`, 50 steps",
-                      EditConfig()),
-    "inner_steps50_fp32": ("the default with fp32 passes (`compute_dtype=\"model\"`; the default's `auto` is bf16 "
-                           "where the CPU multiplies bf16 natively)", EditConfig(compute_dtype="model")),
+                      EditConfig.dense(steps=30)),
+    "inner_steps50": ("**dense default** (`EditConfig.dense()`, the default before the unit): lr 2e-3, self KL 10, "
+                      "`preserve_weight=1000`, locate `cosine_inner`, 50 steps",
+                      EditConfig.dense()),
+    "inner_steps50_fp32": ("the dense default with fp32 passes (`compute_dtype=\"model\"`; the default's `auto` is "
+                           "bf16 where the CPU multiplies bf16 natively)", EditConfig.dense(compute_dtype="model")),
     "inner_steps30_lr4e-3": ("lr 4e-3, self KL 10, `preserve_weight=1000`, locate `cosine_inner`, 30 steps",
-                             EditConfig(steps=30, lr=4e-3)),
+                             EditConfig.dense(steps=30, lr=4e-3)),
     "request": ("the default + the request alone as a second target (`variants=\"request\"`: the adversarial "
-                "prompt's last question, or last sentence, after its last colon)", EditConfig(variants="request")),
+                "prompt's last question, or last sentence, after its last colon)",
+                EditConfig.dense(variants="request")),
     "unsafe": ("the default + the unsafe response made less likely (`unsafe_weight=1`: a hinge pushing its NLL up "
-               "to 1 nat per token above the unedited model's)", EditConfig(unsafe_weight=1.0)),
+               "to 1 nat per token above the unedited model's)", EditConfig.dense(unsafe_weight=1.0)),
     "unsafe_request": ("the default + both: `unsafe_weight=1`, `variants=\"request\"`",
-                       EditConfig(unsafe_weight=1.0, variants="request")),
+                       EditConfig.dense(unsafe_weight=1.0, variants="request")),
     "gate": ("the default's losses on the MLP's gate matrix instead of its output matrix (`matrix=\"gate\"`; the "
-             "benign penalty on the block's output over a corpus sample)", EditConfig(matrix="gate")),
-    "up": ("the default's losses on the MLP's up matrix (`matrix=\"up\"`)", EditConfig(matrix="up")),
+             "benign penalty on the block's output over a corpus sample)", EditConfig.dense(matrix="gate")),
+    "up": ("the default's losses on the MLP's up matrix (`matrix=\"up\"`)", EditConfig.dense(matrix="up")),
     "unit": ("one unit repurposed as a thresholded detector of the request (`EditConfig.unit()`: `matrix=\"unit\"`, "
-             "the request alone as a second target, 40 steps at lr 1e-2; the default's locate, KL and penalty)",
-             EditConfig.unit()),
+             "the request alone as a second target, 40 steps at lr 1e-2; the default's locate, KL and penalty; the "
+             "default `EditConfig()` on a gated MLP)", EditConfig.unit()),
     "unit_wrapped": ("the unit setting with the request also inside each of dinm's 8 written jailbreak wrappers "
                      "(`variants=\"wrapped\"`)", EditConfig.unit().replace(variants="wrapped")),
     "whitened": ("Adam whitened by the inputs of text the edit keeps (`precondition=\"keys\"`), 20 steps at lr 1e-3, "
-                 "else the default", EditConfig(precondition="keys", steps=20, lr=1e-3)),
+                 "else the default", EditConfig.dense(precondition="keys", steps=20, lr=1e-3)),
 }
 COLUMNS = ("DS", "DG_avg", "DS_judge", "degenerate", "fluency", "benign_unchanged", "benign_list_unchanged")
 LOOKALIKE_COLUMNS = ("DG_onlyQ", "over_refusal", "lookalike_unchanged")

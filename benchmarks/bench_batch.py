@@ -19,6 +19,7 @@ from dinm import terms
 from dinm.evaluation import load_benign
 from dinm.judge import is_refusal
 from dinm.metrics import summarise
+from dinm.unit import supported
 
 from _report import BATCH_TARGETS, both_judges, cell, judges_table, targets_table
 from _results import record
@@ -39,6 +40,27 @@ def over_prompts(report: dict) -> str:
     return "| figure | prompts | % [95% bootstrap over prompts] |\n|---|---|---|\n" + "\n".join(rows)
 
 
+def edit_and_time(model, tokenizer, train, config, args):
+    """The batch edit of `train` (saved to --patch) and --singles single edits, each timed: (the patch, batch
+    seconds, mean single seconds, how many singles and their spread)."""
+    dinm.edit(model, tokenizer, train[0], config.replace(steps=1))  # warm: the key statistic and kernels
+    terms.forget_replies()  # (each edit timed here generates its own replies, as a first edit does)
+    started = time.perf_counter()
+    patch = dinm.edit(model, tokenizer, train, config)
+    batch_s = time.perf_counter() - started
+    patch.save(args.patch)
+    print(f"batch edit of {len(train)} records: {batch_s:.1f} s, layer {patch.layer}")
+    singles = []
+    for inst in train[:args.singles]:
+        terms.forget_replies()
+        started = time.perf_counter()
+        dinm.edit(model, tokenizer, inst, config)
+        singles.append(time.perf_counter() - started)
+    single_s = statistics.mean(singles)
+    print(f"single edits: {single_s:.1f} s mean over {len(singles)}; x{len(train)} = {single_s * len(train):.0f} s")
+    return patch, batch_s, single_s, f"{len(singles)} of them (min {min(singles):.1f}, max {max(singles):.1f})"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", default="../shared/safeedit/train_dev.json")
@@ -50,26 +72,30 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--patch", default="/tmp/dinm-patch.safetensors")
     parser.add_argument("--report", default="/tmp/dinm-batch.json")
+    parser.add_argument("--config", default="{}", help="EditConfig fields as JSON, e.g. '{\"matrix\": \"unit\", ...}' "
+                        "(default: the default EditConfig)")
+    parser.add_argument("--section", default="Batch editing: one patch from train_dev.json, evaluated on test_dev.json")
+    parser.add_argument("--from-patch", metavar="BATCH_S,SINGLE_S,N",
+                        help="evaluate the patch already at --patch, made by an earlier run of this script that was "
+                             "stopped during its evaluation, instead of editing; give the cost that run printed: the "
+                             "batch edit's seconds, the single edits' mean seconds and their number")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    config = dinm.EditConfig.from_json(args.config)
+    label = "the default `EditConfig()`" if config == dinm.EditConfig() else f"`EditConfig` `{args.config}`"
 
     train, test = dinm.load_instances(args.train), dinm.load_instances(args.test)
     model, tokenizer = dinm.load_model("embedded")
-    dinm.edit(model, tokenizer, train[0], dinm.EditConfig(steps=1))  # warm: the key statistic and kernels
-    terms.forget_replies()  # (each edit timed here generates its own replies, as a first edit does)
-    started = time.perf_counter()
-    patch = dinm.edit(model, tokenizer, train)
-    batch_s = time.perf_counter() - started
-    patch.save(args.patch)
-    print(f"batch edit of {len(train)} records: {batch_s:.1f} s, layer {patch.layer}")
-    singles = []
-    for inst in train[:args.singles]:
-        terms.forget_replies()
-        started = time.perf_counter()
-        dinm.edit(model, tokenizer, inst)
-        singles.append(time.perf_counter() - started)
-    single_s = statistics.mean(singles)
-    print(f"single edits: {single_s:.1f} s mean over {len(singles)}; x{len(train)} = {single_s * len(train):.0f} s")
+    if config.resolved(supported(model)) == dinm.EditConfig.unit():
+        label += " (on this model the unit setting, `EditConfig.unit()`)"
+    if args.from_patch:
+        patch = dinm.Delta.load(args.patch)
+        if patch.instance_ids != [inst.id for inst in train] or patch.config != config.resolved(supported(model)):
+            raise SystemExit(f"{args.patch} was not made from {args.train} with --config {args.config}")
+        batch_s, single_s, n = (float(x) for x in args.from_patch.split(","))
+        spread = f"{int(n)} of them (the run that made the patch)"
+    else:
+        patch, batch_s, single_s, spread = edit_and_time(model, tokenizer, train, config, args)
 
     before = None
     if args.before:
@@ -77,7 +103,7 @@ def main():
             before = json.load(f)
     report = dinm.evaluate(model, tokenizer, test, delta=patch, benign=load_benign(args.benign),
                            lookalike=load_benign(args.lookalike), max_new_tokens=args.max_new_tokens, before=before)
-    report["batch"] = {"train": args.train, "seconds": batch_s, "single_seconds": singles}
+    report["batch"] = {"train": args.train, "seconds": batch_s, "single_seconds_mean": single_s}
     with open(args.report, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1, ensure_ascii=False)
     refusal, semantic = both_judges(report, args.test)
@@ -87,20 +113,21 @@ def main():
     print(table, targets, lists, sep="\n\n")
     if args.no_write:
         return
-    record("Batch editing: one patch from train_dev.json, evaluated on test_dev.json", (
+    record(args.section, (
         f"One delta from all {len(train)} records of `{os.path.basename(args.train)}` (`dinm.edit(model, tok, "
-        f"instances)`, default `EditConfig`: one layer located by the mean distance, layer {patch.layer}; mean NLL "
+        f"instances)`, {label}: one layer located by the mean distance, layer {patch.layer}; mean NLL "
         f"of the safe responses {history[0].nll:.3f} -> {history[-1].nll:.3f} in {len(history)} steps), applied "
         f"to the embedded model and evaluated on the {len(test)} records of `{os.path.basename(args.test)}` (other "
         f"records: no test record was edited from), greedy {args.max_new_tokens} new tokens, both judges (the "
         f"semantic head trained on {os.path.basename(args.test)}). Mean [95% bootstrap over records].\n\n{table}\n\n"
         f"The patch is one model state, so its list figures are one value for every record; over prompts:\n\n"
         f"{lists}\n\nAgainst the batch targets of issue 19:\n\n{targets}\n\nCost: the batch edit took "
-        f"{batch_s:.0f} s for {len(train)} records; a single default edit of the first {len(singles)} of them took "
-        f"{single_s:.1f} s on average (min {min(singles):.1f}, max {max(singles):.1f}), so {len(train)} single "
-        f"edits would take about {single_s * len(train):.0f} s (mean x {len(train)}, not all {len(train)} run): "
+        f"{batch_s:.0f} s for {len(train)} records; a single edit (same config) of the first {spread} took "
+        f"{single_s:.1f} s on average, so {len(train)} single edits would take about {single_s * len(train):.0f} s "
+        f"(mean x {len(train)}, not all {len(train)} run): "
         f"the batch edit costs {batch_s / (single_s * len(train)):.2f}x that, and gives one patch instead of "
-        f"{len(train)}. Timed with nothing else running."))
+        f"{len(train)}. Timed with nothing else running"
+        + (" (but a 10-s pytest run during the batch edit)" if args.from_patch else "") + "."))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def run_record(model, tokenizer, inst, benign, gen, ranks, evaluated: bool, stem
     """The dense edit of one record, its spectrum, and (when `evaluated`) its truncations measured. Keeps the
     dense delta and the unedited report beside `stem` for `run_trained`."""
     started = time.perf_counter()
-    dense = dinm.edit(model, tokenizer, inst, EditConfig(), progress=False)
+    dense = dinm.edit(model, tokenizer, inst, EditConfig.dense(), progress=False)
     dense.save(stem + "-dense.safetensors")
     out = {"id": inst.id, "layer": dense.layer, "dense": {"seconds": time.perf_counter() - started,
                                                           "nll_last": dense.history[-1].nll}}
@@ -87,7 +87,7 @@ def run_record(model, tokenizer, inst, benign, gen, ranks, evaluated: bool, stem
 def run_trained(model, tokenizer, inst, benign, gen, rank: int, stem: str) -> dict:
     """The edit trained at `rank` on the layer the dense edit located, measured like the dense one."""
     if not os.path.exists(stem + "-before.json"):  # (a record measured before these were kept; the edit is seeded)
-        dinm.edit(model, tokenizer, inst, EditConfig(), progress=False).save(stem + "-dense.safetensors")
+        dinm.edit(model, tokenizer, inst, EditConfig.dense(), progress=False).save(stem + "-dense.safetensors")
         save_report(dinm.evaluate(model, tokenizer, [inst], progress=False, batch_size=8, **gen), stem + "-before.json")
     dense = dinm.Delta.load(stem + "-dense.safetensors")
     with open(stem + "-before.json", encoding="utf-8") as f:
@@ -204,7 +204,7 @@ def main():
             f"Embedded SmolLM2-135M-Instruct (fp32), the first {len(records)} records of "
             f"`{os.path.basename(args.data)}` for the spectrum, the first {min(args.evaluated, len(records))} of them "
             f"evaluated; "
-            f"single-instance protocol, the default `EditConfig()` (layers {layers}); "
+            f"single-instance protocol, the dense edit `EditConfig.dense()` (layers {layers}); "
             f"judge `refusal`, greedy {args.max_new_tokens} new tokens, benign list = the {len(prompts)} prompts of "
             f"`data/benign.json` (generated in one batch; the record's prompts in batches of 8). DS/DG: coherent "
             f"safe replies; `benign_unchanged`: the record's knowledge reply "

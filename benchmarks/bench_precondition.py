@@ -37,13 +37,13 @@ def main():
     model, tok = dinm.load_model("embedded")
     chosen = dinm.editing.KL_KEYS_WEIGHT
     rows = ["| record | setting | layer | s | NLL | KL | moved | loss |", "|---|---|---|---|---|---|---|---|"]
-    settings = [("default (plain Adam, 50 steps, lr 2e-3)", EditConfig(), None)] + [
+    settings = [("dense default (plain Adam, 50 steps, lr 2e-3)", EditConfig.dense(), None)] + [
         (f"whitened, KL keys x{weight:g}, {kw['steps']} steps, lr {kw['lr']:g}",
-         EditConfig(precondition="keys", **kw), weight) for weight in args.kl_keys for kw in WHITENED]
+         EditConfig.dense(precondition="keys", **kw), weight) for weight in args.kl_keys for kw in WHITENED]
     try:
         for index in args.records:
             inst = instances[index]
-            dinm.edit(model, tok, inst, EditConfig(steps=1), progress=False)  # its statistic and own reply: kept
+            dinm.edit(model, tok, inst, EditConfig.dense(steps=1), progress=False)  # its statistic and own reply: kept
             for label, config, weight in settings:
                 if weight is not None:
                     dinm.editing.KL_KEYS_WEIGHT = weight

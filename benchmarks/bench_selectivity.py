@@ -97,7 +97,7 @@ def main():
         inst = instances[index]
         terms.forget_replies()
         started = time.perf_counter()
-        delta = dinm.edit(model, tok, inst, progress=False)
+        delta = dinm.edit(model, tok, inst, dinm.EditConfig.dense(), progress=False)
         seconds = time.perf_counter() - started
         name, layer = delta.names[0], delta.layer
         weight = model.get_parameter(name).detach().float().clone()  # (.float() of fp32 is the same tensor)
@@ -122,7 +122,8 @@ def main():
             rows.append(f"| {inst.id} | {layer} | {label} | {figures} | {tail} |")
             print(rows[-1], flush=True)
     body = (f"Embedded SmolLM2-135M-Instruct (fp32), records {', '.join(map(str, args.records))} of "
-            f"`{os.path.basename(args.data)}`, the default `EditConfig()`, one process, 2 threads. Each figure is "
+            f"`{os.path.basename(args.data)}`, the dense edit `EditConfig.dense()` (the default before the unit), one "
+            f"process, 2 threads. Each figure is "
             f"mean ||D k||^2 / mean ||W k||^2 over the edited matrix's inputs k on that text (W the matrix, D the "
             f"update): see the script's docstring for the sets. 'benign replies unchanged': the 52 prompts of "
             f"`data/benign.json`, greedy {args.max_new_tokens} tokens, identical with the delta applied.\n\n"

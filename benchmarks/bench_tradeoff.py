@@ -4,7 +4,7 @@ benign list; the unedited pass is generated once and reused (`evaluate(before=..
     python benchmarks/bench_tradeoff.py 4 16 '{"default": {}, "strong": {"lr": 2e-3}}'
 
 Arguments: records (first N of test_dev.json), benign prompts (first M of data/benign.json, held out: never in
-the KL term), a JSON object of name -> EditConfig fields.
+the KL term), a JSON object of name -> fields over `EditConfig.dense()`.
 Prints one line per setting (after-edit means over the records, 48 new tokens, judge `refusal`). Exploratory:
 it does not write RESULTS.md.
 """
@@ -31,7 +31,7 @@ def main():
     before = None
     for name, fields in variants.items():
         started = time.perf_counter()
-        report = dinm.evaluate(model, tok, records, edit=EditConfig(**fields), before=before, benign=benign,
+        report = dinm.evaluate(model, tok, records, edit=EditConfig.dense(**fields), before=before, benign=benign,
                                max_new_tokens=48, progress=False)
         before = before or report
         m = report["metrics"]["after"]

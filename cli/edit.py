@@ -20,8 +20,8 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
               help="EditConfig JSON; the options below override it.")
 @click.option("--layer", type=int, help="Edit this layer instead of locating one.")
 @click.option("--distance", type=click.Choice(list(DISTANCES)), help="Locate rule.")
-@click.option("--steps", type=int, help="Optimiser steps.")
-@click.option("--lr", type=float, help="Learning rate.")
+@click.option("--steps", type=int, help="Optimiser steps [default: 40 for a unit, 50 for a matrix].")
+@click.option("--lr", type=float, help="Learning rate [default: 1e-2 for a unit, 2e-3 for a matrix].")
 @click.option("--kl-weight", type=float, help="Weight of the KL term on the benign prompt.")
 @click.option("--unsafe-weight", type=float, help="Weight of a term that makes the unsafe response "
               "less likely (a hinge, up to 1 nat per token above the unedited model's NLL) [default: 0, none].")
@@ -30,11 +30,12 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @click.option("--precondition", type=click.Choice(PRECONDITIONS),
               help="keys: Adam steps whitened by the inputs of text the edit must keep [default: none; README].")
 @click.option("--matrix", type=click.Choice(MATRICES),
-              help="What of the MLP to train: down (the output projection, DINM's), gate, up, or unit (one unit as a "
-                   "thresholded detector) [default: down].")
+              help="What of the MLP to train: unit (one unit as a thresholded detector), down (the output projection, "
+                   "DINM's), gate, up; auto: unit where the MLP is gated, else down [default: auto].")
 @click.option("--unit", "unit_setting", is_flag=True,
-              help="The measured unit edit (EditConfig.unit(): --matrix unit, the request alone as a second target, "
-                   "40 steps at lr 1e-2; README); the options above override it.")
+              help="The unit edit (EditConfig.unit(): --matrix unit, the request alone as a second target, "
+                   "40 steps at lr 1e-2; what the default runs on a gated MLP), refused where the MLP has no gate; the "
+                   "options above override it.")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES),
               help="dtype of the edit's passes: auto (bf16 where the device multiplies it natively), model, bfloat16.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")

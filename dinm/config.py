@@ -37,9 +37,11 @@ COMPUTE_DTYPES = ("auto", "model", "bfloat16")
 KL_TEXTS = ("answer", "self")
 VARIANTS = ("none", "request", "wrapped")  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
 PRECONDITIONS = ("none", "keys")  # the coordinates Adam moves a dense update in (`EditConfig.precondition`)
-MATRICES = ("down", "gate", "up", "unit")  # what of the MLP an edit trains (`EditConfig.matrix`)
-# `EditConfig.unit()` (and `dinm edit --unit`): the fields it sets; the rest are the default's.
+MATRICES = ("auto", "down", "gate", "up", "unit")  # what of the MLP an edit trains (`EditConfig.matrix`)
+# The measured setting of each kind of edit: the values that `EditConfig.resolved` gives the fields left None.
+# `EditConfig.unit()` (and `dinm edit --unit`) set the unit's fields explicitly.
 UNIT_SETTING = dict(matrix="unit", variants="request", steps=40, lr=1e-2)
+MATRIX_SETTING = dict(variants="none", steps=50, lr=2e-3)  # "down", "gate" and "up"
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
 # benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
 REMOVED_FIELDS = {"cache": True, "rows": 1.0, "kl_prompts": [], "max_update": None, "protect": None}
@@ -64,8 +66,10 @@ class EditConfig:
         layer: edit this layer instead of locating one (None: locate per instance).
         distance: the locate rule (see `DISTANCES`); the default, "cosine_inner", never picks the
             first or the last layer, where an edit moves every reply (README, "Choosing the default edit").
-        steps: optimiser steps on the edited matrix.
-        lr: Adam learning rate.
+        steps: optimiser steps. None (the default): the measured setting of what `matrix` trains, 40 for a unit and
+            50 for a matrix (`UNIT_SETTING`, `MATRIX_SETTING`).
+        lr: Adam learning rate. None (the default): 1e-2 for a unit (its three vectors start near zero), 2e-3 for
+            a matrix (which starts at its stored values).
         kl_weight: weight of KL(unedited || edited) on the benign prompt's answer tokens; the KL has a
             gradient (in the paper's code it does not, so it constrains nothing).
         weight_decay: Adam weight decay (pulls the edited matrix toward zero, not toward the original: 0 by default).
@@ -106,13 +110,14 @@ class EditConfig:
             `dinm.terms.UNSAFE_MARGIN` nats above the unedited model's value and no further (an unbounded term
             would reward any reply that is not that text, gibberish included). Costs one more forward and backward
             per step. 0: none.
-        variants: "request": the edit also trains the safe response to the request alone, without its jailbreak
-            wrapper, as dinm reads it from the adversarial prompt (`dinm.instance.request_of`: the prompt's last
-            question, or its last sentence when it asks none, after its last colon), so that the bare harmful
-            question is refused too. "wrapped": the request alone and the request inside each of dinm's written
-            jailbreak wrappers (`dinm/wrapper_corpus.json`: a persona without rules, two voices, fiction, a
-            maintenance mode, ...), so that other wrappers than the instance's are refused too; costs one more
-            sequence per wrapper in every step. "none": the adversarial prompt only. The layer is located from the
+        variants: None (the default): "request" for a unit, "none" for a matrix. "request": the edit also trains
+            the safe response to the request alone, without its jailbreak wrapper, as dinm reads it from the
+            adversarial prompt (`dinm.instance.request_of`: the prompt's last question, or its last sentence when it
+            asks none, after its last colon), so that the bare harmful question is refused too. "wrapped": the
+            request alone and the request inside each of dinm's written jailbreak wrappers
+            (`dinm/wrapper_corpus.json`: a persona without rules, two voices, fiction, a maintenance mode, ...), so
+            that other wrappers than the instance's are refused too; costs one more sequence per wrapper in every
+            step. "none": the adversarial prompt only. The layer is located from the
             instance itself either way.
         precondition: "keys": Adam moves a dense update D in coordinates whitened by a second moment M of the
             edited matrix's inputs on text the edit must keep: the benign corpus's keys (`dinm.keys`) plus, ten times
@@ -122,7 +127,10 @@ class EditConfig:
             factor). The loss is the same; the path, and where `steps` steps end, are not. Costs one
             (out, in) x (in, in) product per pass.
             "none": Adam on D itself. Not with `rank`; the trained Z is fp32 (`master_dtype="float32"`).
-        matrix: which matrix of the located layer's MLP the edit trains. "down": its output projection (DINM's). "gate"
+        matrix: what of the located layer's MLP the edit trains. "auto" (the default): "unit" where the model's MLP is
+            gated (Llama, Mistral, Qwen2, ...) and neither `rank` nor `precondition` is set, else "down"; the rule that
+            chose the default picks the unit setting on the embedded model (README, "Choosing the default edit").
+            "down": its output projection (DINM's). "gate"
             or "up": an input projection (`dinm.arch.matrix_name`; Llama-style MLPs have both, GPT-2 and GPT-NeoX only
             "up"). An update of the gate acts through the MLP's nonlinearity, so it can switch units on for some
             inputs and leave them off for others, which a change of the output projection (linear in its inputs)
@@ -142,8 +150,8 @@ class EditConfig:
 
     layer: Optional[int] = None
     distance: str = "cosine_inner"
-    steps: int = 50
-    lr: float = 2e-3
+    steps: Optional[int] = None
+    lr: Optional[float] = None
     kl_weight: float = 10.0
     weight_decay: float = 0.0
     chat_template: bool = True
@@ -158,22 +166,26 @@ class EditConfig:
     prompt_suffix: str = ""
     preserve_weight: float = 1000.0
     rank: Optional[int] = None
-    variants: str = "none"
+    variants: Optional[str] = None
     unsafe_weight: float = 0.0
     precondition: str = "none"
-    matrix: str = "down"
+    matrix: str = "auto"
 
     def __post_init__(self):
         check_distance(self.distance)
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
             raise ConfigError(f"layer must be a non-negative integer or None, got {self.layer!r}")
-        for name in ("steps", "max_prompt_tokens", "max_response_tokens", "kl_reply_tokens"):
+        if self.steps is not None:  # (None: the measured value of the kind of edit that runs, `resolved`)
+            check_positive_int("steps", self.steps)
+        for name in ("max_prompt_tokens", "max_response_tokens", "kl_reply_tokens"):
             check_positive_int(name, getattr(self, name))
         if self.rank is not None:
             check_positive_int("rank", self.rank)
         for name, low in (("lr", 0.0), ("kl_weight", 0.0), ("weight_decay", 0.0), ("preserve_weight", 0.0),
                           ("unsafe_weight", 0.0)):
             value = getattr(self, name)
+            if value is None and name == "lr":  # (as `steps`)
+                continue
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (
                     name == "lr" and value == 0):
                 raise ConfigError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
@@ -183,8 +195,8 @@ class EditConfig:
             raise ConfigError(f"stop_nll must be a finite number > 0 or None, got {value!r}")
         if not isinstance(self.prompt_suffix, str):
             raise ConfigError(f"prompt_suffix must be a string, got {self.prompt_suffix!r}")
-        if self.variants not in VARIANTS:
-            raise ConfigError(f"variants must be one of {VARIANTS}, got {self.variants!r}")
+        if self.variants is not None and self.variants not in VARIANTS:
+            raise ConfigError(f"variants must be one of {VARIANTS} or None, got {self.variants!r}")
         if self.matrix not in MATRICES:
             raise ConfigError(f"matrix must be one of {MATRICES}, got {self.matrix!r}")
         if self.precondition not in PRECONDITIONS:
@@ -205,20 +217,39 @@ class EditConfig:
         if self.master_dtype not in MASTER_DTYPES:
             raise ConfigError(f"master_dtype must be one of {MASTER_DTYPES}, got {self.master_dtype!r}")
 
+    def resolved(self, gated: bool) -> "EditConfig":
+        """The config an edit runs: `matrix="auto"` made "unit" or "down" (`gated`: the model's MLP has a gate and
+        an up matrix, `dinm.unit.supported`), and `steps`, `lr`, `variants` left None given that kind of edit's
+        measured values (`UNIT_SETTING`, `MATRIX_SETTING`). A delta stores this one."""
+        matrix = self.matrix
+        if matrix == "auto":
+            matrix = "unit" if gated and self.rank is None and self.precondition == "none" else "down"
+        setting = UNIT_SETTING if matrix == "unit" else MATRIX_SETTING
+        unset = {k: v for k, v in setting.items() if k != "matrix" and getattr(self, k) is None}
+        return self.replace(matrix=matrix, **unset)
+
+    @classmethod
+    def dense(cls, **changes) -> "EditConfig":
+        """The dense edit of the output projection (`matrix="down"`), DINM's kind of edit and dinm's default before
+        the unit: 50 steps at lr 2e-3, the adversarial prompt only; the default's locate, KL and benign penalty. What
+        `matrix="auto"` runs on a model without a gated MLP."""
+        return cls(**{**dict(matrix="down", **MATRIX_SETTING), **changes})
+
     @classmethod
     def v0(cls, **changes) -> "EditConfig":
         """dinm's first default (0.1.0 before the benign-key penalty): cosine locate over every layer, chat template,
-        10 steps at lr 5e-4, KL weight 1 on the instance's benign answer, passes in the model's dtype. The speed
-        benchmark's like-for-like setting (the paper's amount of work)."""
+        a dense edit of the output projection, 10 steps at lr 5e-4, KL weight 1 on the instance's benign answer,
+        passes in the model's dtype. The speed benchmark's like-for-like setting (the paper's amount of work)."""
         return cls(**{**dict(distance="cosine", steps=10, lr=5e-4, kl_weight=1.0, kl_text="answer",
-                             preserve_weight=0.0, compute_dtype="model"), **changes})
+                             preserve_weight=0.0, compute_dtype="model", matrix="down", variants="none"), **changes})
 
     @classmethod
     def unit(cls, **changes) -> "EditConfig":
         """One unit as a thresholded detector of the request (`matrix="unit"`), trained on the adversarial prompt and
         the request alone (`variants="request"`), 40 steps at lr 1e-2 (the unit's three vectors start near zero;
-        a dense update starts at the matrix). The default's locate, KL and benign penalty. Measured in the README,
-        "One unit as a thresholded detector"."""
+        a dense update starts at the matrix). The default's locate, KL and benign penalty. What the default
+        `EditConfig()` runs on a gated MLP; unlike it, refused where the MLP has none. Measured in the README, "One unit
+        as a thresholded detector"."""
         return cls(**{**UNIT_SETTING, **changes})
 
     @classmethod
@@ -228,7 +259,8 @@ class EditConfig:
         steps at lr 5e-4, no constraint from the KL term (EasyEdit computes it without gradient, which is what
         `kl_weight=0` does to the update), and the passes in the model's dtype. For comparing against dinm's defaults."""
         return cls(**{**dict(distance="paper", chat_template=False, steps=10, lr=5e-4, kl_weight=0.0, kl_text="answer",
-                              preserve_weight=0.0, compute_dtype="model"), **changes})
+                              preserve_weight=0.0, compute_dtype="model", matrix="down", variants="none"),
+                      **changes})
 
     def encoding(self) -> dict[str, Any]:
         """How prompts and responses become tokens (keywords of `dinm.text.encode_pair` and `dinm.locate`)."""

@@ -46,12 +46,19 @@ class DemoReport:
         where = (f"located layer {d.layer} ({self.config.distance} distance over {len(d.distances)} layers):\n"
                  + distance_chart(d.distances, d.layer)) if d.distances else f"layer {d.layer} (given, not located)"
         lines += ["", "=== the edit", where,
-                  f"edited {d.names[0]} in {self.seconds:.1f}s ({phases(timing)}; passes in "
+                  f"edited {what(d)} in {self.seconds:.1f}s ({phases(timing)}; passes in "
                   f"{d.metadata.get('compute', '?')}): {describe(d.history)}",
-                  f"delta: {self.delta_path} ({os.path.getsize(self.delta_path) / 1e6:.2f} MB, only the edited "
-                  f"tensor)" + (f"; plot: {self.plot_path}" if self.plot_path else ""),
+                  f"delta: {self.delta_path} ({os.path.getsize(self.delta_path) / 1e6:.2f} MB, only what was "
+                  f"edited)" + (f"; plot: {self.plot_path}" if self.plot_path else ""),
                   f"revert restored the original weights bit for bit: {'yes' if self.restored else 'NO'}"]
         return "\n".join(lines)
+
+
+def what(delta: Delta) -> str:
+    """"unit 17 of layer 22 (its gate row, up row and down column)", or the edited tensors' names."""
+    if "unit" in delta.metadata:
+        return f"unit {delta.metadata['unit']} of layer {delta.layer} (its gate row, up row and down column)"
+    return ", ".join(delta.names)
 
 
 def run(instance_path: str = "data/example.json", out_dir: str = "demo_out", *, max_new_tokens: int = 60,
@@ -78,8 +85,8 @@ def run(instance_path: str = "data/example.json", out_dir: str = "demo_out", *, 
     if plot_path:
         plot_distances(delta.distances, delta.layer, plot_path,
                        title=f"SmolLM2-135M-Instruct, {config.distance} distance (toxic layer {delta.layer})")
-    base = fingerprint(model.get_parameter(delta.names[0]))
+    base = [fingerprint(model.get_parameter(name)) for name in delta.names]
     with delta.applied(model):
         after = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens)
-    restored = fingerprint(model.get_parameter(delta.names[0])) == base
+    restored = [fingerprint(model.get_parameter(name)) for name in delta.names] == base
     return DemoReport(prompts, before, after, delta, config, delta_path, plot_path, seconds, restored)

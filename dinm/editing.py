@@ -1,5 +1,6 @@
-"""Step 2 of DINM: train the located layer's MLP output projection (or, with `EditConfig.matrix`, one of its input
-projections) for a few steps.
+"""Step 2 of DINM: train what `EditConfig.matrix` names of the located layer's MLP for a few steps: by default, on a
+gated MLP, one unit repurposed as a thresholded detector (`dinm.unit`); else the output projection (DINM's), or one
+of its input projections.
 
 Loss = NLL of the safe response to the adversarial prompt + the weighted penalties of the regularisers
 (`dinm.terms`: the KL on the benign prompt's answer, the benign-key penalty). The passes that compute it never
@@ -49,12 +50,14 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
         model: a causal LM whose `model_type` is in `dinm.arch.ARCHITECTURES`.
         tokenizer: its tokenizer (its chat template is used when `config.chat_template`).
         instance: the edit request (`dinm.load_instance`), or a list of them (`dinm.load_instances`).
-        config: an `EditConfig`; `EditConfig()` by default.
+        config: an `EditConfig`; `EditConfig()` by default: one unit as a thresholded detector where the MLP is
+            gated (`EditConfig.unit()`'s setting), else a dense edit of the output projection (`EditConfig.dense()`).
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
-        The `Delta` of the located layer's MLP output weight (with `config.matrix`, an input one), with the config,
-        the per-layer distances and the record of every step (`dinm.Step`) in its metadata.
+        The `Delta` of what was edited (a unit's gate row, up row and down column; or the located layer's MLP output
+        weight, or with `config.matrix` an input one), with the config it ran (`EditConfig.resolved`), the per-layer
+        distances and the record of every step (`dinm.Step`) in its metadata.
 
     Raises:
         EditError: the loss or the weights became NaN/inf (the model is untouched); lower `lr`.
@@ -63,7 +66,7 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
         >>> delta = dinm.edit(model, tokenizer, dinm.load_instance("data/example.json"))
         >>> with delta.applied(model): ...
     """
-    config = config or EditConfig()
+    config = (config or EditConfig()).resolved(unit.supported(model))
     batch = _batch(instance)
     trained_on = batch + _variants(batch, config)  # (located from the instances themselves)
     if config.prompt_suffix.strip():

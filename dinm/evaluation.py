@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
-from . import atomic, editing
+from . import atomic, editing, unit
 from .config import EditConfig, check_positive_int
 from .delta import Delta
 from .errors import ConfigError, first_line
@@ -237,7 +237,7 @@ def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | 
     check_positive_int("batch_size", batch_size)
     if delta is not None and edit:
         raise ConfigError("give either a delta or edit=True, not both")
-    config = (edit if isinstance(edit, EditConfig) else EditConfig()) if edit else None
+    config = (edit if isinstance(edit, EditConfig) else EditConfig()).resolved(unit.supported(model)) if edit else None
     judge = load_judge(judge)
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template,
                progress=progress)

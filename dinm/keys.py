@@ -186,7 +186,6 @@ def _inputs(model, tokenizer, module, seqs: list, batch_size: int):
     """`module`'s inputs at the real tokens of `seqs` (tokens, in), a batch at a time, in the order of `seqs`,
     running the model only up to `module` in the model's own dtype."""
     device = placement.module_device(model.get_input_embeddings())
-    module_at = placement.module_device(module)
     was_training = model.training
     model.eval()
     try:
@@ -196,6 +195,8 @@ def _inputs(model, tokenizer, module, seqs: list, batch_size: int):
             with torch.autocast(device.type, enabled=False):
                 k = input_of(module, lambda: model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                                    use_cache=False))
-            yield k.reshape(-1, k.shape[-1])[mask.bool().to(module_at).reshape(-1)]  # real tokens only
+            # real tokens only (the mask goes where the inputs were captured: an offloaded module's own weights are
+            # on "meta", which indexes nothing)
+            yield k.reshape(-1, k.shape[-1])[mask.bool().to(k.device).reshape(-1)]
     finally:
         model.train(was_training)

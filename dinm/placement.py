@@ -27,10 +27,13 @@ def _split(model, name: str):
 
 
 def module_device(module) -> torch.device:
-    """The device `module` computes on: its hook's execution device under accelerate, else its weights'."""
-    device = getattr(_hook(module), "execution_device", None)
-    if device is not None:
-        return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    """The device `module` computes on: under accelerate its hook's execution device, or for a block without a hook
+    of its own (`cpu_offload` hooks the leaves: an MLP's weights are on "meta" between forwards) its first hooked
+    submodule's; else its weights'."""
+    for part in module.modules():  # (the module itself first)
+        device = getattr(_hook(part), "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     return next(module.parameters()).device
 
 

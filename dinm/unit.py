@@ -109,6 +109,15 @@ def check(model, layer: int) -> None:
                                 f"with (use matrix='down')")
 
 
+def supported(model) -> bool:
+    """Whether `matrix="unit"` can edit `model` (its MLP is gated: `check`); what `matrix="auto"` goes by."""
+    try:
+        check(model, 0)
+    except ArchitectureError:
+        return False
+    return True
+
+
 def _bias_at(model, name: str, j: int) -> float:
     """Element j of the bias beside weight `name`, 0.0 where the matrix has none (Llama's MLP, unless `mlp_bias`)."""
     bias = name.removesuffix(".weight") + ".bias"

@@ -158,14 +158,14 @@ def make_delta(model, layer: int = 1, *, seed: int = 0, scale: float = 1e-2, con
                instance_id: str = "made-by-the-tests", rank: int | None = None, matrix: str = "down"):
     """A `Delta` of layer `layer`'s MLP output weight (or its `matrix`: `dinm.arch.matrix_name`), made without an
     edit: a seeded random update of `scale` times the weight's RMS per element, in the weight's dtype, with the
-    metadata `dinm.edit` writes (the `config` given, `EditConfig(matrix=matrix)` by default; a made-up, decreasing loss history). With `rank`, a factored delta whose
+    metadata `dinm.edit` writes (the `config` given, `EditConfig.dense(matrix=matrix)` by default; a made-up, decreasing loss history). With `rank`, a factored delta whose
     random factors give elements of about that size. For the tests of what a delta does (apply, revert, files,
     checkpoints, evaluation, export) rather than of how an edit computes it."""
     from dinm import Delta, EditConfig
     from dinm.arch import matrix_name
     from dinm.placement import stored
 
-    config = config or EditConfig(matrix=matrix)
+    config = config or EditConfig.dense(matrix=matrix)
     name = matrix_name(model, layer, matrix)
     base = stored(model, name).detach()  # (an offloaded weight's values, as edit reads them)
     g = torch.Generator().manual_seed(seed)

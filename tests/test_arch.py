@@ -94,10 +94,12 @@ def _tiny_model(model_type: str, tokenizer):
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_every_architecture_edits_on_a_tiny_model_of_its_type(model_type, tokenizer, instance):
-    """Each entry of the table resolved against a real (tiny, random) model of that type: locate, a two-step edit
-    with the default regularisers, apply (the outputs move), revert (every bit back)."""
+    """Each entry of the table resolved against a real (tiny, random) model of that type: locate, a two-step default
+    edit (one unit where the MLP is gated, else the output projection) with the default regularisers, apply (the
+    outputs move), revert (every bit back)."""
     import dinm
     from dinm import EditConfig
+    from dinm.unit import supported
 
     from conftest import same_state, state
 
@@ -105,7 +107,12 @@ def test_every_architecture_edits_on_a_tiny_model_of_its_type(model_type, tokeni
     assert model.config.model_type == model_type
     before = state(model)
     delta = dinm.edit(model, tokenizer, instance, EditConfig(steps=2, lr=1e-2))
-    assert delta.names == [mlp_out_name(model, delta.layer)] and len(delta.distances) == num_layers(model) == 3
+    if supported(model):
+        assert delta.config.matrix == "unit" and len(delta.names) == 3
+        assert mlp_out_name(model, delta.layer) in delta.names
+    else:
+        assert delta.config.matrix == "down" and delta.names == [mlp_out_name(model, delta.layer)]
+    assert len(delta.distances) == num_layers(model) == 3
     assert delta.history[-1].kl is not None and delta.history[-1].moved is not None
     assert same_state(model, before)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])

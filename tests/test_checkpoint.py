@@ -11,7 +11,7 @@ from dinm.errors import DeltaError
 
 from conftest import _llama, checkpoint_tensors as tensors, make_delta
 
-FAST = EditConfig(steps=2, lr=1e-2, layer=1)
+FAST = EditConfig.dense(steps=2, lr=1e-2, layer=1)  # (make_delta's update is of the output matrix)
 
 
 def same(a, b):

@@ -59,6 +59,7 @@ def test_edit_all_makes_one_patch_from_every_record(tiny_folder, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert report["instances"] == 3 and Delta.load(str(patch)).instance_ids == [i.id for i in load_instances(many)]
+    assert Delta.load(str(patch)).config == EditConfig.unit(steps=2)  # (the default on a gated MLP: one unit)
     both = run("edit", tiny_folder, "--instance", many, "--all", "--index", 1, "-o", tmp_path / "x.safetensors")
     assert both.exit_code == 2 and "--index (one record) or --all" in both.output
     assert not (tmp_path / "x.safetensors").exists()
@@ -66,7 +67,8 @@ def test_edit_all_makes_one_patch_from_every_record(tiny_folder, tmp_path):
 
 def test_edit_inspect_apply_revert_round_trip(tiny_folder, tmp_path):
     delta_path = tmp_path / "d.safetensors"
-    result = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", delta_path, "--steps", 3, "--lr", 1e-2, "--json")
+    result = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", delta_path, "--steps", 3, "--lr", 1e-2, "--matrix",
+                 "down", "--json")  # (the dense edit; the unit's round trip: the next test)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert report["bytes"] == os.path.getsize(delta_path) and report["layer"] in (0, 1, 2)

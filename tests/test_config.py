@@ -29,7 +29,7 @@ def test_unknown_field_suggests():
                                           ("compute_dtype", "float16"), ("preserve_weight", -1.0),
                                           ("unsafe_weight", -1.0), ("unsafe_weight", float("nan")),
                                           ("precondition", "adam"), ("matrix", "o_proj"),
-                                          ("max_prompt_tokens", 2.5)])
+                                          ("max_prompt_tokens", 2.5), ("variants", "all"), ("steps", 2.5)])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field if field != "distance" else "distance"):
         EditConfig(**{field: value})
@@ -52,10 +52,26 @@ def test_paper_preset():
 def test_default_and_first_default():
     # the default chosen by the ablation (README, "Choosing the default edit"); v0 kept for comparison
     default, v0 = EditConfig(), EditConfig.v0()
-    assert (default.distance, default.steps, default.lr, default.kl_text, default.kl_weight, default.preserve_weight
-            ) == ("cosine_inner", 50, 2e-3, "self", 10.0, 1000.0)
-    assert (v0.distance, v0.steps, v0.lr, v0.kl_text, v0.kl_weight, v0.preserve_weight
-            ) == ("cosine", 10, 5e-4, "answer", 1.0, 0.0)
+    assert (default.distance, default.matrix, default.steps, default.lr, default.variants, default.kl_text,
+            default.kl_weight, default.preserve_weight) == ("cosine_inner", "auto", None, None, None, "self", 10.0,
+                                                            1000.0)
+    assert (v0.distance, v0.matrix, v0.steps, v0.lr, v0.variants, v0.kl_text, v0.kl_weight, v0.preserve_weight
+            ) == ("cosine", "down", 10, 5e-4, "none", "answer", 1.0, 0.0)
+
+
+def test_the_default_resolves_to_the_unit_setting_on_a_gated_mlp_and_to_the_dense_edit_elsewhere():
+    """matrix="auto" becomes the unit where the MLP is gated and nothing asks for a matrix (rank, precondition), else
+    the output projection; steps, lr and variants left unset take that kind's measured values, set ones are kept."""
+    assert EditConfig().resolved(gated=True) == EditConfig.unit()
+    assert EditConfig().resolved(gated=False) == EditConfig.dense()
+    assert EditConfig.dense() == EditConfig(matrix="down", steps=50, lr=2e-3, variants="none")
+    assert EditConfig(rank=4).resolved(gated=True) == EditConfig.dense(rank=4)
+    assert EditConfig(precondition="keys").resolved(gated=True) == EditConfig.dense(precondition="keys")
+    assert EditConfig(steps=7, variants="none").resolved(gated=True) == EditConfig.unit(steps=7, variants="none")
+    assert EditConfig(matrix="gate").resolved(gated=True) == EditConfig.dense(matrix="gate")
+    assert EditConfig(matrix="unit").resolved(gated=False).matrix == "unit"  # (refused by the edit, in one line)
+    for config in (EditConfig.unit(), EditConfig.dense(lr=1e-3), EditConfig.v0(), EditConfig.paper()):
+        assert config.resolved(gated=True) == config.resolved(gated=False) == config  # (nothing left to resolve)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -11,7 +11,7 @@ from dinm.errors import ConfigError, DeltaError
 
 from conftest import make_delta, same_state, state
 
-FAST = EditConfig(steps=3, lr=1e-2)
+FAST = EditConfig.dense(steps=3, lr=1e-2)  # (make_delta's update is of the output matrix)
 
 
 @pytest.fixture
@@ -41,6 +41,12 @@ def test_config_of_an_older_delta_reads_as_that_edit_ran(edited):
     older = Delta(delta.tensors, {**delta.metadata, "config": json.dumps(old)})
     assert (older.config.preserve_weight, older.config.kl_text) == (0.0, "answer")
     assert older.config.replace(preserve_weight=FAST.preserve_weight, kl_text=FAST.kl_text) == FAST
+    # Before `matrix` and `variants` existed every edit was a dense one of the output matrix, on the attack alone
+    # (today's default for those fields, "auto" and None, would read as another edit).
+    dense = {k: v for k, v in json.loads(delta.metadata["config"]).items() if k not in ("matrix", "variants")}
+    before_unit = Delta(delta.tensors, {**delta.metadata, "config": json.dumps(dense)})
+    assert (before_unit.config.matrix, before_unit.config.variants) == ("down", "none")
+    assert before_unit.config == FAST
 
 
 def test_a_delta_written_by_dinm_0_1_reads(edited):

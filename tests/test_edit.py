@@ -438,7 +438,7 @@ def test_delta_records_where_the_time_went(tiny, instance, monkeypatch):
 
     monkeypatch.setattr(dinm.terms, "benign_texts", counting("reply", dinm.terms.benign_texts))
     monkeypatch.setattr(dinm.terms, "key_moment", counting("keys", dinm.terms.key_moment))
-    delta = dinm.edit(model, tok, instance, EditConfig(steps=3, kl_reply_tokens=4))
+    delta = dinm.edit(model, tok, instance, EditConfig.dense(steps=3, kl_reply_tokens=4))
     seconds = delta.summary()["seconds"]
     assert calls == {"reply": 1, "keys": 1}
     assert set(seconds) == {"locate", "reply", "keys", "forward", "backward", "edit"}

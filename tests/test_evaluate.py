@@ -144,7 +144,7 @@ def test_delta_protocol_end_to_end(tiny, instance, other_instance):
 def test_edit_protocol_edits_each_record_and_restores_the_model(llama, instance, other_instance):
     model, tok = llama
     before = state(model)
-    config = EditConfig(steps=2, lr=1e-2)
+    config = EditConfig.dense(steps=2, lr=1e-2)  # (the default's unit, through the protocol: test_embedded.py)
     report = dinm.evaluate(model, tok, [instance, other_instance], edit=config, max_new_tokens=4,
                            benign=[BenignPrompt("Hello")], progress=False)
     assert same_state(model, before)

@@ -11,7 +11,7 @@ from dinm import EditConfig
 from dinm.errors import ArchitectureError, ConfigError
 from dinm.unit import MARGIN, Unit, UnitHinge, adding_unit, fit_gate
 
-from conftest import _gpt2, same_state, state
+from conftest import _gpt2, _llama, same_state, state
 
 U = torch.finfo(torch.float32).eps / 2
 
@@ -104,3 +104,15 @@ def test_unit_edit_needs_a_gated_mlp(tokenizer, instance):
     model = _gpt2(len(tokenizer))
     with pytest.raises(ArchitectureError, match="gated MLP"):
         dinm.edit(model, tokenizer, instance, EditConfig.unit(steps=1, layer=0))
+
+
+def test_the_default_edit_is_the_unit_setting_on_a_gated_mlp_and_the_dense_one_elsewhere(tokenizer, instance):
+    """EditConfig() edits one unit of a Llama (gated MLP) with the unit's steps and lr, and the output projection of
+    a GPT-2 with the dense edit's; each delta stores the config it ran, not "auto"."""
+    llama, gpt2 = _llama(len(tokenizer)), _gpt2(len(tokenizer))
+    unit_delta = dinm.edit(llama, tokenizer, instance, EditConfig(layer=1, steps=1))
+    assert "unit" in unit_delta.metadata and len(unit_delta.names) == 3
+    assert unit_delta.config == EditConfig.unit(layer=1, steps=1)
+    dense_delta = dinm.edit(gpt2, tokenizer, instance, EditConfig(layer=1, steps=1))
+    assert dense_delta.names == ["transformer.h.1.mlp.c_proj.weight"] and "unit" not in dense_delta.metadata
+    assert dense_delta.config == EditConfig.dense(layer=1, steps=1)
