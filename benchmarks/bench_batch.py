@@ -86,11 +86,12 @@ def main():
 
     train, test = dinm.load_instances(args.train), dinm.load_instances(args.test)
     model, tokenizer = dinm.load_model("embedded")
-    if config.resolved(supported(model)) == dinm.EditConfig.unit():
-        label += " (on this model the unit setting, `EditConfig.unit()`)"
+    ran = config.resolved(supported(model) and len(train) == 1)  # (what `dinm.edit` runs for this list)
+    if ran != config:
+        label += f" (here matrix={ran.matrix!r})"
     if args.from_patch:
         patch = dinm.Delta.load(args.patch)
-        if patch.instance_ids != [inst.id for inst in train] or patch.config != config.resolved(supported(model)):
+        if patch.instance_ids != [inst.id for inst in train] or patch.config != ran:
             raise SystemExit(f"{args.patch} was not made from {args.train} with --config {args.config}")
         batch_s, single_s, n = (float(x) for x in args.from_patch.split(","))
         spread = f"{int(n)} of them (the run that made the patch)"

@@ -49,7 +49,7 @@ def inspect_cmd(delta_path, as_json):
         from dinm.history import phases
 
         compute = f"; passes in {summary['compute']}" if "compute" in summary else ""
-        lines.append(f"time: {phases(summary['seconds'])}{compute}")
+        lines.append(f"time: {phases(summary['seconds'], 'unit' in summary)}{compute}")
     if summary.get("config"):
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["config"].items())))
     emit(summary, as_json, "\n".join(lines))

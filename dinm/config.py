@@ -45,6 +45,10 @@ MATRIX_SETTING = dict(variants="none", steps=50, lr=2e-3)  # "down", "gate" and 
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
 # benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
 REMOVED_FIELDS = {"cache": True, "rows": 1.0, "kl_prompts": [], "max_update": None, "protect": None}
+# `probe` (a unit's gate fitted on dinm's written wrappers too) lived in one commit of 0.2.0 (0953798), screened and
+# reverted (RESULTS.md, "Screen: the unit's gate fitted on dinm's wrappers too"): its deltas say probe="trained".
+REMOVED_FIELDS["probe"] = "trained"
+REMOVED_IN = {"probe": ("0.3", "0.2.0 at commit 0953798")}  # (field: removed in, what to repeat it with); else 0.2
 
 
 def check_positive_int(name: str, value) -> None:
@@ -127,9 +131,11 @@ class EditConfig:
             factor). The loss is the same; the path, and where `steps` steps end, are not. Costs one
             (out, in) x (in, in) product per pass.
             "none": Adam on D itself. Not with `rank`; the trained Z is fp32 (`master_dtype="float32"`).
-        matrix: what of the located layer's MLP the edit trains. "auto" (the default): "unit" where the model's MLP is
-            gated (Llama, Mistral, Qwen2, ...) and neither `rank` nor `precondition` is set, else "down"; the rule that
-            chose the default picks the unit setting on the embedded model (README, "Choosing the default edit").
+        matrix: what of the located layer's MLP the edit trains. "auto" (the default): "unit" for one instance where
+            the model's MLP is gated (Llama, Mistral, Qwen2, ...) and neither `rank` nor `precondition` is set, else
+            "down" (a batch too: one unit for many requests refused less on other records than one dense patch); the
+            rule that chose the default picks the unit setting on the embedded model (README, "Choosing the default
+            edit").
             "down": its output projection (DINM's). "gate"
             or "up": an input projection (`dinm.arch.matrix_name`; Llama-style MLPs have both, GPT-2 and GPT-NeoX only
             "up"). An update of the gate acts through the MLP's nonlinearity, so it can switch units on for some
@@ -219,8 +225,8 @@ class EditConfig:
 
     def resolved(self, gated: bool) -> "EditConfig":
         """The config an edit runs: `matrix="auto"` made "unit" or "down" (`gated`: the model's MLP has a gate and
-        an up matrix, `dinm.unit.supported`), and `steps`, `lr`, `variants` left None given that kind of edit's
-        measured values (`UNIT_SETTING`, `MATRIX_SETTING`). A delta stores this one."""
+        an up matrix, `dinm.unit.supported`, and the edit is of one instance), and `steps`, `lr`, `variants` left
+        None given that kind of edit's measured values (`UNIT_SETTING`, `MATRIX_SETTING`). A delta stores this one."""
         matrix = self.matrix
         if matrix == "auto":
             matrix = "unit" if gated and self.rank is None and self.precondition == "none" else "down"
@@ -281,8 +287,9 @@ class EditConfig:
         for key, off in REMOVED_FIELDS.items():
             if key in data:
                 if data[key] != off and not (key == "kl_prompts" and data[key] == ()):
-                    raise ConfigError(f"EditConfig field {key!r} was removed in dinm 0.2 (it set {data[key]!r}); "
-                                      f"drop it, or use dinm 0.1 to repeat that edit")
+                    removed, repeat = REMOVED_IN.get(key, ("0.2", "0.1"))
+                    raise ConfigError(f"EditConfig field {key!r} was removed in dinm {removed} (it set "
+                                      f"{data[key]!r}); drop it, or use dinm {repeat} to repeat that edit")
                 data = {k: v for k, v in data.items() if k != key}
         for key in data:
             if key not in known:

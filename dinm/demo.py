@@ -46,7 +46,7 @@ class DemoReport:
         where = (f"located layer {d.layer} ({self.config.distance} distance over {len(d.distances)} layers):\n"
                  + distance_chart(d.distances, d.layer)) if d.distances else f"layer {d.layer} (given, not located)"
         lines += ["", "=== the edit", where,
-                  f"edited {what(d)} in {self.seconds:.1f}s ({phases(timing)}; passes in "
+                  f"edited {what(d)} in {self.seconds:.1f}s ({phases(timing, 'unit' in d.metadata)}; passes in "
                   f"{d.metadata.get('compute', '?')}): {describe(d.history)}",
                   f"delta: {self.delta_path} ({os.path.getsize(self.delta_path) / 1e6:.2f} MB, only what was "
                   f"edited)" + (f"; plot: {self.plot_path}" if self.plot_path else ""),

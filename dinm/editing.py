@@ -50,8 +50,9 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
         model: a causal LM whose `model_type` is in `dinm.arch.ARCHITECTURES`.
         tokenizer: its tokenizer (its chat template is used when `config.chat_template`).
         instance: the edit request (`dinm.load_instance`), or a list of them (`dinm.load_instances`).
-        config: an `EditConfig`; `EditConfig()` by default: one unit as a thresholded detector where the MLP is
-            gated (`EditConfig.unit()`'s setting), else a dense edit of the output projection (`EditConfig.dense()`).
+        config: an `EditConfig`; `EditConfig()` by default: for one instance, one unit as a thresholded detector
+            where the MLP is gated (`EditConfig.unit()`'s setting); else, and for a list, a dense edit of the output
+            projection (`EditConfig.dense()`).
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
@@ -66,8 +67,10 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
         >>> delta = dinm.edit(model, tokenizer, dinm.load_instance("data/example.json"))
         >>> with delta.applied(model): ...
     """
-    config = (config or EditConfig()).resolved(unit.supported(model))
     batch = _batch(instance)
+    # A batch's "auto" is the dense edit: one unit for many requests refused less on other records than one dense
+    # patch did (README, "Batch editing with the default"), where one unit for one request is the better edit.
+    config = (config or EditConfig()).resolved(unit.supported(model) and len(batch) == 1)
     trained_on = batch + _variants(batch, config)  # (located from the instances themselves)
     if config.prompt_suffix.strip():
         batch, trained_on = ([dataclasses.replace(inst, prompt=f"{inst.prompt} {config.prompt_suffix.strip()}")
@@ -81,6 +84,7 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
     weight = placement.stored(model, name)  # an offloaded layer's from accelerate's map
     device = placement.module_device(matrix_module(model, layer, matrix))
     history: list[Step] = []
+    # ("keys": the benign-key statistic; for a unit, its negatives' inputs and its gate probe's fit)
     seconds = {"locate": locate_s, "reply": 0.0, "keys": 0.0, "forward": 0.0, "backward": 0.0}
     with frozen(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)

@@ -70,11 +70,12 @@ def describe(history: list[Step]) -> str:
     return line + (" (stopped early: the safe response was likely enough)" if s["stopped"] else "")
 
 
-def phases(seconds: dict) -> str:
+def phases(seconds: dict, unit: bool = False) -> str:
     """Where an edit's time went, from the "seconds" its delta records (a delta from before dinm recorded the
-    phases has only locate and edit)."""
+    phases has only locate and edit). `unit`: the delta is a unit's (`matrix="unit"`), whose "keys" seconds are its
+    negatives' inputs and its gate probe's fit rather than the benign-key statistic."""
     if "forward" not in seconds:
         return f"locate {seconds.get('locate', 0):.1f}s, edit {seconds.get('edit', 0):.1f}s"
     return (f"locate {seconds.get('locate', 0):.1f}s, the model's own benign reply {seconds.get('reply', 0):.1f}s, "
-            f"benign-key statistic {seconds.get('keys', 0):.1f}s, "
+            f"{'the unit: negatives and probe' if unit else 'benign-key statistic'} {seconds.get('keys', 0):.1f}s, "
             f"steps {seconds.get('forward', 0) + seconds.get('backward', 0):.1f}s")

@@ -59,7 +59,7 @@ def test_edit_all_makes_one_patch_from_every_record(tiny_folder, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert report["instances"] == 3 and Delta.load(str(patch)).instance_ids == [i.id for i in load_instances(many)]
-    assert Delta.load(str(patch)).config == EditConfig.unit(steps=2)  # (the default on a gated MLP: one unit)
+    assert Delta.load(str(patch)).config == EditConfig.dense(steps=2, lr=1e-2)  # (a batch's default: dense)
     both = run("edit", tiny_folder, "--instance", many, "--all", "--index", 1, "-o", tmp_path / "x.safetensors")
     assert both.exit_code == 2 and "--index (one record) or --all" in both.output
     assert not (tmp_path / "x.safetensors").exists()
@@ -137,7 +137,8 @@ def test_unit_edit_through_the_cli_applies_to_and_reverts_from_a_checkpoint(tiny
     others = [k for k in range(base[down].shape[1]) if k != j]
     assert torch.equal(edited[down][:, others], base[down][:, others])
     assert base.keys() == restored.keys() and all(torch.equal(base[k], restored[k]) for k in base)
-    assert f"unit {j} repurposed" in run("inspect", delta_path).output
+    shown = run("inspect", delta_path).output
+    assert f"unit {j} repurposed" in shown and "the unit: negatives and probe" in shown
 
 
 def test_locate_prints_every_layer(tiny_folder, tmp_path):

@@ -90,14 +90,15 @@ def test_stop_nll_round_trips_through_json():
     assert EditConfig.from_json(config.to_json()) == config
 
 
-@pytest.mark.parametrize("field, off, on", [("cache", True, False), ("rows", 1.0, 0.1), ("kl_prompts", [], ["Hi"]),
-                                            ("max_update", None, 0.02), ("protect", None, 0.99)])
-def test_removed_fields_read_when_off_refused_when_on(field, off, on):
-    """A config written by dinm 0.1 (in a delta, or a user's file) still reads when a removed setting was off, which
-    is what every edit does now; one that turned it on is refused in one line, naming the field."""
+@pytest.mark.parametrize("field, off, on, removed", [
+    ("cache", True, False, "0.2"), ("rows", 1.0, 0.1, "0.2"), ("kl_prompts", [], ["Hi"], "0.2"),
+    ("max_update", None, 0.02, "0.2"), ("protect", None, 0.99, "0.2"), ("probe", "trained", "wrapped", "0.3")])
+def test_removed_fields_read_when_off_refused_when_on(field, off, on, removed):
+    """A config written by an older dinm (in a delta, or a user's file) still reads when a removed setting was off,
+    which is what every edit does now; one that turned it on is refused in one line, naming the field."""
     old = {**EditConfig.v0().to_dict(), field: off}
     assert EditConfig.from_dict(old) == EditConfig.v0()
-    with pytest.raises(ConfigError, match=f"field '{field}' was removed in dinm 0.2") as e:
+    with pytest.raises(ConfigError, match=f"field '{field}' was removed in dinm {removed}") as e:
         EditConfig.from_json(json.dumps({**old, field: on}))
     assert "\n" not in str(e.value)
     assert field not in EditConfig().to_dict()

@@ -116,3 +116,6 @@ def test_the_default_edit_is_the_unit_setting_on_a_gated_mlp_and_the_dense_one_e
     dense_delta = dinm.edit(gpt2, tokenizer, instance, EditConfig(layer=1, steps=1))
     assert dense_delta.names == ["transformer.h.1.mlp.c_proj.weight"] and "unit" not in dense_delta.metadata
     assert dense_delta.config == EditConfig.dense(layer=1, steps=1)
+    # A batch's default is the dense edit on any architecture (one unit for many requests generalised less).
+    patch = dinm.edit(llama, tokenizer, [instance, instance], EditConfig(layer=1, steps=1))
+    assert patch.config == EditConfig.dense(layer=1, steps=1) and len(patch.names) == 1
