@@ -86,7 +86,7 @@ def main():
 
     train, test = dinm.load_instances(args.train), dinm.load_instances(args.test)
     model, tokenizer = dinm.load_model("embedded")
-    ran = config.resolved(supported(model) and len(train) == 1)  # (what `dinm.edit` runs for this list)
+    ran = config.resolved(supported(model), len(train))  # (what `dinm.edit` runs for this list)
     if ran != config:
         label += f" (here matrix={ran.matrix!r})"
     if args.from_patch:

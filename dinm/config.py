@@ -44,10 +44,10 @@ UNIT_SETTING = dict(matrix="unit", variants="request", steps=40, lr=1e-2)
 MATRIX_SETTING = dict(variants="none", steps=50, lr=2e-3)  # "down", "gate" and "up"
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
 # benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
-REMOVED_FIELDS = {"cache": True, "rows": 1.0, "kl_prompts": [], "max_update": None, "protect": None}
 # `probe` (a unit's gate fitted on dinm's written wrappers too) lived in one commit of 0.2.0 (0953798), screened and
 # reverted (RESULTS.md, "Screen: the unit's gate fitted on dinm's wrappers too"): its deltas say probe="trained".
-REMOVED_FIELDS["probe"] = "trained"
+REMOVED_FIELDS = {"cache": True, "rows": 1.0, "kl_prompts": [], "max_update": None, "protect": None,
+                  "probe": "trained"}
 REMOVED_IN = {"probe": ("0.3", "0.2.0 at commit 0953798")}  # (field: removed in, what to repeat it with); else 0.2
 
 
@@ -223,13 +223,16 @@ class EditConfig:
         if self.master_dtype not in MASTER_DTYPES:
             raise ConfigError(f"master_dtype must be one of {MASTER_DTYPES}, got {self.master_dtype!r}")
 
-    def resolved(self, gated: bool) -> "EditConfig":
-        """The config an edit runs: `matrix="auto"` made "unit" or "down" (`gated`: the model's MLP has a gate and
-        an up matrix, `dinm.unit.supported`, and the edit is of one instance), and `steps`, `lr`, `variants` left
-        None given that kind of edit's measured values (`UNIT_SETTING`, `MATRIX_SETTING`). A delta stores this one."""
+    def resolved(self, gated: bool, instances: int = 1) -> "EditConfig":
+        """The config an edit of `instances` instances runs: `matrix="auto"` made "unit" for one instance where the
+        model's MLP is `gated` (a gate and an up matrix, `dinm.unit.supported`) and neither `rank` nor
+        `precondition` asks for a matrix, else "down" (a batch too: one unit for many requests refused less on other
+        records than one dense patch, README "Batch editing, measured"); and `steps`, `lr`, `variants` left None
+        given that kind of edit's measured values (`UNIT_SETTING`, `MATRIX_SETTING`). A delta stores this one."""
         matrix = self.matrix
         if matrix == "auto":
-            matrix = "unit" if gated and self.rank is None and self.precondition == "none" else "down"
+            single = instances == 1
+            matrix = "unit" if gated and single and self.rank is None and self.precondition == "none" else "down"
         setting = UNIT_SETTING if matrix == "unit" else MATRIX_SETTING
         unset = {k: v for k, v in setting.items() if k != "matrix" and getattr(self, k) is None}
         return self.replace(matrix=matrix, **unset)

@@ -68,9 +68,7 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
         >>> with delta.applied(model): ...
     """
     batch = _batch(instance)
-    # A batch's "auto" is the dense edit: one unit for many requests refused less on other records than one dense
-    # patch did (README, "Batch editing with the default"), where one unit for one request is the better edit.
-    config = (config or EditConfig()).resolved(unit.supported(model) and len(batch) == 1)
+    config = (config or EditConfig()).resolved(unit.supported(model), len(batch))
     trained_on = batch + _variants(batch, config)  # (located from the instances themselves)
     if config.prompt_suffix.strip():
         batch, trained_on = ([dataclasses.replace(inst, prompt=f"{inst.prompt} {config.prompt_suffix.strip()}")

@@ -70,6 +70,8 @@ def test_the_default_resolves_to_the_unit_setting_on_a_gated_mlp_and_to_the_dens
     assert EditConfig(steps=7, variants="none").resolved(gated=True) == EditConfig.unit(steps=7, variants="none")
     assert EditConfig(matrix="gate").resolved(gated=True) == EditConfig.dense(matrix="gate")
     assert EditConfig(matrix="unit").resolved(gated=False).matrix == "unit"  # (refused by the edit, in one line)
+    assert EditConfig().resolved(gated=True, instances=2) == EditConfig.dense()  # (a batch: the dense patch)
+    assert EditConfig.unit().resolved(gated=True, instances=2) == EditConfig.unit()  # (asked for: kept)
     for config in (EditConfig.unit(), EditConfig.dense(lr=1e-3), EditConfig.v0(), EditConfig.paper()):
         assert config.resolved(gated=True) == config.resolved(gated=False) == config  # (nothing left to resolve)
 
