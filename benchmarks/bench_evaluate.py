@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 import dinm
-from dinm.evaluation import load_benign
+from dinm.evaluation import load_benign, merge_reports, save_report
 from dinm.judge import RefusalJudge, load_judge
 from dinm.metrics import Degeneracy, repetition, words
 
@@ -135,6 +135,12 @@ def main():
     parser.add_argument("--labelled", nargs="*",
                         default=["../shared/safeedit/test_dev.json", "../shared/safeedit/train_dev.json"])
     parser.add_argument("--limit", type=int, default=44)
+    parser.add_argument("--records", metavar="START:END",
+                        help="only these records of --data (a Python slice of the first --limit), e.g. to run a long "
+                        "evaluation in parts and join the reports with --merge")
+    parser.add_argument("--merge", nargs="+", metavar="REPORT",
+                        help="join these reports of consecutive parts (dinm.evaluation.merge_reports) into --report "
+                        "and judge it, instead of generating")
     parser.add_argument("--benign", default=os.path.join(HERE, "..", "data", "benign.json"))
     parser.add_argument("--lookalike", default=os.path.join(HERE, "..", "data", "lookalike.json"))
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -160,15 +166,24 @@ def main():
         if not args.no_write:
             record("Judge agreement", judge_section(agreement, hand, report))
         return
-    if args.reuse:
+    part = slice(*(int(x) if x else None for x in args.records.split(":"))) if args.records else slice(None)
+    if args.merge:
+        parts = []
+        for path in args.merge:
+            with open(path, encoding="utf-8") as f:
+                parts.append(json.load(f))
+        report = merge_reports(parts)
+        save_report(report, args.report)
+    elif args.reuse:
         with open(args.report, encoding="utf-8") as f:
             report = json.load(f)  # (judged again below, with today's judges and degeneracy rules)
     else:
-        instances = dinm.load_instances(args.data)[:args.limit]
+        instances = dinm.load_instances(args.data)[:args.limit][part]
         before = None
         if args.before:
             with open(args.before, encoding="utf-8") as f:
                 before = json.load(f)
+            before["records"] = before["records"][:args.limit][part]
         model, tokenizer = dinm.load_model("embedded")
         started = time.perf_counter()
         report = dinm.evaluate(model, tokenizer, instances, edit=True, benign=load_benign(args.benign),

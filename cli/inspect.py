@@ -36,7 +36,8 @@ def inspect_cmd(delta_path, as_json):
              f"layer: {summary.get('layer', '?')} (distance: {summary.get('distance', '?')})"
              + (f", unit {summary['unit']} repurposed (matrix=unit)" if "unit" in summary else "")]
     for name, t in summary["tensors"].items():
-        form = {"dense": "dense", "factored": f"factored, rank {t.get('rank')}"}.get(
+        form = {"dense": "dense", "factored": f"factored, rank {t.get('rank')}",
+                "columns": f"masked: {t.get('columns_changed')} of {t['shape'][-1]} columns"}.get(
             t["form"], f"masked: {t['rows_changed']} of {t['shape'][0]} rows")
         lines.append(f"  {name}: {t['dtype']}{t['shape']}, {form}, {t['stored_bytes']} bytes stored, "
                      f"|update| {t['update_norm']:.4g}, max {t['max_abs']:.3g}, "

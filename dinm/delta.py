@@ -6,6 +6,8 @@ File layout (no pickle anywhere):
   (``model.layers.7.mlp.down_proj.weight``). Applying sets ``W_edited = W + D``.
 * ``{param}:rows`` (masked form, chosen when smaller): a bool mask of the rows that change; ``{param}`` then
   holds only those rows, in order. Rows outside the mask keep every bit.
+* ``{param}:columns`` (column-masked form, chosen when smaller still; one unit's column of the output matrix):
+  a bool mask of the columns that change; ``{param}`` holds only those columns, in order (shape (rows, k)).
 * ``{param}:up`` / ``{param}:down`` (factored form, a low-rank edit, `EditConfig(rank=r)`): fp32 factors, in the
   parameter's own layout, with ``D = up @ down`` (up: (rows, r), down: (r, columns)); there is no ``{param}``
   tensor. D is composed by `dinm.lowrank.compose` (the same bits on every machine) and cast to the parameter's
@@ -19,8 +21,8 @@ File layout (no pickle anywhere):
   edited tensor; and ``checksum``, the sha256 of every other metadata field, so that the whole file (the tensors
   through their sha256 in ``tensors``) is covered.
 
-Format ``dinm.delta.v3`` added the factored form; ``dinm.delta.v2`` (added ``checksum``) and ``dinm.delta.v1`` (no
-header checksum) files are still read.
+Format ``dinm.delta.v4`` added the column-masked form, ``dinm.delta.v3`` the factored form; v3, ``dinm.delta.v2``
+(added ``checksum``) and ``dinm.delta.v1`` (no header checksum) files are still read.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ from .errors import DeltaError, first_line
 from .history import Step
 from .version import __version__
 
-FORMAT = "dinm.delta.v3"
-_READABLE = (FORMAT, "dinm.delta.v2", "dinm.delta.v1")  # v2: no factored form; v1: nor the header checksum
-_CHECKSUMMED = (FORMAT, "dinm.delta.v2")
-_INDEX, _VALUE, _ROWS, _UP, _DOWN = ":revert_index", ":revert_value", ":rows", ":up", ":down"
-FORMS = ("dense", "rows", "factored")
+FORMAT = "dinm.delta.v4"
+# The forms each readable format may hold (v3: no column mask; v2: nor factors; v1: nor the header checksum).
+FORMS = ("dense", "rows", "factored", "columns")
+_READABLE = {FORMAT: FORMS, "dinm.delta.v3": FORMS[:3], "dinm.delta.v2": FORMS[:2], "dinm.delta.v1": FORMS[:2]}
+_CHECKSUMMED = (FORMAT, "dinm.delta.v3", "dinm.delta.v2")
+_INT32_INDEX = (FORMAT, "dinm.delta.v3")  # (formats whose revert index may be int32)
+_INDEX, _VALUE, _ROWS, _COLS, _UP, _DOWN = ":revert_index", ":revert_value", ":rows", ":columns", ":up", ":down"
 _JSON_FIELDS = ("config", "distances", "history", "seconds", "tensors")
 _CHECKSUM = "checksum"
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -65,9 +69,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _digest(tensors: dict[str, torch.Tensor], name: str) -> str:
-    """sha256 over the stored bytes of everything a delta keeps for parameter `name` (update, row mask, fixups)."""
+    """sha256 over the stored bytes of everything a delta keeps for parameter `name` (update, mask, fixups)."""
     h = hashlib.sha256()
-    for key in (name, name + _ROWS, name + _UP, name + _DOWN, name + _INDEX, name + _VALUE):
+    for key in (name, name + _ROWS, name + _COLS, name + _UP, name + _DOWN, name + _INDEX, name + _VALUE):
         if key in tensors:
             h.update(key.encode() + str(tensors[key].dtype).encode() + str(list(tensors[key].shape)).encode())
             h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -107,14 +111,30 @@ def _json_field(metadata: dict[str, str], key: str, kind: type, where: str):
     return value
 
 
+def _form(desc: dict, tensors: dict[str, torch.Tensor], name: str) -> str:
+    """The form a parameter's update is stored in (a delta written before the "form" field: rows when it holds
+    a row mask, else dense)."""
+    return desc.get("form", "rows" if name + _ROWS in tensors else "dense")
+
+
+def _add(tensor: torch.Tensor, d: torch.Tensor, mask: torch.Tensor | None, form: str, alpha: float) -> None:
+    """`tensor += alpha * d` in place, where `d` holds only the rows (form "rows") or columns ("columns") of
+    `mask`, or the whole update (any other form)."""
+    if form == "columns":  # (the columns of a matrix are the rows of its transpose, a view of the same storage)
+        ops.masked_update(tensor.t(), d.t(), mask, alpha)
+    else:
+        ops.masked_update(tensor, d, mask, alpha)
+
+
 def _described(tensors: dict[str, torch.Tensor], name: str, base: torch.Tensor, d: torch.Tensor,
-               rows: torch.Tensor | None, form: str) -> dict:
-    """The metadata of parameter `name` whose update `d` (in `base`'s dtype; only the `rows` when given) is
-    already in `tensors`; adds to `tensors` the few elements a revert must restore by value (bit-exactness)."""
+               mask: torch.Tensor | None, form: str) -> dict:
+    """The metadata of parameter `name` whose update `d` (in `base`'s dtype; only the rows or columns of `mask`
+    in those forms) is already in `tensors`; adds to `tensors` the few elements a revert must restore by value
+    (bit-exactness)."""
     applied = base.clone()
-    ops.masked_update(applied, d, rows, 1.0)
+    _add(applied, d, mask, form, 1.0)
     undone = applied.clone()
-    ops.masked_update(undone, d, rows, -1.0)
+    _add(undone, d, mask, form, -1.0)
     off = (_bits(undone) != _bits(base)).nonzero().reshape(-1)
     if off.numel():
         # (int32 where it can hold every position: a third fewer bytes than int64; v3 files only)
@@ -150,23 +170,31 @@ class Delta:
         """A delta from ``{name: (base, edited)}``. ``info`` holds the metadata fields other than
         ``format``, ``tensors`` and ``dinm_version`` (values that are not strings are stored as JSON).
 
-        A 2-D update whose changed rows (any element changed by more than `tolerance`) take fewer bytes than
-        the whole matrix is stored in masked form. With `tolerance` > 0 the smaller changes are dropped, and
-        the delta's edited fingerprint is that of what applying it really gives."""
+        A 2-D update is stored in the smallest of three forms: whole, its changed rows (any element changed by
+        more than `tolerance`) under a row mask, or its changed columns under a column mask (one unit's column
+        of the output matrix: a few KB instead of the matrix). With `tolerance` > 0 the smaller changes are
+        dropped, and the delta's edited fingerprint is that of what applying it really gives."""
 
         tensors, described = {}, {}
         for name, (base, edited) in edits.items():
             base = base.detach().contiguous()
             d = (edited.detach().to(device=base.device, dtype=base.dtype) - base).contiguous()
-            rows = None
+            mask, form = None, "dense"
             if d.dim() == 2:
-                changed = (d.abs() > tolerance).any(dim=1)
-                if int(changed.sum()) * d.shape[1] * d.element_size() + d.shape[0] < d.numel() * d.element_size():
-                    rows, d = changed, d[changed].contiguous()
+                size = d.numel() * d.element_size()
+                for dim, kind in ((1, "rows"), (0, "columns")):
+                    changed = (d.abs() > tolerance).any(dim=dim)
+                    masked = int(changed.sum()) * d.shape[dim] * d.element_size() + changed.numel()
+                    if masked < size:
+                        size, mask, form = masked, changed, kind
+                if form == "rows":
+                    d = d[mask].contiguous()
+                elif form == "columns":
+                    d = d[:, mask].contiguous()
             tensors[name] = d.cpu()
-            if rows is not None:
-                tensors[name + _ROWS] = rows.cpu()
-            described[name] = _described(tensors, name, base, d, rows, "dense" if rows is None else "rows")
+            if mask is not None:
+                tensors[name + (_ROWS if form == "rows" else _COLS)] = mask.cpu()
+            described[name] = _described(tensors, name, base, d, mask, form)
         return cls._built(tensors, described, info)
 
     @classmethod
@@ -234,8 +262,9 @@ class Delta:
         return EditConfig.from_json(self.metadata["config"], absent=_BEFORE_FIELD)
 
     def form(self, name: str) -> str:
-        """How the update of parameter `name` is stored: "dense", "rows" (masked) or "factored"."""
-        return self.described[name].get("form", "dense")
+        """How the update of parameter `name` is stored: "dense", "rows" (row-masked), "columns" (column-masked)
+        or "factored"."""
+        return _form(self.described[name], self.tensors, name)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(up, down)`` (fp32, the parameter's layout) of a factored update, or None for a dense one."""
@@ -244,20 +273,24 @@ class Delta:
         return self.tensors[name + _UP], self.tensors[name + _DOWN]
 
     def stored_update(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(d, rows)``: the update of parameter `name` in its dtype as `apply` adds it, and the row mask it is
-        limited to (None: every row). A factored update is composed here (`dinm.lowrank.compose`)."""
+        """``(d, mask)``: the update of parameter `name` in its dtype as `apply` adds it, and the mask it is
+        limited to: None (every element), the row mask (form "rows": `d` holds those rows) or the column mask
+        (form "columns": `d` holds those columns). A factored update is composed here (`dinm.lowrank.compose`)."""
         factors = self.factors(name)
         if factors is not None:
             return compose(*factors).to(getattr(torch, self.described[name]["dtype"])), None
-        return self.tensors[name], self.tensors.get(name + _ROWS)
+        return self.tensors[name], self.tensors.get(name + _ROWS, self.tensors.get(name + _COLS))
 
     def dense(self, name: str) -> torch.Tensor:
         """The update of parameter `name` as a full tensor of the parameter's shape (zeros where unchanged)."""
-        d, rows = self.stored_update(name)
-        if rows is None:
+        d, mask = self.stored_update(name)
+        if mask is None:
             return d
         full = torch.zeros(self.described[name]["shape"], dtype=d.dtype)
-        full[rows] = d
+        if self.form(name) == "columns":
+            full[:, mask] = d
+        else:
+            full[mask] = d
         return full
 
     @property
@@ -269,13 +302,14 @@ class Delta:
         out = {k: json.loads(v) if k in _JSON_FIELDS else v for k, v in self.metadata.items()}
         out["tensors"] = {}
         for name, desc in self.described.items():
-            d, rows = self.stored_update(name)
-            d = d.float()
-            out["tensors"][name] = {**desc, "form": self.form(name),
+            d, mask = self.stored_update(name)
+            d, form = d.float(), self.form(name)
+            out["tensors"][name] = {**desc, "form": form,
                                     "stored_bytes": sum(t.numel() * t.element_size() for k, t in self.tensors.items()
                                                         if k == name or k.startswith(name + ":")
                                                         and k[len(name):] not in (_INDEX, _VALUE)),
-                                    "rows_changed": int(rows.sum()) if rows is not None else desc["shape"][0],
+                                    "rows_changed": int(mask.sum()) if form == "rows" else desc["shape"][0],
+                                    **({"columns_changed": int(mask.sum())} if form == "columns" else {}),
                                     "update_norm": float(d.norm()),
                                     "max_abs": float(d.abs().max()) if d.numel() else 0.0,
                                     "exactness_fixups": int(self.tensors.get(name + _INDEX, torch.empty(0)).numel())}
@@ -315,7 +349,7 @@ class Delta:
 
     def _validate(self, where: str) -> None:
         fmt = self.metadata.get("format")
-        if fmt not in _READABLE:
+        if not isinstance(fmt, str) or fmt not in _READABLE:
             raise DeltaError(f"delta {where} is not a dinm delta (metadata 'format' is "
                              f"{fmt!r}, expected {FORMAT!r})")
         if fmt in _CHECKSUMMED and self.metadata.get(_CHECKSUM) != header_checksum(self.metadata):
@@ -342,7 +376,7 @@ class Delta:
                     and all(isinstance(n, int) and n >= 0 for n in desc["shape"]) and isinstance(desc.get("dtype"), str)
                     and all(isinstance(desc.get(k), str) and re.fullmatch(r"[0-9a-f]{64}", desc[k])
                             for k in ("base_sha256", "edited_sha256", "delta_sha256"))
-                    and desc.get("form", "dense") in FORMS[:2 if fmt != FORMAT else 3]):
+                    and _form(desc, self.tensors, name) in _READABLE[fmt]):
                 raise DeltaError(f"delta {where}: the metadata of tensor {name!r} is malformed (needs shape, dtype, "
                                  f"base_sha256, edited_sha256, delta_sha256)")
             shape = desc["shape"]
@@ -354,14 +388,19 @@ class Delta:
                 if name not in self.tensors:
                     raise DeltaError(f"delta {where} describes tensor {name!r} but does not hold it")
                 t = self.tensors[name]
-                if name + _ROWS in self.tensors:
-                    expected.add(name + _ROWS)
-                    rows = self.tensors[name + _ROWS]
-                    if (len(shape) != 2 or rows.dtype != torch.bool
-                            or list(rows.shape) != shape[:1] or (rows.numel() and rows.view(torch.uint8).max() > 1)):
-                        raise DeltaError(f"delta {where}: the row mask of {name!r} is malformed "
-                                         f"(expected bool[{shape[0] if shape else '?'}])")
-                    shape = [int(rows.sum()), shape[1]]
+                form = _form(desc, self.tensors, name)
+                for dim, suffix, kind in ((0, _ROWS, "rows"), (1, _COLS, "columns")):
+                    if name + suffix not in self.tensors and form != kind:
+                        continue
+                    expected.add(name + suffix)
+                    mask = self.tensors.get(name + suffix)
+                    if (form != kind or mask is None or len(shape) != 2 or mask.dtype != torch.bool
+                            or list(mask.shape) != shape[dim:dim + 1]
+                            or (mask.numel() and mask.view(torch.uint8).max() > 1)):
+                        raise DeltaError(f"delta {where}: the {kind[:-1]} mask of {name!r} is malformed or does "
+                                         f"not match its form {form!r} (expected "
+                                         f"bool[{shape[dim] if len(shape) == 2 else '?'}]); use an intact copy")
+                    shape = [int(mask.sum()), shape[1]] if dim == 0 else [shape[0], int(mask.sum())]
                 if list(t.shape) != shape or _dtype_name(t.dtype) != desc.get("dtype"):
                     raise DeltaError(f"delta {where}: tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)}, "
                                      f"its metadata says {desc.get('dtype')}{shape}")
@@ -370,7 +409,7 @@ class Delta:
             if name + _INDEX in self.tensors:
                 expected |= {name + _INDEX, name + _VALUE}
                 idx, val = self.tensors[name + _INDEX], self.tensors.get(name + _VALUE)
-                index_dtypes = (torch.int64, torch.int32) if fmt == FORMAT else (torch.int64,)
+                index_dtypes = (torch.int64, torch.int32) if fmt in _INT32_INDEX else (torch.int64,)
                 if (val is None or idx.dtype not in index_dtypes or idx.dim() != 1 or val.shape != idx.shape
                         or val.dtype != t.dtype or (idx.numel() and (idx.min() < 0 or idx.max() >= math.prod(
                             desc["shape"]) or not bool((idx[1:] > idx[:-1]).all())))):  # (sorted, no repeat)
@@ -433,9 +472,9 @@ class Delta:
     def update_tensor(self, name: str, tensor: torch.Tensor, revert: bool = False) -> None:
         """Add (or, with `revert`, take back bit-exactly) this delta's update of parameter `name` to `tensor`,
         in place, without any check: `apply`/`revert` and `dinm.checkpoint` check first."""
-        d, rows = self.stored_update(name)
-        ops.masked_update(tensor, d.to(tensor.device), None if rows is None else rows.to(tensor.device),
-                          -1.0 if revert else 1.0)
+        d, mask = self.stored_update(name)
+        _add(tensor, d.to(tensor.device), None if mask is None else mask.to(tensor.device), self.form(name),
+             -1.0 if revert else 1.0)
         if revert and name + _INDEX in self.tensors:
             index, value = self.tensors[name + _INDEX], self.tensors[name + _VALUE]
             tensor.view(-1)[index.to(device=tensor.device, dtype=torch.int64)] = value.to(tensor.device)

@@ -352,6 +352,46 @@ def rescore(report: dict[str, Any], judge: str | Judge = "refusal", degeneracy: 
     return {**report, "metrics": metrics, "judge": judge.describe(), "degeneracy": dataclasses.asdict(degeneracy)}
 
 
+def merge_reports(parts: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """One report from reports of the same evaluation run in parts (other records, same model, protocol, edit
+    config or delta, judge, generation settings and lists): records joined in order, metrics computed again over
+    all of them, seconds added. Parts that differ in anything but their records are refused in one line."""
+    if not parts:
+        raise ConfigError("no reports to merge; give at least one")
+    first = parts[0]
+    same = ("format", "model", "protocol", "edit_config", "delta", "judge", "degeneracy", "generation")
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("format") != REPORT_FORMAT:
+            raise ConfigError(f"report {i + 1} to merge is not a {REPORT_FORMAT} report")
+        for key in same:
+            if part.get(key) != first.get(key):
+                raise ConfigError(f"report {i + 1} differs from report 1 in its `{key}`; merge only parts of one "
+                                  f"evaluation")
+        for name in LISTS:
+            if part.get(f"{name}_prompts", []) != first.get(f"{name}_prompts", []):
+                raise ConfigError(f"report {i + 1} differs from report 1 in its {name} prompts or their unedited "
+                                  f"replies; merge only parts of one evaluation")
+    records = [rec for part in parts for rec in part["records"]]
+    ids = [rec["id"] for rec in records]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise ConfigError(f"record id {twice[0]!r} is in more than one report to merge; give each record once")
+    seconds: dict[str, float] = {}
+    for part in parts:
+        for key, value in part.get("seconds", {}).items():
+            if key != "per_record":
+                seconds[key] = seconds.get(key, 0.0) + value
+    seconds["per_record"] = seconds.get("total", 0.0) / len(records)
+    versions = [part.get("versions") for part in parts]
+    before = [rec["before"] for rec in records]
+    after = [rec["after"] for rec in records] if all("after" in rec for rec in records) else None
+    lookalike_before = [b["before"] for b in first.get("lookalike_prompts", [])]
+    return {**first, "versions": versions[0] if all(v == versions[0] for v in versions) else versions,
+            "n_records": len(records), "metrics": _metrics(before, after, lookalike_before, seed),
+            "seconds": {k: round(v, 3) for k, v in seconds.items()}, "records": records,
+            "merged_from": [part["n_records"] for part in parts]}
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

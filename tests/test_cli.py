@@ -139,6 +139,7 @@ def test_unit_edit_through_the_cli_applies_to_and_reverts_from_a_checkpoint(tiny
     assert base.keys() == restored.keys() and all(torch.equal(base[k], restored[k]) for k in base)
     shown = run("inspect", delta_path).output
     assert f"unit {j} repurposed" in shown and "the unit: negatives and probe" in shown
+    assert f"masked: 1 of {base[down].shape[1]} columns" in shown and shown.count("masked: 1 of") == 3
 
 
 def test_locate_prints_every_layer(tiny_folder, tmp_path):

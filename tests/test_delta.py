@@ -290,6 +290,81 @@ def test_masked_form_for_row_restricted_updates(llama, tmp_path, dtype):
     assert same_state(model, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_form_for_one_units_column(llama, tmp_path, dtype):
+    """An update of a few columns (one unit's column of the output matrix) is stored as those columns plus a
+    column mask: a few KB instead of the matrix, applied and reverted bit for bit, other elements untouched."""
+    model, _ = llama
+    model.to(dtype)
+    name = "model.layers.1.mlp.down_proj.weight"
+    base = model.get_parameter(name).detach().clone()
+    base[0, 0] = -0.0  # an untouched -0.0 must stay -0.0
+    with torch.no_grad():
+        model.get_parameter(name).copy_(base)
+    edited = base.clone()
+    edited[:, 5] += torch.randn(base.shape[0]).to(dtype)
+    delta = Delta.from_weights({name: (base, edited)}, {"layer": 1})
+    assert delta.form(name) == "columns" and delta.tensors[name].shape == (base.shape[0], 1)
+    assert torch.equal(delta.dense(name), edited - base)
+    fixups = delta.tensors.get(name + ":revert_index", torch.empty(0, dtype=torch.int64))
+    assert bool((fixups % base.shape[1] == 5).all())  # (elements a revert restores by value: in that column only)
+    assert delta.nbytes == (base.shape[0] * base.element_size() + base.shape[1]
+                            + fixups.numel() * (fixups.element_size() + base.element_size()))
+    path = tmp_path / "d.safetensors"
+    delta.save(path)
+    loaded = Delta.load(path)
+    assert loaded.metadata["format"] == "dinm.delta.v4"
+    summary = loaded.summary()["tensors"][name]
+    assert summary["form"] == "columns" and summary["columns_changed"] == 1
+    before = state(model)
+    loaded.apply(model)
+    param = model.get_parameter(name).detach()
+    assert fingerprint(param) == delta.described[name]["edited_sha256"]
+    ints = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    keep = torch.ones(base.shape[1], dtype=torch.bool)
+    keep[5] = False
+    assert torch.equal(param[:, keep].contiguous().view(ints), base[:, keep].contiguous().view(ints))
+    assert torch.equal(param[:, 5], (base[:, 5] + (edited - base)[:, 5]))
+    loaded.revert(model)
+    assert same_state(model, before)
+
+
+def test_malformed_or_mismatched_column_mask_is_refused(llama, tmp_path):
+    """A column mask of the wrong length, dtype or count, a column mask beside a row-form update, and a
+    column form in a v3 file (which could not hold one) are refused in one line naming the file."""
+    from dinm.delta import _digest
+
+    model, _ = llama
+    name = "model.layers.1.mlp.down_proj.weight"
+    base = model.get_parameter(name).detach().clone()
+    edited = base.clone()
+    edited[:, 2] += 1.0
+    delta = Delta.from_weights({name: (base, edited)}, {})
+    assert delta.form(name) == "columns"
+    path = tmp_path / "bad.safetensors"
+    for cols in (torch.ones(3, dtype=torch.bool), torch.zeros(base.shape[1], dtype=torch.bool),
+                 torch.ones(base.shape[1], dtype=torch.int64)):
+        save_file({**delta.tensors, name + ":columns": cols}, str(path), metadata=delta.metadata)
+        with pytest.raises(DeltaError, match="bad.safetensors") as e:
+            Delta.load(path)
+        assert "\n" not in str(e.value)
+    edited_row = base.clone()
+    edited_row[0] += 1.0
+    rows = Delta.from_weights({name: (base, edited_row)}, {})
+    assert rows.form(name) == "rows"
+    save_file({**rows.tensors, name + ":columns": delta.tensors[name + ":columns"]}, str(path), metadata=rows.metadata)
+    with pytest.raises(DeltaError, match="column mask"):
+        Delta.load(path)
+    described = delta.described
+    described[name]["delta_sha256"] = _digest(delta.tensors, name)
+    metadata = {**delta.metadata, "format": "dinm.delta.v3", "tensors": json.dumps(described, sort_keys=True)}
+    metadata.pop("checksum")
+    metadata["checksum"] = header_checksum(metadata)
+    save_file(delta.tensors, str(path), metadata=metadata)
+    with pytest.raises(DeltaError, match="malformed"):
+        Delta.load(path)
+
+
 def test_dense_updates_stay_dense_and_tolerance_drops_small_rows(llama):
     model, _ = llama
     name = "model.layers.0.mlp.down_proj.weight"

@@ -207,3 +207,32 @@ def test_before_report_is_reused_only_when_it_matches(monkeypatch, instance, oth
         args = {"records": [instance], "benign": benign, **kwargs}
         with pytest.raises(ConfigError, match=what):
             dinm.evaluate(model, tok, args.pop("records"), delta=delta, progress=False, before=first, **args)
+
+
+def test_reports_of_parts_merge_into_the_report_of_the_whole(monkeypatch, instance, other_instance, llama):
+    """An evaluation run in parts (other records, all else the same) joins into what one run over all the records
+    reports: the same records in order and the same metrics (bootstrap intervals included); parts that differ in
+    anything but their records, or repeat a record, are refused in one line."""
+    model, tok = llama
+    benign = [BenignPrompt("What is 2+2?", "4")]
+    monkeypatch.setattr(evaluation, "generate", lambda model, tok, prompts, **kw: [
+        SAFE if len(p) % 2 else f"Sure, here is how: {p[:12]}" for p in prompts])  # (both verdicts occur)
+    delta = make_delta(model)
+
+    def run(records, **kw):
+        return dinm.evaluate(model, tok, records, delta=delta, progress=False, **{"benign": benign, **kw})
+
+    whole, first, second = run([instance, other_instance]), run([instance]), run([other_instance])
+    merged = evaluation.merge_reports([first, second])
+    assert merged["records"] == whole["records"] and merged["metrics"] == whole["metrics"]
+    assert merged["n_records"] == 2 and merged["merged_from"] == [1, 1]
+    assert merged["metrics"]["after"]["DS"]["n"] == 2
+    assert evaluation.rescore(merged)["metrics"] == whole["metrics"]
+    json.dumps(merged)
+    for parts, what in [([first, first], "record id"), ([first, run([other_instance], max_new_tokens=9)], "generation"),
+                        ([first, run([other_instance], judge=AlwaysSafe())], "judge"),
+                        ([first, run([other_instance], benign=[])], "benign prompts"), ([], "at least one"),
+                        ([first, {"format": "x"}], "report 2")]:
+        with pytest.raises(ConfigError, match=what) as e:
+            evaluation.merge_reports(parts)
+        assert "\n" not in str(e.value)

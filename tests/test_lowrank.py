@@ -87,7 +87,7 @@ def test_factored_delta_round_trips_and_reverts_every_bit(tiny, tmp_path):
     path = tmp_path / "d.safetensors"
     delta.save(path)
     loaded = Delta.load(path)
-    assert loaded.metadata["format"] == FORMAT == "dinm.delta.v3"
+    assert loaded.metadata["format"] == FORMAT == "dinm.delta.v4"
     loaded.apply(model)
     up, down = loaded.factors(name)
     expected = (before[name].float() + compose(up, down)).to(before[name].dtype)

@@ -38,6 +38,9 @@ def test_unit_edit_changes_one_unit_and_its_delta_is_what_the_edit_trained(llama
     names = [f"model.layers.1.mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
     assert sorted(delta.names) == sorted(names)
     assert all(step.off is not None and step.moved is not None for step in delta.history)
+    # stored as the unit's rows and column alone: gate/up row-masked, down column-masked
+    assert [delta.form(n) for n in names] == ["rows", "rows", "columns"]
+    assert all(delta.tensors[n].numel() == model.get_parameter(n).shape[1 if n != names[2] else 0] for n in names)
     with delta.applied(model):
         after = {n: model.get_parameter(n).detach().clone() for n in names}
         ids = torch.tensor([dinm.text.encode_pair(tok, instance.prompt, instance.safe).ids])
@@ -119,3 +122,16 @@ def test_the_default_edit_is_the_unit_setting_on_a_gated_mlp_and_the_dense_one_e
     # A batch's default is the dense edit on any architecture (one unit for many requests generalised less).
     patch = dinm.edit(llama, tokenizer, [instance, instance], EditConfig(layer=1, steps=1))
     assert patch.config == EditConfig.dense(layer=1, steps=1) and len(patch.names) == 1
+
+
+def test_unit_delta_exports_as_a_rank_one_lora(llama, instance, tmp_path):
+    """Each of the unit's three updates (a row, a row, a column) has rank 1, so a rank-1 adapter holds it: the
+    truncation drops singular values that are rounding alone (the SVD runs in float64 on the fp32 update, which it
+    holds exactly: what it drops is within a few float64 ulps times the width, far below 1e-12 of the norm)."""
+    from dinm.export import to_peft
+
+    model, tok = llama
+    delta = dinm.edit(model, tok, instance, EditConfig.unit(steps=2, layer=1), progress=False)
+    exported = to_peft([delta], tmp_path / "adapter", rank=1)
+    assert sorted(e.module for e in exported) == [f"model.layers.1.mlp.{m}_proj" for m in ("down", "gate", "up")]
+    assert all(e.rank == 1 and e.error < 1e-12 for e in exported), exported
