@@ -152,6 +152,8 @@ def main():
                         help="only the judge agreement, on the replies stored in --report (any dinm.evaluate report)")
     parser.add_argument("--keep-judge-section", action="store_true",
                         help="leave RESULTS.md's judge agreement as it is (written from a report with more hand labels)")
+    parser.add_argument("--section", default="SafeEdit evaluation, embedded model, single-instance edit",
+                        help="RESULTS.md section to (re)write with the evaluation")
     parser.add_argument("--shared-cpu", action="store_true", help="say in RESULTS.md that other work ran beside it")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -206,7 +208,12 @@ def main():
     s = report["seconds"]
     layers = [r["after"]["edit"]["layer"] for r in report["records"]]
     counts = {layer: layers.count(layer) for layer in sorted(set(layers))}
-    record("SafeEdit evaluation, embedded model, single-instance edit", (
+    parts = " + ".join(map(str, report.get("merged_from", [])))
+    joined = (f"Joined with `--merge` from reports of parts of one evaluation ({parts} records, in order; "
+              f"{', '.join(os.path.basename(p) for p in args.merge)}): same edit config, judge, "
+              f"generation settings, lists and unedited replies, checked by `dinm.evaluation.merge_reports`. "
+              if args.merge else "")
+    record(args.section, joined + (
         f"{report['n_records']} records of `{os.path.basename(args.data)}`, default `EditConfig` "
         f"(`{json.dumps(report['edit_config'], sort_keys=True)}`), greedy "
         f"{report['generation']['max_new_tokens']} new tokens, chat template, the same prompts before and after; "

@@ -375,10 +375,13 @@ class Delta:
             if not (isinstance(desc, dict) and isinstance(desc.get("shape"), list)
                     and all(isinstance(n, int) and n >= 0 for n in desc["shape"]) and isinstance(desc.get("dtype"), str)
                     and all(isinstance(desc.get(k), str) and re.fullmatch(r"[0-9a-f]{64}", desc[k])
-                            for k in ("base_sha256", "edited_sha256", "delta_sha256"))
-                    and _form(desc, self.tensors, name) in _READABLE[fmt]):
+                            for k in ("base_sha256", "edited_sha256", "delta_sha256"))):
                 raise DeltaError(f"delta {where}: the metadata of tensor {name!r} is malformed (needs shape, dtype, "
                                  f"base_sha256, edited_sha256, delta_sha256)")
+            if _form(desc, self.tensors, name) not in _READABLE[fmt]:
+                raise DeltaError(f"delta {where}: the metadata of tensor {name!r} is malformed: its form "
+                                 f"{str(desc.get('form'))[:20]!r} is not one a {fmt} file holds "
+                                 f"({', '.join(_READABLE[fmt])})")
             shape = desc["shape"]
             if desc.get("form") == "factored":
                 expected |= {name + _UP, name + _DOWN}

@@ -355,14 +355,25 @@ def rescore(report: dict[str, Any], judge: str | Judge = "refusal", degeneracy: 
 def merge_reports(parts: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     """One report from reports of the same evaluation run in parts (other records, same model, protocol, edit
     config or delta, judge, generation settings and lists): records joined in order, metrics computed again over
-    all of them, seconds added. Parts that differ in anything but their records are refused in one line."""
-    if not parts:
-        raise ConfigError("no reports to merge; give at least one")
+    all of them, seconds added (`merged_from`: the parts' sizes; `versions_of_parts`: each part's versions, when they
+    differ). Parts that differ in anything but their records, repeat a record or are damaged are refused in one
+    line."""
+    if not isinstance(parts, (list, tuple)) or not parts:
+        raise ConfigError("no reports to merge; give a list of at least one")
     first = parts[0]
     same = ("format", "model", "protocol", "edit_config", "delta", "judge", "degeneracy", "generation")
     for i, part in enumerate(parts):
         if not isinstance(part, dict) or part.get("format") != REPORT_FORMAT:
             raise ConfigError(f"report {i + 1} to merge is not a {REPORT_FORMAT} report")
+        records = part.get("records")
+        states = ("before", "after") if part.get("protocol") != "none" else ("before",)
+        if not (isinstance(records, list) and records and part.get("n_records") == len(records)
+                and all(isinstance(r, dict) and isinstance(r.get("id"), str) and set(r) == {"id", *states}
+                        and all(isinstance(r[s], dict) for s in states) for r in records)
+                and all(isinstance(v, (int, float)) for v in part.get("seconds", {}).values())):
+            raise ConfigError(f"report {i + 1} to merge is damaged: its records (an id, the "
+                              f"{' and '.join(states)} state each, n_records of them) or seconds are not what "
+                              f"`evaluate` writes; merge the reports `evaluate` wrote")
         for key in same:
             if part.get(key) != first.get(key):
                 raise ConfigError(f"report {i + 1} differs from report 1 in its `{key}`; merge only parts of one "
@@ -382,11 +393,11 @@ def merge_reports(parts: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
             if key != "per_record":
                 seconds[key] = seconds.get(key, 0.0) + value
     seconds["per_record"] = seconds.get("total", 0.0) / len(records)
-    versions = [part.get("versions") for part in parts]
+    versions = [part.get("versions") for part in parts]  # (dinm's own figures may come from several versions)
     before = [rec["before"] for rec in records]
     after = [rec["after"] for rec in records] if all("after" in rec for rec in records) else None
     lookalike_before = [b["before"] for b in first.get("lookalike_prompts", [])]
-    return {**first, "versions": versions[0] if all(v == versions[0] for v in versions) else versions,
+    return {**first, **({} if all(v == versions[0] for v in versions) else {"versions_of_parts": versions}),
             "n_records": len(records), "metrics": _metrics(before, after, lookalike_before, seed),
             "seconds": {k: round(v, 3) for k, v in seconds.items()}, "records": records,
             "merged_from": [part["n_records"] for part in parts]}

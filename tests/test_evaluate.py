@@ -232,7 +232,12 @@ def test_reports_of_parts_merge_into_the_report_of_the_whole(monkeypatch, instan
     for parts, what in [([first, first], "record id"), ([first, run([other_instance], max_new_tokens=9)], "generation"),
                         ([first, run([other_instance], judge=AlwaysSafe())], "judge"),
                         ([first, run([other_instance], benign=[])], "benign prompts"), ([], "at least one"),
-                        ([first, {"format": "x"}], "report 2")]:
+                        ([first, {"format": "x"}], "report 2"), (first, "a list"),
+                        ([first, {**second, "records": []}], "damaged"),
+                        ([first, {**second, "n_records": 5}], "damaged"),
+                        ([first, {**second, "records": [{"id": "x", "before": {}}]}], "damaged"),  # (no "after")
+                        ([first, {**second, "records": [{**second["records"][0], "id": ["x"]}]}], "damaged"),
+                        ([first, {**second, "seconds": {"total": "1"}}], "damaged")]:
         with pytest.raises(ConfigError, match=what) as e:
             evaluation.merge_reports(parts)
         assert "\n" not in str(e.value)
