@@ -18,7 +18,8 @@ from ._common import emit, json_option, one_line_errors
 def export_cmd(delta_paths, output, rank, energy, as_json):
     """Write DELTA(s) as one PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
 
-    A factored delta (`EditConfig(rank=r)`) is exported exactly; a dense one by truncated SVD (--rank or
+    A factored delta (`EditConfig(rank=r)`) or a masked one (a unit edit's) is exported exactly; a dense one by
+    truncated SVD (--rank or
     --energy), with its relative Frobenius error printed. Deltas of different layers go into one adapter.
     Load it with `peft.PeftModel.from_pretrained(model, ADAPTER_DIR)` or a LoRA-serving stack."""
     import dataclasses
@@ -37,7 +38,7 @@ def export_cmd(delta_paths, output, rank, energy, as_json):
     deltas = [Delta.load(p) for p in delta_paths]  # every file checked before anything is written
     written = to_peft(deltas, output, rank=rank, energy=energy)
     lines = [f"wrote LoRA adapter {output} (r = {max(w.rank for w in written)}, from {len(deltas)} delta(s))"]
-    lines += [f"  {w.module}: rank {w.rank}, " + ("exact (factored delta)" if w.exact else
+    lines += [f"  {w.module}: rank {w.rank}, " + ("exact (factored or masked delta)" if w.exact else
                                                    f"truncated SVD, relative Frobenius error {w.error:.4f}")
               for w in written]
     emit({"output": output, "deltas": list(delta_paths), "modules": [dataclasses.asdict(w) for w in written]},

@@ -4,7 +4,8 @@
 PEFT's scaling is 1, ``target_modules`` (the edited matrix's path within a layer, e.g. ``mlp.down_proj``,
 with ``layers_to_transform``; the full module paths when the deltas edit more than one kind of matrix)) and
 ``adapter_model.safetensors`` with PEFT's tensor names (``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r)). A factored delta
-(`EditConfig(rank=r)`) is exported exactly; a dense one by its truncated SVD (`dinm.lowrank.truncate`, at `rank`
+(`EditConfig(rank=r)`) is exported exactly, and so is a masked one (k changed rows or columns: rank k, a one-hot
+factor beside the stored rows or columns; a unit edit's three updates have rank 1); a dense one by its truncated SVD (`dinm.lowrank.truncate`, at `rank`
 or at the rank holding `energy`), whose relative Frobenius error is returned. Deltas of different layers go into
 one adapter; deltas of the same matrix add up (their factors are concatenated). Modules of lower rank are padded
 with zero rows and columns to the adapter's one `r`, which every LoRA loader reads. Writing needs no `peft`;
@@ -46,10 +47,11 @@ class Exported:
 def lora_factors(delta: Delta, name: str, rank: int | None = None, energy: float | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
     """``(B, A, error, exact)``: LoRA factors ((out, r), (r, in), fp32, so that the update of the module's output
-    is ``x @ A.T @ B.T``) of the update of parameter `name`: a factored delta's own factors (exact), unless a smaller
-    `rank` (or an `energy`) is asked for; a dense one's truncated SVD."""
+    is ``x @ A.T @ B.T``) of the update of parameter `name`: a factored delta's own factors, or a masked one's stored
+    rows (columns) beside one-hot columns (rows) (both exact), unless a smaller `rank` (or an `energy`) is asked
+    for; a dense one's truncated SVD."""
     conv1d = _conv1d(delta)
-    factors = delta.factors(name)
+    factors = delta.factors(name) or _masked_factors(delta, name)
     if factors is not None and energy is None and (rank is None or rank >= factors[0].shape[1]):
         up, down = factors
         b, a = (down.t(), up.t()) if conv1d else (up, down)  # (Conv1D stores (in, out): D.T = down.T @ up.T)
@@ -60,6 +62,19 @@ def lora_factors(delta: Delta, name: str, rank: int | None = None, energy: float
     d = delta.dense(name).float()
     t = truncate(d.t() if conv1d else d, rank=rank, energy=energy)
     return t.up, t.down, t.error, False
+
+
+def _masked_factors(delta: Delta, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(up, down)`` (fp32, the parameter's layout) with ``up @ down`` the masked update of parameter `name`,
+    exactly (each product element is one stored value times 1, plus zeros), or None when it is not masked."""
+    form = delta.form(name)
+    if form not in ("rows", "columns"):
+        return None
+    d, mask = delta.stored_update(name)
+    where = mask.nonzero().reshape(-1)
+    onehot = torch.zeros(len(where), mask.numel())
+    onehot[torch.arange(len(where)), where] = 1.0
+    return (onehot.t(), d.float()) if form == "rows" else (d.float(), onehot)
 
 
 def to_peft(deltas: Sequence[Delta], folder: str | os.PathLike, *, rank: int | None = None,

@@ -366,6 +366,33 @@ def test_factored_deltas_export_exactly_to_one_peft_adapter(tiny, tmp_path):
     assert same_state(model, before)
 
 
+@pytest.mark.parametrize("kind", ["rows", "columns"])
+def test_masked_deltas_export_exactly_at_the_rank_of_their_mask(tiny, tmp_path, kind):
+    """A delta stored masked (k changed rows or columns: a unit edit's) exports with no truncation at rank k: B @ A
+    is the update bit for bit (one stored value times 1 plus zeros), in the parameter's layout on every
+    architecture, GPT-2's Conv1D included; PEFT's adapter computes what the applied delta does."""
+    model, tok = tiny
+    template = make_delta(model, 1, scale=0.3)
+    name = template.names[0]
+    base = model.get_parameter(name).detach()
+    edited = base.clone()
+    g = torch.Generator().manual_seed(0)
+    if kind == "rows":
+        edited[[1, 4]] += 0.3 * torch.randn(2, base.shape[1], generator=g)
+    else:
+        edited[:, [1, 4]] += 0.3 * torch.randn(base.shape[0], 2, generator=g)
+    delta = Delta.from_weights({name: (base, edited)},
+                               {k: template.metadata[k] for k in ("model_type", "base_model", "layer")})
+    assert delta.form(name) == kind
+    written = to_peft([delta], tmp_path / "adapter")
+    assert [(w.rank, w.exact, w.error) for w in written] == [(2, True, 0.0)]
+    b, a, _, _ = lora_factors(delta, name)
+    assert torch.equal(b @ a, as_out_in(arch_spec(model), delta.dense(name)).float())
+    _check_adapter(model, [delta], tmp_path / "adapter", torch.tensor([[1, 5, 9, 20, 33, 7, 2]]),
+                   _reduction_lengths(model, tok, 16))
+    assert [w.rank for w in to_peft([delta], tmp_path / "r1", rank=1)] == [1]  # (asked for less: truncated)
+
+
 def test_deltas_of_the_mlps_input_side_export_with_their_own_modules(llama, tmp_path):
     """A gate delta exports as a LoRA of the gate (`EditConfig.matrix`); beside a delta of another matrix, the
     adapter names each module whole, so that PEFT adds no matrix to a layer the deltas did not edit."""
@@ -456,8 +483,8 @@ def test_cli_export_prints_the_error_and_refuses_bad_input(llama, tmp_path):
     result = runner.invoke(main, ["export", str(tmp_path / "dense.safetensors"), str(tmp_path / "factored.safetensors"),
                                   "-o", str(tmp_path / "adapter"), "--rank", "4"])
     assert result.exit_code == 0, result.output
-    assert "rank 4, truncated SVD, relative Frobenius error 0." in result.output and "exact (factored delta)" in \
-        result.output
+    assert "rank 4, truncated SVD, relative Frobenius error 0." in result.output and \
+        "exact (factored or masked delta)" in result.output
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] == [1, 2]
     result = runner.invoke(main, ["export", str(tmp_path / "dense.safetensors"), "-o", str(tmp_path / "b")])
     assert result.exit_code == 1 and "dinm: error:" in result.output and "--rank" in result.output

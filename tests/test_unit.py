@@ -124,14 +124,22 @@ def test_the_default_edit_is_the_unit_setting_on_a_gated_mlp_and_the_dense_one_e
     assert patch.config == EditConfig.dense(layer=1, steps=1) and len(patch.names) == 1
 
 
-def test_unit_delta_exports_as_a_rank_one_lora(llama, instance, tmp_path):
-    """Each of the unit's three updates (a row, a row, a column) has rank 1, so a rank-1 adapter holds it: the
-    truncation drops singular values that are rounding alone (the SVD runs in float64 on the fp32 update, which it
-    holds exactly: what it drops is within a few float64 ulps times the width, far below 1e-12 of the norm)."""
-    from dinm.export import to_peft
+def test_unit_delta_exports_exactly_as_a_rank_one_lora(llama, instance, tmp_path):
+    """Each of the unit's three updates (a row, a row, a column: stored masked) exports as rank 1 with no truncation:
+    the stored row (column) beside a one-hot factor, so B @ A is the update bit for bit. Asking for rank 1 gives the
+    same; on GPT-2's Conv1D layout too (test_lowrank covers dense and factored exports)."""
+    from safetensors.torch import load_file
+
+    from dinm.export import PREFIX, to_peft
 
     model, tok = llama
     delta = dinm.edit(model, tok, instance, EditConfig.unit(steps=2, layer=1), progress=False)
-    exported = to_peft([delta], tmp_path / "adapter", rank=1)
-    assert sorted(e.module for e in exported) == [f"model.layers.1.mlp.{m}_proj" for m in ("down", "gate", "up")]
-    assert all(e.rank == 1 and e.error < 1e-12 for e in exported), exported
+    for rank, folder in ((None, tmp_path / "adapter"), (1, tmp_path / "adapter1")):
+        exported = to_peft([delta], folder, rank=rank)
+        assert sorted(e.module for e in exported) == [f"model.layers.1.mlp.{m}_proj" for m in ("down", "gate", "up")]
+        assert all(e.rank == 1 and e.exact and e.error == 0.0 for e in exported), exported
+        tensors = load_file(folder / "adapter_model.safetensors")
+        for name in delta.names:
+            module = name.removesuffix(".weight")
+            b, a = tensors[f"{PREFIX}{module}.lora_B.weight"], tensors[f"{PREFIX}{module}.lora_A.weight"]
+            assert torch.equal(b @ a, delta.dense(name).float()), name
