@@ -48,8 +48,7 @@ class DemoReport:
         lines += ["", "=== the edit", where,
                   f"edited {what(d)} in {self.seconds:.1f}s ({phases(timing, 'unit' in d.metadata)}; passes in "
                   f"{d.metadata.get('compute', '?')}): {describe(d.history)}",
-                  f"delta: {self.delta_path} ({os.path.getsize(self.delta_path) / 1e6:.2f} MB, only what was "
-                  f"edited)" + (f"; plot: {self.plot_path}" if self.plot_path else ""),
+                  f"delta: {self.delta_path} ({_size(os.path.getsize(self.delta_path))}, only what was edited)" + (f"; plot: {self.plot_path}" if self.plot_path else ""),
                   f"revert restored the original weights bit for bit: {'yes' if self.restored else 'NO'}"]
         return "\n".join(lines)
 
@@ -90,3 +89,7 @@ def run(instance_path: str = "data/example.json", out_dir: str = "demo_out", *, 
         after = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens)
     restored = [fingerprint(model.get_parameter(name)) for name in delta.names] == base
     return DemoReport(prompts, before, after, delta, config, delta_path, plot_path, seconds, restored)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"

@@ -5,9 +5,11 @@ its hinge do what they say; where the MLP has no gate it is refused in one line.
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import dinm
 from dinm import EditConfig
+from dinm.export import PREFIX, to_peft
 from dinm.errors import ArchitectureError, ConfigError
 from dinm.unit import MARGIN, Unit, UnitHinge, adding_unit, fit_gate
 
@@ -26,10 +28,12 @@ def test_unit_config_is_checked_and_round_trips():
         EditConfig.unit(precondition="keys", steps=20)
 
 
-def test_unit_edit_changes_one_unit_and_its_delta_is_what_the_edit_trained(llama, instance):
+def test_unit_edit_changes_one_unit_and_its_delta_is_what_the_edit_trained(llama, instance, tmp_path):
     """The delta changes one row of the gate and of the up matrix and one column of the output matrix, the same
     unit j, and nothing else; the model with it applied computes what the edit's hook computed (so the loss the
-    edit descended is that of the delta's model); apply then revert restores every bit."""
+    edit descended is that of the delta's model); apply then revert restores every bit. It is stored as those rows
+    and that column alone, and exports as a LoRA exactly: each update has rank 1, the stored row (column) beside a
+    one-hot factor, so B @ A is the update bit for bit, with or without asking for rank 1."""
     model, tok = llama
     before = state(model)
     delta = dinm.edit(model, tok, instance, EditConfig.unit(steps=4, layer=1))
@@ -62,6 +66,14 @@ def test_unit_edit_changes_one_unit_and_its_delta_is_what_the_edit_trained(llama
     assert torch.allclose(hooked, applied, rtol=1e-4, atol=1e-4), (hooked - applied).abs().max()
     plain = model(input_ids=ids).logits
     assert (plain - applied).abs().max() > 1e-3  # (and the edit did change them)
+    for rank, folder in ((None, tmp_path / "adapter"), (1, tmp_path / "adapter1")):
+        exported = to_peft([delta], folder, rank=rank)
+        assert sorted(e.module for e in exported) == [n.removesuffix(".weight") for n in sorted(names)]
+        assert all(e.rank == 1 and e.exact and e.error == 0.0 for e in exported), exported
+        tensors = load_file(folder / "adapter_model.safetensors")
+        for name in names:
+            b, a = (tensors[f"{PREFIX}{name.removesuffix('.weight')}.lora_{x}.weight"] for x in "BA")
+            assert torch.equal(b @ a, delta.dense(name).float()), name
 
 
 def test_fit_gate_separates_positives_from_negatives():
@@ -123,23 +135,3 @@ def test_the_default_edit_is_the_unit_setting_on_a_gated_mlp_and_the_dense_one_e
     patch = dinm.edit(llama, tokenizer, [instance, instance], EditConfig(layer=1, steps=1))
     assert patch.config == EditConfig.dense(layer=1, steps=1) and len(patch.names) == 1
 
-
-def test_unit_delta_exports_exactly_as_a_rank_one_lora(llama, instance, tmp_path):
-    """Each of the unit's three updates (a row, a row, a column: stored masked) exports as rank 1 with no truncation:
-    the stored row (column) beside a one-hot factor, so B @ A is the update bit for bit. Asking for rank 1 gives the
-    same; on GPT-2's Conv1D layout too (test_lowrank covers dense and factored exports)."""
-    from safetensors.torch import load_file
-
-    from dinm.export import PREFIX, to_peft
-
-    model, tok = llama
-    delta = dinm.edit(model, tok, instance, EditConfig.unit(steps=2, layer=1), progress=False)
-    for rank, folder in ((None, tmp_path / "adapter"), (1, tmp_path / "adapter1")):
-        exported = to_peft([delta], folder, rank=rank)
-        assert sorted(e.module for e in exported) == [f"model.layers.1.mlp.{m}_proj" for m in ("down", "gate", "up")]
-        assert all(e.rank == 1 and e.exact and e.error == 0.0 for e in exported), exported
-        tensors = load_file(folder / "adapter_model.safetensors")
-        for name in delta.names:
-            module = name.removesuffix(".weight")
-            b, a = tensors[f"{PREFIX}{module}.lora_B.weight"], tensors[f"{PREFIX}{module}.lora_A.weight"]
-            assert torch.equal(b @ a, delta.dense(name).float()), name
