@@ -154,6 +154,7 @@ def main():
                         help="leave RESULTS.md's judge agreement as it is (written from a report with more hand labels)")
     parser.add_argument("--section", default="SafeEdit evaluation, embedded model, single-instance edit",
                         help="RESULTS.md section to (re)write with the evaluation")
+    parser.add_argument("--note", default="", help="a sentence for RESULTS.md (how the parts of a --merge were made)")
     parser.add_argument("--shared-cpu", action="store_true", help="say in RESULTS.md that other work ran beside it")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -205,8 +206,8 @@ def main():
     if not args.keep_judge_section:
         record("Judge agreement", judge_section(agreement, hand, report))
     record("Degenerate replies", degenerate)
-    s = report["seconds"]
     layers = [r["after"]["edit"]["layer"] for r in report["records"]]
+    edits = [r["after"]["edit"]["seconds"] for r in report["records"]]
     counts = {layer: layers.count(layer) for layer in sorted(set(layers))}
     parts = " + ".join(map(str, report.get("merged_from", [])))
     joined = (f"Joined with `--merge` from reports of parts of one evaluation ({parts} records, in order; "
@@ -224,12 +225,21 @@ def main():
         f"degenerate; `*_judge` are the judge alone; `over_refusal`: lookalike replies refused after the edit and "
         f"not before (refusal rules, whatever the judge); `lookalike_unchanged`: identical replies.\n\n{table}"
         f"\n\nAgainst the targets of issue 19 (single-instance protocol):\n\n{targets}\n\n"
-        f"Layers edited: {counts}. Wall time: {s['total']:.0f} s in all, {s['per_record']:.1f} s per record (of "
-        f"which edit {s['edit'] / report['n_records']:.1f} s; "
-        + (f"the unedited replies reused from `{os.path.basename(args.before)}`)" if args.before else
-           f"generating the unedited replies once {s['before']:.0f} s)")
-        + ("; part of the run shared the 2 cores with other work, so these times are upper bounds."
-           if args.shared_cpu else "; nothing else ran on the machine.")))
+        f"Layers edited: {counts}. " + (timing(report, args) if not args.merge else (
+            f"Edit time per record (each record's own measurement): mean {np.mean(edits):.1f} s, "
+            f"{min(edits):.1f}-{max(edits):.1f} s; the parts' wall times are their own (below)"
+            + ("; part of the run shared the 2 cores with other work, so these times are upper bounds."
+               if args.shared_cpu else "."))) + (f"\n\n{args.note}" if args.note else "")))
+
+
+def timing(report: dict, args) -> str:
+    s = report["seconds"]
+    return (f"Wall time: {s['total']:.0f} s in all, {s['per_record']:.1f} s per record (of which edit "
+            f"{s['edit'] / report['n_records']:.1f} s; "
+            + (f"the unedited replies reused from `{os.path.basename(args.before)}`)" if args.before else
+               f"generating the unedited replies once {s['before']:.0f} s)")
+            + ("; part of the run shared the 2 cores with other work, so these times are upper bounds."
+               if args.shared_cpu else "; nothing else ran on the machine."))
 
 
 if __name__ == "__main__":
