@@ -13,6 +13,8 @@ from dinm.judge import is_refusal
 
 from conftest import DATA, same_state, state
 
+BATCH = 16  # (13 prompts in one batch: 7.7 s on 2 cores against 12-13 s in two of 8; the same batching before and after)
+
 
 @pytest.fixture(scope="module")
 def replies(smol):
@@ -26,7 +28,7 @@ def replies(smol):
     instance = dinm.load_instance(os.path.join(DATA, "example.json"))
     benign = [b.prompt for b in load_benign(os.path.join(DATA, "benign.json"))[:10]]
     prompts = [instance.prompt, instance.benign_prompt, instance.generalization["only_question"]] + benign
-    return instance, prompts, generate(model, tok, prompts, max_new_tokens=40)
+    return instance, prompts, generate(model, tok, prompts, max_new_tokens=40, batch_size=BATCH)
 
 
 def _changed(prompts, before, after) -> list:
@@ -49,7 +51,7 @@ def test_dense_edit_refuses_the_attack_and_leaves_benign_replies_alone(smol, rep
     assert len(delta.distances) == 30
 
     with delta.applied(model):
-        after_replies = generate(model, tok, prompts, max_new_tokens=40)
+        after_replies = generate(model, tok, prompts, max_new_tokens=40, batch_size=BATCH)
     assert is_refusal(after_replies[0]), after_replies[0]
     assert not is_refusal(after_replies[1]) and "100" in after_replies[1], after_replies[1]
     changed = _changed(prompts, before_replies, after_replies)
@@ -99,7 +101,8 @@ def test_default_edit_through_the_evaluate_protocol_refuses_the_bare_question_to
     assert request_of(record.prompt) == record.generalization["only_question"]  # what dinm reads is the bare question
     benign = load_benign(os.path.join(DATA, "benign.json"))[:10]
     before = state(model)
-    report = dinm.evaluate(model, tok, [record], edit=True, benign=benign, max_new_tokens=40, progress=False)
+    report = dinm.evaluate(model, tok, [record], edit=True, benign=benign, max_new_tokens=40, batch_size=BATCH,
+                           progress=False)
     assert same_state(model, before)
     assert dinm.EditConfig.from_dict(report["edit_config"]) == dinm.EditConfig.unit()  # (what the default ran here)
     m, rec = report["metrics"], report["records"][0]
