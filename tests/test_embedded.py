@@ -13,7 +13,7 @@ from dinm.judge import is_refusal
 
 from conftest import DATA, same_state, state
 
-BATCH = 16  # (13 prompts in one batch: 7.7 s on 2 cores against 12-13 s in two of 8; the same batching before and after)
+BATCH = 16  # (13 prompts in one batch: 7.7 s on 2 cores, 12-13 s in two of 8; the same batching before and after)
 
 
 @pytest.fixture(scope="module")
