@@ -19,8 +19,7 @@ def export_cmd(delta_paths, output, rank, energy, as_json):
     """Write DELTA(s) as one PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
 
     A factored delta (`EditConfig(rank=r)`) or a masked one (a unit edit's) is exported exactly; a dense one by
-    truncated SVD (--rank or
-    --energy), with its relative Frobenius error printed. Deltas of different layers go into one adapter.
+    truncated SVD (--rank or --energy), with its relative Frobenius error printed. Deltas of different layers go into one adapter.
     Load it with `peft.PeftModel.from_pretrained(model, ADAPTER_DIR)` or a LoRA-serving stack."""
     import dataclasses
 

@@ -378,12 +378,13 @@ class Delta:
                             for k in ("base_sha256", "edited_sha256", "delta_sha256"))):
                 raise DeltaError(f"delta {where}: the metadata of tensor {name!r} is malformed (needs shape, dtype, "
                                  f"base_sha256, edited_sha256, delta_sha256)")
-            if _form(desc, self.tensors, name) not in _READABLE[fmt]:
+            form = _form(desc, self.tensors, name)
+            if form not in _READABLE[fmt]:
                 raise DeltaError(f"delta {where}: the metadata of tensor {name!r} is malformed: its form "
                                  f"{str(desc.get('form'))[:20]!r} is not one a {fmt} file holds "
                                  f"({', '.join(_READABLE[fmt])})")
             shape = desc["shape"]
-            if desc.get("form") == "factored":
+            if form == "factored":
                 expected |= {name + _UP, name + _DOWN}
                 t = self._check_factors(name, desc, where)
             else:
@@ -391,7 +392,6 @@ class Delta:
                 if name not in self.tensors:
                     raise DeltaError(f"delta {where} describes tensor {name!r} but does not hold it")
                 t = self.tensors[name]
-                form = _form(desc, self.tensors, name)
                 for dim, suffix, kind in ((0, _ROWS, "rows"), (1, _COLS, "columns")):
                     if name + suffix not in self.tensors and form != kind:
                         continue

@@ -48,7 +48,8 @@ class DemoReport:
         lines += ["", "=== the edit", where,
                   f"edited {what(d)} in {self.seconds:.1f}s ({phases(timing, 'unit' in d.metadata)}; passes in "
                   f"{d.metadata.get('compute', '?')}): {describe(d.history)}",
-                  f"delta: {self.delta_path} ({_size(os.path.getsize(self.delta_path))}, only what was edited)" + (f"; plot: {self.plot_path}" if self.plot_path else ""),
+                  f"delta: {self.delta_path} ({_size(os.path.getsize(self.delta_path))}, only what was edited)"
+                  + (f"; plot: {self.plot_path}" if self.plot_path else ""),
                   f"revert restored the original weights bit for bit: {'yes' if self.restored else 'NO'}"]
         return "\n".join(lines)
 

@@ -5,8 +5,8 @@ PEFT's scaling is 1, ``target_modules`` (the edited matrix's path within a layer
 with ``layers_to_transform``; the full module paths when the deltas edit more than one kind of matrix)) and
 ``adapter_model.safetensors`` with PEFT's tensor names (``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r)). A factored delta
 (`EditConfig(rank=r)`) is exported exactly, and so is a masked one (k changed rows or columns: rank k, a one-hot
-factor beside the stored rows or columns; a unit edit's three updates have rank 1); a dense one by its truncated SVD (`dinm.lowrank.truncate`, at `rank`
-or at the rank holding `energy`), whose relative Frobenius error is returned. Deltas of different layers go into
+factor beside the stored rows or columns; a unit edit's three updates have rank 1); a dense one by its truncated SVD
+(`dinm.lowrank.truncate`, at `rank` or at the rank holding `energy`), whose relative Frobenius error is returned. Deltas of different layers go into
 one adapter; deltas of the same matrix add up (their factors are concatenated). Modules of lower rank are padded
 with zero rows and columns to the adapter's one `r`, which every LoRA loader reads. Writing needs no `peft`;
 `load_peft` (loading an adapter onto a model) needs the optional extra ``dinm[peft]``.
