@@ -40,6 +40,15 @@ def over_prompts(report: dict) -> str:
     return "| figure | prompts | % [95% bootstrap over prompts] |\n|---|---|---|\n" + "\n".join(rows)
 
 
+def where(patch) -> str:
+    """Where the patch edits: one layer, or a patch of units' units by layer."""
+    if not patch.units:
+        return f"one layer located by the mean distance, layer {patch.layer}"
+    per = {layer: sum(u["layer"] == layer for u in patch.units) for layer in patch.layers}
+    return (f"one unit per record, each located and trained as its single edit: {len(patch.units)} units, in layers "
+            + ", ".join(f"{layer} ({n})" for layer, n in per.items()))
+
+
 def edit_and_time(model, tokenizer, train, config, args):
     """The batch edit of `train` (saved to --patch) and --singles single edits, each timed: (the patch, batch
     seconds, mean single seconds, how many singles and their spread)."""
@@ -49,7 +58,7 @@ def edit_and_time(model, tokenizer, train, config, args):
     patch = dinm.edit(model, tokenizer, train, config)
     batch_s = time.perf_counter() - started
     patch.save(args.patch)
-    print(f"batch edit of {len(train)} records: {batch_s:.1f} s, layer {patch.layer}")
+    print(f"batch edit of {len(train)} records: {batch_s:.1f} s, {where(patch)}")
     singles = []
     for inst in train[:args.singles]:
         terms.forget_replies()
@@ -116,8 +125,8 @@ def main():
         return
     record(args.section, (
         f"One delta from all {len(train)} records of `{os.path.basename(args.train)}` (`dinm.edit(model, tok, "
-        f"instances)`, {label}: one layer located by the mean distance, layer {patch.layer}; mean NLL "
-        f"of the safe responses {history[0].nll:.3f} -> {history[-1].nll:.3f} in {len(history)} steps), applied "
+        f"instances)`, {label}: {where(patch)}; mean NLL of the safe responses {history[0].nll:.3f} -> "
+        f"{history[-1].nll:.3f} in {len(history)} steps{' (means over the units)' if patch.units else ''}), applied "
         f"to the embedded model and evaluated on the {len(test)} records of `{os.path.basename(args.test)}` (other "
         f"records: no test record was edited from), greedy {args.max_new_tokens} new tokens, both judges (the "
         f"semantic head trained on {os.path.basename(args.test)}). Mean [95% bootstrap over records].\n\n{table}\n\n"

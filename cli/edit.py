@@ -71,10 +71,14 @@ def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, d
     delta = edit(net, tokenizer, instance, config, progress=not as_json)
     seconds = time.perf_counter() - started
     delta.save(output)
-    data = {"output": output, "bytes": os.path.getsize(output), "layer": delta.layer, "tensors": delta.names,
-            "seconds": round(seconds, 3), **summary(delta.history)}
+    data = {"output": output, "bytes": os.path.getsize(output), "layer": delta.layer, "layers": delta.layers,
+            "tensors": delta.names, "seconds": round(seconds, 3), **summary(delta.history)}
     data["compute"] = delta.metadata.get("compute")
     what = f"{len(instance)} instances: " if use_all else ""
     data["instances"] = len(instance) if use_all else 1
-    emit(data, as_json, f"edited {what}layer {delta.layer} ({', '.join(delta.names)}) in {seconds:.1f}s, passes in "
-                        f"{data['compute']}: {describe(delta.history)}\nwrote {output} ({data['bytes'] / 1e6:.2f} MB)")
+    where = f"layer {delta.layer}" if not delta.units else \
+        f"{len(delta.units)} units in layers {', '.join(map(str, delta.layers))}"
+    emit(data, as_json, f"edited {what}{where} ({', '.join(delta.names)}) in {seconds:.1f}s, passes in "
+                        f"{data['compute']}: {describe(delta.history)}"
+                        + (" (means over the units)" if delta.units else "")
+                        + f"\nwrote {output} ({data['bytes'] / 1e6:.2f} MB)")

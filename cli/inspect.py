@@ -35,6 +35,11 @@ def inspect_cmd(delta_path, as_json):
              + (f" revision {summary['base_revision']}" if summary.get("base_revision") else ""),
              f"layer: {summary.get('layer', '?')} (distance: {summary.get('distance', '?')})"
              + (f", unit {summary['unit']} repurposed (matrix=unit)" if "unit" in summary else "")]
+    if summary.get("units"):
+        lines[-1] = (f"a patch of {len(summary['units'])} units (matrix=unit, one per instance) in layers "
+                     f"{', '.join(map(str, summary['layers']))} (distance: {summary.get('distance', '?')})")
+        lines += [f"  unit {u['unit']} of layer {u['layer']}: instance {u['instance_id']}, {u['steps_run']} steps, "
+                  f"safe-response NLL {u['nll_first']:.3f} -> {u['nll_last']:.3f}" for u in summary["units"]]
     for name, t in summary["tensors"].items():
         form = {"dense": "dense", "factored": f"factored, rank {t.get('rank')}",
                 "columns": f"masked: {t.get('columns_changed')} of {t['shape'][-1]} columns"}.get(
@@ -45,12 +50,12 @@ def inspect_cmd(delta_path, as_json):
         lines.append(f"    base sha256 {t['base_sha256'][:16]}…  edited sha256 {t['edited_sha256'][:16]}…")
     history = delta.history
     if history:
-        lines.append(f"edit: {describe(history)}")
+        lines.append(f"edit: {describe(history)}" + (" (means over the units)" if summary.get("units") else ""))
     if "seconds" in summary:
         from dinm.history import phases
 
         compute = f"; passes in {summary['compute']}" if "compute" in summary else ""
-        lines.append(f"time: {phases(summary['seconds'], 'unit' in summary)}{compute}")
+        lines.append(f"time: {phases(summary['seconds'], 'unit' in summary or 'units' in summary)}{compute}")
     if summary.get("config"):
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["config"].items())))
     emit(summary, as_json, "\n".join(lines))

@@ -52,7 +52,7 @@ _READABLE = {FORMAT: FORMS, "dinm.delta.v3": FORMS[:3], "dinm.delta.v2": FORMS[:
 _CHECKSUMMED = (FORMAT, "dinm.delta.v3", "dinm.delta.v2")
 _INT32_INDEX = (FORMAT, "dinm.delta.v3")  # (formats whose revert index may be int32)
 _INDEX, _VALUE, _ROWS, _COLS, _UP, _DOWN = ":revert_index", ":revert_value", ":rows", ":columns", ":up", ":down"
-_JSON_FIELDS = ("config", "distances", "history", "seconds", "tensors")
+_JSON_FIELDS = ("config", "distances", "history", "seconds", "tensors", "layers", "units")
 _CHECKSUM = "checksum"
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -237,6 +237,20 @@ class Delta:
         return int(self.metadata["layer"]) if "layer" in self.metadata else None
 
     @property
+    def layers(self) -> list[int]:
+        """The layers the edit changed: several for a patch of units (`dinm.edit` of a list with `matrix="unit"`),
+        else its one layer (empty when not recorded)."""
+        if "layers" in self.metadata:
+            return json.loads(self.metadata["layers"])
+        return [] if self.layer is None else [self.layer]
+
+    @property
+    def units(self) -> list[dict]:
+        """A patch of units' units (instance_id, layer, unit, steps_run, nll_first, nll_last, distances), in the
+        order of its instances; empty for any other delta."""
+        return json.loads(self.metadata.get("units", "[]"))
+
+    @property
     def distances(self) -> list[float]:
         return json.loads(self.metadata.get("distances", "[]"))
 
@@ -360,7 +374,8 @@ class Delta:
         if not described:
             raise DeltaError(f"delta {where} has no valid 'tensors' metadata")
         parsed = {key: _json_field(self.metadata, key, kind, where)
-                  for key, kind in (("distances", list), ("history", list), ("config", dict), ("seconds", dict))
+                  for key, kind in (("distances", list), ("history", list), ("config", dict), ("seconds", dict),
+                                    ("layers", list), ("units", list))
                   if key in self.metadata}
         if not all(isinstance(h, dict) and isinstance(h.get("step"), int) and isinstance(h.get("nll"), (int, float))
                    and all(isinstance(h.get(k), (int, float, type(None))) for k in ("kl", "moved", "unsafe", "loss"))
@@ -370,6 +385,16 @@ class Delta:
         if "layer" in self.metadata and not re.fullmatch(r"\d{1,6}", self.metadata["layer"]):
             raise DeltaError(f"delta {where}: metadata field 'layer' must be a layer number, got "
                              f"{self.metadata['layer'][:20]!r}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in parsed.get("layers", [])):
+            raise DeltaError(f"delta {where}: metadata field 'layers' must be a list of layer numbers; use an intact "
+                             f"copy")
+        if not all(isinstance(u, dict) and isinstance(u.get("instance_id"), str)
+                   and all(isinstance(u.get(k), int) and not isinstance(u.get(k), bool) and u[k] >= 0
+                           for k in ("layer", "unit", "steps_run"))
+                   and all(isinstance(u.get(k), (int, float)) for k in ("nll_first", "nll_last"))
+                   and isinstance(u.get("distances", []), list) for u in parsed.get("units", [])):
+            raise DeltaError(f"delta {where}: metadata field 'units' must be a list of units (objects with "
+                             f"instance_id, layer, unit, steps_run, nll_first, nll_last); use an intact copy")
         expected = set()
         for name, desc in described.items():
             if not (isinstance(desc, dict) and isinstance(desc.get("shape"), list)

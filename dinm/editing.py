@@ -39,9 +39,11 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
          progress: bool | None = None) -> Delta:
     """Edit `model` so that it answers `instance.prompt` with `instance.safe`; return the edit as a `Delta`.
 
-    With a list of instances (batch editing: a list of failures, one patch), one layer is located for all of them
-    (the largest mean distance) and the loss is their mean NLL plus the KL on all their benign prompts and the
-    benign-key penalty, so one `Delta` answers them all.
+    With a list of instances (batch editing: a list of failures, one patch), one `Delta` answers them all. A unit
+    edit (`matrix="unit"`) repurposes one unit per instance, each trained as that instance's single edit and kept
+    off on every instance's benign prompt (a patch of units, `_unit_patch`); a matrix edit locates one layer for
+    all of them (the largest mean distance) and trains on their mean NLL plus the KL on all their benign prompts and
+    the benign-key penalty.
 
     The model is left bit-identical (weights, `requires_grad` flags, train/eval mode); call
     `delta.apply(model)`, or `with delta.applied(model): ...`, to edit it.
@@ -56,9 +58,11 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
-        The `Delta` of what was edited (a unit's gate row, up row and down column; or the located layer's MLP output
-        weight, or with `config.matrix` an input one), with the config it ran (`EditConfig.resolved`), the per-layer
-        distances and the record of every step (`dinm.Step`) in its metadata.
+        The `Delta` of what was edited (a unit's gate row, up row and down column, or those of a patch's units; or the
+        located layer's MLP output weight, or with `config.matrix` an input one), with the config it ran
+        (`EditConfig.resolved`), the per-layer distances and the record of every step (`dinm.Step`) in its metadata
+        (a patch of units: each unit's layer, index, distances and NLL under "units", the steps' means over the
+        units as its history).
 
     Raises:
         EditError: the loss or the weights became NaN/inf (the model is untouched); lower `lr`.
@@ -69,6 +73,31 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
     """
     batch = _batch(instance)
     config = (config or EditConfig()).resolved(unit.supported(model), len(batch))
+    if config.matrix == "unit" and len(batch) > 1:
+        return _unit_patch(model, tokenizer, batch, config, progress)
+    run = _train(model, tokenizer, batch, config, progress)
+    return _package(model, batch, config, run)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one training run of `edit` left: the edited parameter's name (for a unit, its down matrix), the layer
+    and the per-layer distances it was located by, the trained object, the steps and the seconds of each phase."""
+
+    name: str
+    layer: int
+    distances: list[float]
+    trained: object
+    history: list[Step]
+    seconds: dict[str, float]
+    compute: str
+
+
+def _train(model, tokenizer, batch: list[Instance], config: EditConfig, progress: bool | None,
+           taken: dict[int, set[int]] | None = None, negatives_of: list[Instance] | None = None) -> _Run:
+    """Locate and train the edit of `batch` that `config` (resolved) asks for. For a unit: `taken`, the units
+    (layer -> indices) it may not repurpose; `negatives_of`, the instances whose benign prompts it must stay off on
+    (`batch` by default)."""
     trained_on = batch + _variants(batch, config)  # (located from the instances themselves)
     if config.prompt_suffix.strip():
         batch, trained_on = ([dataclasses.replace(inst, prompt=f"{inst.prompt} {config.prompt_suffix.strip()}")
@@ -91,9 +120,10 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
         if config.matrix == "unit":
             tick = time.perf_counter()
             with record_function("dinm::unit"):
-                repurposed, trained, unit_terms = unit.prepare(model, tokenizer, layer, batch, encoded,
-                                                               config.chat_template, config.preserve_weight,
-                                                               config.seed)
+                repurposed, trained, unit_terms = unit.prepare(model, tokenizer, layer, negatives_of or batch,
+                                                               encoded, config.chat_template,
+                                                               config.preserve_weight, config.seed,
+                                                               (taken or {}).get(layer, ()))
             seconds["keys"] = time.perf_counter() - tick
         passes = Passes(model, layer, config.compute_dtype, config.matrix, unit=repurposed)
         targets = [passes.sequence(e) for e in encoded]
@@ -155,7 +185,7 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
             seconds["forward"] += tock - tick - backward_s
             seconds["backward"] += time.perf_counter() - tock + backward_s
     seconds["edit"] = time.perf_counter() - started - locate_s
-    return _package(model, name, batch, config, layer, distances, trained, history, seconds, passes.compute)
+    return _Run(name, layer, distances, trained, history, seconds, passes.compute)
 
 
 def _penalties(regularisers: list, update: torch.Tensor) -> tuple[dict[str, float], torch.Tensor | None, float]:
@@ -357,30 +387,91 @@ class _Factored:
         return Delta.from_factors({name: (self.weight, up, down)}, info)
 
 
-def _package(model, name: str, batch: list[Instance], config: EditConfig, layer: int, distances: list[float],
-             trained: _Dense | _Whitened | _Factored, history: list[Step], seconds: dict, compute: str) -> Delta:
-    """The `Delta` of what was trained (the parameter `name`) against the stored weight, with what the edit did in
-    its metadata."""
-    steps_run = sum(not s.stopped for s in history)
-    logger.info("edited %s in %.2fs (locate %.2fs): nll %.3f -> %.3f", name, seconds["edit"], seconds["locate"],
-                history[0].nll, history[-1].nll)
-    info = {
+def _provenance(model, batch: list[Instance], config: EditConfig) -> dict:
+    """The metadata fields every delta `dinm.edit` makes has: the base model, the config it ran, the instances."""
+    return {
         "base_model": str(getattr(model.config, "_name_or_path", "") or ""),
         "base_revision": str(getattr(model.config, "_commit_hash", "") or ""),
         "model_type": model.config.model_type,
-        "layer": str(layer),
         "distance": config.distance if config.layer is None else "none (layer given)",
-        "distances": distances,
         "config": config.to_json(),
-        "history": [s.to_dict() for s in history],
-        "steps_run": str(steps_run),
         "instance_id": batch[0].id if len(batch) == 1 else f"{len(batch)} instances",
         **({"instance_ids": [inst.id for inst in batch]} if len(batch) > 1 else {}),
+    }
+
+
+def _package(model, batch: list[Instance], config: EditConfig, run: _Run) -> Delta:
+    """The `Delta` of what was trained (the parameter `run.name`) against the stored weight, with what the edit did
+    in its metadata."""
+    history, seconds = run.history, run.seconds
+    steps_run = sum(not s.stopped for s in history)
+    logger.info("edited %s in %.2fs (locate %.2fs): nll %.3f -> %.3f", run.name, seconds["edit"], seconds["locate"],
+                history[0].nll, history[-1].nll)
+    info = {
+        **_provenance(model, batch, config),
+        "layer": str(run.layer),
+        "distances": run.distances,
+        "history": [s.to_dict() for s in history],
+        "steps_run": str(steps_run),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "compute": compute,
+        "compute": run.compute,
     }
     try:
-        return trained.delta(name, steps_run > 0, info)  # no step: no change
+        return run.trained.delta(run.name, steps_run > 0, info)  # no step: no change
     except EditError as e:
         raise EditError(f"edit diverged by step {steps_run - 1}: {e}; the model is unchanged. "
                         f"Lower lr (now {config.lr})") from None
+
+
+def _unit_patch(model, tokenizer, batch: list[Instance], config: EditConfig, progress: bool | None) -> Delta:
+    """A batch edit with `matrix="unit"`: one unit per instance (Transformer-Patcher's batch edit, one neuron per
+    mistake), each located, chosen and trained as a single edit of its instance on the unedited model, no two the
+    same unit, each kept off on every instance's benign prompt; one `Delta` writes them all. The units do not see
+    each other while they train: each is off on benign text, where the others are off too."""
+    taken: dict[int, set[int]] = {}
+    runs = []
+    for inst in tqdm(batch, desc="dinm edit (a unit per instance)", disable=None if progress is None else not progress,
+                     leave=False):
+        run = _train(model, tokenizer, [inst], config, False, taken, batch)
+        taken.setdefault(run.layer, set()).add(run.trained.unit.j)
+        runs.append(run)
+    units = [{"instance_id": inst.id, "layer": run.layer, "unit": run.trained.unit.j,
+              "steps_run": sum(not s.stopped for s in run.history), "nll_first": run.history[0].nll,
+              "nll_last": run.history[-1].nll, "distances": run.distances} for inst, run in zip(batch, runs)]
+    layers = sorted(taken)
+    seconds = {k: round(sum(run.seconds[k] for run in runs), 3) for k in runs[0].seconds}
+    info = {
+        **_provenance(model, batch, config),
+        **({"layer": str(layers[0])} if len(layers) == 1 else {}),
+        "layers": layers,
+        "units": units,
+        "distances": [],
+        "history": [s.to_dict() for s in _mean_history([run.history for run in runs])],
+        "steps_run": str(max(u["steps_run"] for u in units)),
+        "seconds": seconds,
+        "compute": runs[0].compute,
+    }
+    changes = [(run.trained.unit, run.trained.update().detach() if u["steps_run"] else None)
+               for run, u in zip(runs, units)]
+    try:
+        return unit.patch(changes, info)
+    except EditError as e:
+        raise EditError(f"edit of a patch of units diverged: {e}; the model is unchanged. "
+                        f"Lower lr (now {config.lr})") from None
+
+
+def _mean_history(histories: list[list[Step]]) -> list[Step]:
+    """A patch's history: at each step index every unit ran (none stopped there), the mean of each recorded figure
+    over the units (what a batch edit's history holds: means over its instances)."""
+    out = []
+    for i in range(min(len(h) for h in histories)):
+        steps = [h[i] for h in histories]
+        if any(s.stopped for s in steps):
+            break
+        fields = {}
+        for f in ("nll", "kl", "moved", "unsafe", "off", "loss"):
+            values = [getattr(s, f) for s in steps]
+            if all(v is not None for v in values):
+                fields[f] = sum(values) / len(values)
+        out.append(Step(i, **fields))
+    return out

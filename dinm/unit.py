@@ -83,19 +83,34 @@ class Unit:
 
     def delta(self, update: torch.Tensor, info: dict) -> Delta:
         """The delta that writes the new gate row, up row and down column into the checkpoint."""
-        edits = {}
+        return patch([(self, update)], {**info, "unit": str(self.j)})
+
+    def write(self, edited: dict[str, torch.Tensor], update: torch.Tensor) -> None:
+        """Write the unit's new vectors (stored + `update`) into `edited` (matrix name -> a copy of the stored
+        matrix, made here when absent)."""
         for i, (m, old) in enumerate(zip(("gate", "up", "down"), (self.g0, self.u0, self.v0))):
             base = self.weights[m].detach()
-            edited = base.clone()
+            target = edited.setdefault(self.names[m], base.clone())
             new = (old + update[i]).to(base.device, base.dtype)
             if m == "down":
-                edited[:, self.j] = new
+                target[:, self.j] = new
             else:
-                edited[self.j] = new
-            if not torch.isfinite(edited).all():
-                raise EditError("the weights hold NaN/inf")
-            edits[self.names[m]] = (base, edited)
-        return Delta.from_weights(edits, {**info, "unit": str(self.j)})
+                target[self.j] = new
+
+
+def patch(changes: list[tuple[Unit, torch.Tensor | None]], info: dict) -> Delta:
+    """One delta that writes every unit's new vectors (stored + its update; None: the unit is left as it was).
+    No two units may be the same unit of the same layer."""
+    seen = [(unit.names["down"], unit.j) for unit, _ in changes]
+    if len(set(seen)) != len(seen):
+        raise EditError("two of the units to write are the same unit of one layer")
+    edited: dict[str, torch.Tensor] = {}
+    for unit, update in changes:
+        unit.write(edited, torch.zeros(3, unit.g0.shape[0], device=unit.g0.device) if update is None else update)
+    if not all(torch.isfinite(t).all() for t in edited.values()):
+        raise EditError("the weights hold NaN/inf")
+    bases = {unit.names[m]: unit.weights[m].detach() for unit, _ in changes for m in unit.names}
+    return Delta.from_weights({name: (bases[name], t) for name, t in edited.items()}, info)
 
 
 def check(model, layer: int) -> None:
@@ -151,8 +166,9 @@ def positives(model, layer: int, encoded: list[Encoded]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def choose(model, layer: int, inputs: torch.Tensor) -> int:
-    """The unit whose output has the least mean norm over `inputs` (the benign corpus's MLP inputs)."""
+def choose(model, layer: int, inputs: torch.Tensor, taken=()) -> int:
+    """The unit whose output has the least mean norm over `inputs` (the benign corpus's MLP inputs), other than the
+    units `taken` (repurposed already by another edit of the same patch)."""
     mlp = mlp_module(model, layer)
     names = {m: matrix_name(model, layer, m) for m in ("gate", "up", "down")}
     w = {m: placement.stored(model, n).float().to(inputs.device) for m, n in names.items()}
@@ -160,7 +176,13 @@ def choose(model, layer: int, inputs: torch.Tensor) -> int:
     for chunk in inputs.split(1024):
         a = mlp.act_fn(chunk @ w["gate"].T) * (chunk @ w["up"].T)
         usage += a.abs().sum(0)
-    return int((usage * w["down"].norm(dim=0)).argmin())
+    cost = usage * w["down"].norm(dim=0)
+    if taken:
+        if len(taken) >= len(cost):
+            raise EditError(f"every unit of layer {layer} is repurposed already: a patch holds at most {len(cost)} "
+                            f"units of one layer")
+        cost[torch.tensor(sorted(taken), device=cost.device)] = float("inf")
+    return int(cost.argmin())
 
 
 def fit_gate(positive: torch.Tensor, negative: torch.Tensor, seed_row: torch.Tensor,
@@ -234,12 +256,13 @@ class Trained:
 
 
 def prepare(model, tokenizer, layer: int, instances: list, targets: list[Encoded], chat_template: bool,
-            weight: float, seed: int) -> tuple[Unit, Trained, list]:
-    """The repurposed unit for an edit of `instances` that trains `targets` (prompt + safe response), its trained
-    vectors (the gate fitted as a probe) and the unit's regularisers (`weight`: `EditConfig.preserve_weight`)."""
+            weight: float, seed: int, taken=()) -> tuple[Unit, Trained, list]:
+    """The repurposed unit for an edit that trains `targets` (prompt + safe response) and stays off on the benign
+    prompts of `instances` among its negatives, its trained vectors (the gate fitted as a probe) and the unit's
+    regularisers (`weight`: `EditConfig.preserve_weight`). `taken`: units of this layer it may not repurpose."""
     check(model, layer)
     negative = negatives(model, tokenizer, layer, instances, chat_template)
-    j = choose(model, layer, negative)
+    j = choose(model, layer, negative, taken)
     unit = Unit(model, layer, j)
     negative = negative.to(unit.g0.device)
     generator = torch.Generator().manual_seed(seed)

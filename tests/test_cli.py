@@ -60,6 +60,13 @@ def test_edit_all_makes_one_patch_from_every_record(tiny_folder, tmp_path):
     report = json.loads(result.output[result.output.index("{"):])
     assert report["instances"] == 3 and Delta.load(str(patch)).instance_ids == [i.id for i in load_instances(many)]
     assert Delta.load(str(patch)).config == EditConfig.dense(steps=2, lr=1e-2)  # (a batch's default: dense)
+    units = tmp_path / "units.safetensors"  # --unit: a patch of one unit per record, listed by inspect
+    result = run("edit", tiny_folder, "--instance", many, "--all", "--unit", "--steps", 1, "-o", units)
+    assert result.exit_code == 0 and "3 units in layers" in result.output, result.output
+    made = Delta.load(str(units))
+    shown = run("inspect", units).output
+    assert len(made.units) == 3 and "a patch of 3 units" in shown and all(
+        f"unit {u['unit']} of layer {u['layer']}: instance {u['instance_id']}" in shown for u in made.units), shown
     both = run("edit", tiny_folder, "--instance", many, "--all", "--index", 1, "-o", tmp_path / "x.safetensors")
     assert both.exit_code == 2 and "--index (one record) or --all" in both.output
     assert not (tmp_path / "x.safetensors").exists()

@@ -135,3 +135,42 @@ def test_the_default_edit_is_the_unit_setting_on_a_gated_mlp_and_the_dense_one_e
     patch = dinm.edit(llama, tokenizer, [instance, instance], EditConfig(layer=1, steps=1))
     assert patch.config == EditConfig.dense(layer=1, steps=1) and len(patch.names) == 1
 
+
+
+def test_a_batch_unit_edit_is_a_patch_of_one_unit_per_instance(llama, instance, other_instance):
+    """`matrix="unit"` on a list repurposes one unit per instance, each the instance's own single edit: with both
+    instances' benign prompts the same (so the first unit's negatives are its single edit's) the first unit's
+    vectors are those of the single edit of the first instance, bit for bit; the second is another unit of the same
+    layer. One delta writes both, stored as their two rows and columns; apply then revert restores every bit."""
+    import dataclasses
+
+    model, tok = llama
+    second = dataclasses.replace(other_instance, benign_prompt=instance.benign_prompt)
+    config = EditConfig.unit(steps=3, layer=1)
+    before = state(model)
+    patch = dinm.edit(model, tok, [instance, second], config)
+    single = dinm.edit(model, tok, instance, config)
+    assert same_state(model, before)
+    units = patch.units
+    assert [u["instance_id"] for u in units] == [instance.id, second.id] and patch.layers == [1] == [patch.layer]
+    assert units[0]["unit"] == int(single.metadata["unit"]) != units[1]["unit"]
+    assert patch.config == config and patch.instance_ids == [instance.id, second.id]
+    names = [f"model.layers.1.mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
+    assert sorted(patch.names) == sorted(names) and [patch.form(n) for n in names] == ["rows", "rows", "columns"]
+    j, k = units[0]["unit"], units[1]["unit"]
+    for name in names:
+        full, one = patch.dense(name), single.dense(name)
+        mine, other = (full[:, j], full[:, k]) if name == names[2] else (full[j], full[k])
+        assert torch.equal(mine, one[:, j] if name == names[2] else one[j]), name
+        assert other.abs().max() > 0, name
+        rest = full.clone()
+        if name == names[2]:
+            rest[:, [j, k]] = 0
+        else:
+            rest[[j, k]] = 0
+        assert not rest.any(), name
+    assert len(patch.history) == 3 and patch.history[0].nll == pytest.approx(
+        (units[0]["nll_first"] + units[1]["nll_first"]) / 2)
+    with patch.applied(model):
+        assert not same_state(model, before)
+    assert same_state(model, before)
