@@ -151,7 +151,9 @@ class EditConfig:
             instance's benign prompt; then all three train on the losses above plus that hinge on the off side, so
             where the gate is off the unit adds next to nothing. `preserve_weight` penalises the change of the MLP's
             output on those tokens (as for "gate"). Not with `rank` or `precondition`; `EditConfig.unit()` is the
-            measured setting (README, "One unit as a thresholded detector").
+            measured setting (README, "One unit as a thresholded detector"). With a list of instances, one unit per
+            instance, each its instance's single edit (a patch of units, as Transformer-Patcher edits a batch of
+            mistakes: `dinm.editing._unit_patch`).
     """
 
     layer: Optional[int] = None

@@ -111,6 +111,16 @@ def _json_field(metadata: dict[str, str], key: str, kind: type, where: str):
     return value
 
 
+def _index(value) -> bool:
+    """A layer, unit or step number as a delta's metadata may hold it: an int in [0, 10^6) (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1_000_000
+
+
+def _number(value) -> bool:
+    """A figure a delta's metadata may hold: an int or a float a float can hold (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e308
+
+
 def _form(desc: dict, tensors: dict[str, torch.Tensor], name: str) -> str:
     """The form a parameter's update is stored in (a delta written before the "form" field: rows when it holds
     a row mask, else dense)."""
@@ -377,8 +387,38 @@ class Delta:
                   for key, kind in (("distances", list), ("history", list), ("config", dict), ("seconds", dict),
                                     ("layers", list), ("units", list))
                   if key in self.metadata}
-        if not all(isinstance(h, dict) and isinstance(h.get("step"), int) and isinstance(h.get("nll"), (int, float))
-                   and all(isinstance(h.get(k), (int, float, type(None))) for k in ("kl", "moved", "unsafe", "loss"))
+        if not all(isinstance(h, dict) and isinstance(h.get("step"), int) and _number(h.get("nll"))
+                   and all(h.get(k) is None or _number(h[k]) for k in ("kl", "moved", "unsafe", "off", "loss"))
+                   and isinstance(h.get("stopped", False), bool) for h in parsed.get("history", [])):
+            raise DeltaError(f"delta {where}: metadata field 'history' must be a list of steps (objects with 'step' "
+                             f"and 'nll'); use an intact copy")
+        if "layer" in self.metadata and not re.fullmatch(r"\d{1,6}", self.metadata["layer"]):
+            raise DeltaError(f"delta {where}: metadata field 'layer' must be a layer number, got "
+                             f"{self.metadata['layer'][:20]!r}")
+        units = parsed.get("units", [])
+        if not all(_index(n) for n in parsed.get("layers", [])) or ("units" in parsed) != ("layers" in parsed) or (
+                "layers" in parsed and "layer" in self.metadata and parsed["layers"] != [int(self.metadata["layer"])]):
+            raise DeltaError(f"delta {where}: metadata field 'layers' must be a list of layer numbers (with 'units', "
+                             f"and only with them; its one layer where 'layer' is given too); use an intact copy")
+        if not all(isinstance(u, dict) and isinstance(u.get("instance_id"), str)
+                   and all(_index(u.get(k)) for k in ("layer", "unit", "steps_run"))
+                   and all(_number(u.get(k)) for k in ("nll_first", "nll_last"))
+                   and isinstance(u.get("distances", []), list) and all(_number(x) for x in u.get("distances", []))
+                   for u in units) or sorted({u["layer"] for u in units}) != parsed.get("layers", []):
+            raise DeltaError(f"delta {where}: metadata field 'units' must be a list of units (objects with "
+                             f"instance_id, layer, unit, steps_run, nll_first, nll_last) on the layers of 'layers'; "
+                             f"use an intact copy")
+        if "tensors" not in self.metadata:
+            raise DeltaError(f"delta {where} has no valid 'tensors' metadata")
+        described = _json_field(self.metadata, "tensors", dict, where)
+        if not described:
+            raise DeltaError(f"delta {where} has no valid 'tensors' metadata")
+        parsed = {key: _json_field(self.metadata, key, kind, where)
+                  for key, kind in (("distances", list), ("history", list), ("config", dict), ("seconds", dict),
+                                    ("layers", list), ("units", list))
+                  if key in self.metadata}
+        if not all(isinstance(h, dict) and isinstance(h.get("step"), int) and _number(h.get("nll"))
+                   and all(h.get(k) is None or _number(h[k]) for k in ("kl", "moved", "unsafe", "off", "loss"))
                    and isinstance(h.get("stopped", False), bool) for h in parsed.get("history", [])):
             raise DeltaError(f"delta {where}: metadata field 'history' must be a list of steps (objects with 'step' "
                              f"and 'nll'); use an intact copy")

@@ -9,6 +9,7 @@ write to the model (`dinm.passes`); the result is a `Delta`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -425,29 +426,34 @@ def _package(model, batch: list[Instance], config: EditConfig, run: _Run) -> Del
 
 def _unit_patch(model, tokenizer, batch: list[Instance], config: EditConfig, progress: bool | None) -> Delta:
     """A batch edit with `matrix="unit"`: one unit per instance (Transformer-Patcher's batch edit, one neuron per
-    mistake), each located, chosen and trained as a single edit of its instance on the unedited model, no two the
-    same unit, each kept off on every instance's benign prompt; one `Delta` writes them all. The units do not see
-    each other while they train: each is off on benign text, where the others are off too."""
+    mistake), no two the same unit, each kept off on every instance's benign prompt; one `Delta` writes them all.
+    The units are trained one after another, each as its instance's single edit of the model with the units before
+    it added (through their hooks: the model is not written), so a unit learns what the patch still lacks; the
+    first is its instance's single edit, bit for bit."""
     taken: dict[int, set[int]] = {}
     runs = []
-    for inst in tqdm(batch, desc="dinm edit (a unit per instance)", disable=None if progress is None else not progress,
-                     leave=False):
-        run = _train(model, tokenizer, [inst], config, False, taken, batch)
-        taken.setdefault(run.layer, set()).add(run.trained.unit.j)
-        runs.append(run)
+    with contextlib.ExitStack() as earlier:
+        for inst in tqdm(batch, desc="dinm edit (a unit per instance)", leave=False,
+                         disable=None if progress is None else not progress):
+            run = _train(model, tokenizer, [inst], config, False, taken, batch)
+            taken.setdefault(run.layer, set()).add(run.trained.unit.j)
+            runs.append(run)
+            if any(not s.stopped for s in run.history):
+                earlier.enter_context(unit.adding_unit(run.trained.unit, run.trained.update().detach()))
     units = [{"instance_id": inst.id, "layer": run.layer, "unit": run.trained.unit.j,
               "steps_run": sum(not s.stopped for s in run.history), "nll_first": run.history[0].nll,
               "nll_last": run.history[-1].nll, "distances": run.distances} for inst, run in zip(batch, runs)]
     layers = sorted(taken)
     seconds = {k: round(sum(run.seconds[k] for run in runs), 3) for k in runs[0].seconds}
+    history = _mean_history([run.history for run in runs])
     info = {
         **_provenance(model, batch, config),
         **({"layer": str(layers[0])} if len(layers) == 1 else {}),
         "layers": layers,
         "units": units,
         "distances": [],
-        "history": [s.to_dict() for s in _mean_history([run.history for run in runs])],
-        "steps_run": str(max(u["steps_run"] for u in units)),
+        "history": [s.to_dict() for s in history],
+        "steps_run": str(sum(not s.stopped for s in history)),
         "seconds": seconds,
         "compute": runs[0].compute,
     }
@@ -461,16 +467,19 @@ def _unit_patch(model, tokenizer, batch: list[Instance], config: EditConfig, pro
 
 
 def _mean_history(histories: list[list[Step]]) -> list[Step]:
-    """A patch's history: at each step index every unit ran (none stopped there), the mean of each recorded figure
-    over the units (what a batch edit's history holds: means over its instances)."""
+    """A patch's history: at each step index, the mean of each recorded figure over the units that ran that step
+    (a unit that stopped early, `stop_nll`, has no more); where none did, one last record, stopped, of the mean NLL
+    at which the units stopped (as a single edit's history ends). Its steps run are the most any unit ran."""
     out = []
-    for i in range(min(len(h) for h in histories)):
-        steps = [h[i] for h in histories]
-        if any(s.stopped for s in steps):
+    for i in range(max(len(h) for h in histories)):
+        steps = [h[i] for h in histories if len(h) > i]
+        running = [s for s in steps if not s.stopped]
+        if not running:
+            out.append(Step(i, sum(s.nll for s in steps) / len(steps), stopped=True))
             break
         fields = {}
         for f in ("nll", "kl", "moved", "unsafe", "off", "loss"):
-            values = [getattr(s, f) for s in steps]
+            values = [getattr(s, f) for s in running]
             if all(v is not None for v in values):
                 fields[f] = sum(values) / len(values)
         out.append(Step(i, **fields))

@@ -130,8 +130,8 @@ def to_peft(deltas: Sequence[Delta], folder: str | os.PathLike, *, rank: int | N
         "layers_pattern": spec.layers.rpartition(".")[2] if transform else None, "rank_pattern": {},
         "alpha_pattern": {},
     }
-    provenance = [{"layer": d.layer, "instance_id": d.metadata.get("instance_id"), "format": d.metadata["format"],
-                   "checksum": d.metadata.get("checksum")} for d in deltas]
+    provenance = [{"layer": d.layer, "layers": d.layers, "instance_id": d.metadata.get("instance_id"),
+                   "format": d.metadata["format"], "checksum": d.metadata.get("checksum")} for d in deltas]
     with atomic.new_folder(os.fspath(folder)) as tmp:
         with open(os.path.join(tmp, "adapter_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)

@@ -77,12 +77,48 @@ def test_history_is_typed_and_round_trips(edited, tmp_path):
                                                                                                   stopped=True)
     assert Step(3, 0.5, stopped=True).to_dict() == {"step": 3, "nll": 0.5, "stopped": True}
     for bad in ([{"nll": 1.0}], [{"step": 0}], [{"step": "0", "nll": 1.0}], [[0, 1.0]],
-                [{"step": 0, "nll": 1.0, "kl": "x"}], [{"step": 0, "nll": 1.0, "stopped": "yes"}]):
+                [{"step": 0, "nll": 1.0, "kl": "x"}], [{"step": 0, "nll": 1.0, "stopped": "yes"}],
+                [{"step": 0, "nll": 10 ** 400}], [{"step": 0, "nll": True}]):
         metadata = {**delta.metadata, "history": json.dumps(bad)}
         metadata["checksum"] = header_checksum(metadata)  # intact as a file: the history itself is malformed
         save_file(delta.tensors, tmp_path / "h.safetensors", metadata=metadata)
         with pytest.raises(DeltaError, match="'history' must be a list of steps"):
             Delta.load(tmp_path / "h.safetensors")
+
+
+def test_a_patch_of_units_metadata_is_checked(edited, tmp_path):
+    """A patch of units' "units" and "layers" (`dinm.editing._unit_patch`) read back as written; a file that still
+    checksums but holds malformed ones is refused in one line naming the field (what `dinm inspect` would print)."""
+    _, delta = edited
+    unit = {"instance_id": "a", "layer": 1, "unit": 5, "steps_run": 3, "nll_first": 2.0, "nll_last": 0.5,
+            "distances": [0.1, 0.2, 0.3]}
+    good = {k: v for k, v in delta.metadata.items() if k != "layer"}
+    good.update(units=json.dumps([unit, {**unit, "layer": 2, "instance_id": "b"}]), layers="[1, 2]")
+    path = tmp_path / "p.safetensors"
+    for units, layers, field in (
+            ([unit], [1], None), ([unit], [1, 2], "'units'"), ([unit], [10 ** 300], "'layers'"),
+            ([unit], ["1"], "'layers'"), ([{**unit, "layer": 10 ** 7}], [10 ** 7], "'layers'"),
+            ([{**unit, "unit": -1}], [1], "'units'"), ([{**unit, "nll_first": 10 ** 400}], [1], "'units'"),
+            ([{**unit, "steps_run": True}], [1], "'units'"), ([{**unit, "distances": ["x"]}], [1], "'units'"),
+            ([{k: v for k, v in unit.items() if k != "instance_id"}], [1], "'units'"), (["u"], [1], "'units'"),
+            ([unit], None, "'layers'"), (None, [1], "'layers'")):
+        metadata = {k: v for k, v in good.items() if k not in ("units", "layers", "checksum")}
+        metadata.update({k: json.dumps(v) for k, v in (("units", units), ("layers", layers)) if v is not None})
+        metadata["checksum"] = header_checksum(metadata)
+        save_file(delta.tensors, path, metadata=metadata)
+        if field is None:
+            loaded = Delta.load(path)
+            assert loaded.units == units and loaded.layers == layers and loaded.layer is None
+            continue
+        with pytest.raises(DeltaError, match=field):
+            Delta.load(path)
+    metadata = {**good, "units": json.dumps([unit]), "layers": "[1]", "layer": "2"}  # "layer" contradicts "layers"
+    metadata.pop("checksum")
+    metadata["checksum"] = header_checksum(metadata)
+    save_file(delta.tensors, path, metadata=metadata)
+    with pytest.raises(DeltaError, match="'layers'"):
+        Delta.load(path)
+    assert delta.units == [] and delta.layers == [delta.layer]  # (a delta of one edit)
 
 
 def test_applied_reverts_on_exit_even_on_error(edited):

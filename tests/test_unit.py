@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import dinm
-from dinm import EditConfig
+from dinm import EditConfig, editing
 from dinm.export import PREFIX, to_peft
 from dinm.errors import ArchitectureError, ConfigError
 from dinm.unit import MARGIN, Unit, UnitHinge, adding_unit, fit_gate
@@ -141,7 +141,9 @@ def test_a_batch_unit_edit_is_a_patch_of_one_unit_per_instance(llama, instance, 
     """`matrix="unit"` on a list repurposes one unit per instance, each the instance's own single edit: with both
     instances' benign prompts the same (so the first unit's negatives are its single edit's) the first unit's
     vectors are those of the single edit of the first instance, bit for bit; the second is another unit of the same
-    layer. One delta writes both, stored as their two rows and columns; apply then revert restores every bit."""
+    layer, trained on the model with the first added: its first NLL is the second instance's NLL under the first
+    unit's single edit applied. One delta writes both, stored as their two rows and columns; apply then revert
+    restores every bit."""
     import dataclasses
 
     model, tok = llama
@@ -169,8 +171,39 @@ def test_a_batch_unit_edit_is_a_patch_of_one_unit_per_instance(llama, instance, 
         else:
             rest[[j, k]] = 0
         assert not rest.any(), name
+    # The second unit trained on the model with the first: its first NLL is that of its own training (same unit,
+    # negatives, probe) on the model with the first unit's delta applied (weights written, not a hook: the same sums
+    # in another order; fp32 through 3 layers, as above: 1e-4 relative), and the first unit moved it by more.
+    def second_nll():
+        run = editing._train(model, tok, [second], config, False, {1: {j}}, [instance, second])
+        assert run.trained.unit.j == k
+        return run.history[0].nll
+
+    with single.applied(model):
+        assert second_nll() == pytest.approx(units[1]["nll_first"], rel=1e-4)
+    alone = second_nll()
+    assert abs(alone - units[1]["nll_first"]) > 1e-3 * alone, (alone, units[1]["nll_first"])
     assert len(patch.history) == 3 and patch.history[0].nll == pytest.approx(
         (units[0]["nll_first"] + units[1]["nll_first"]) / 2)
     with patch.applied(model):
         assert not same_state(model, before)
     assert same_state(model, before)
+
+
+def test_a_patchs_history_is_the_mean_over_the_units_still_running():
+    """`_mean_history`: at each step the mean over the units that ran it; a unit that stopped early (`stop_nll`)
+    drops out; where every unit has stopped, one stopped record, so `describe` says so; steps run = the most any
+    unit ran."""
+    from dinm import Step
+    from dinm.history import describe, summary
+
+    a = [Step(0, 4.0, kl=0.0, loss=4.0), Step(1, 2.0, kl=0.2, loss=3.0), Step(2, 1.0, stopped=True)]
+    b = [Step(0, 2.0, kl=0.0, loss=2.0), Step(1, 1.5, kl=0.4, loss=2.0), Step(2, 1.0, kl=0.6, loss=1.5)]
+    stopped_first = [Step(0, 0.5, stopped=True)]
+    mean = editing._mean_history([a, b])
+    assert mean == [Step(0, 3.0, kl=0.0, loss=3.0), Step(1, 1.75, kl=pytest.approx(0.3), loss=2.5),
+                    Step(2, 1.0, kl=0.6, loss=1.5)]
+    assert summary(mean)["steps_run"] == 3
+    assert editing._mean_history([stopped_first, a])[0] == Step(0, 4.0, kl=0.0, loss=4.0)  # (the other ran on)
+    both = editing._mean_history([stopped_first, [Step(0, 1.5, stopped=True)]])
+    assert both == [Step(0, 1.0, stopped=True)] and "stopped early" in describe(both)
