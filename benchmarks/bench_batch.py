@@ -43,9 +43,11 @@ def over_prompts(report: dict) -> str:
 def where(patch) -> str:
     """Where the patch edits: one layer, or a patch of units' units by layer."""
     if not patch.units:
-        return f"one layer located by the mean distance, layer {patch.layer}"
+        what = f"one unit ({patch.metadata['unit']}) for all, " if "unit" in patch.metadata else ""
+        return f"{what}one layer located by the mean distance, layer {patch.layer}"
     per = {layer: sum(u["layer"] == layer for u in patch.units) for layer in patch.layers}
-    return (f"one unit per record, each located and trained as its single edit: {len(patch.units)} units, in layers "
+    return (f"one unit per record, each located and trained as its single edit of the model with the units before it "
+            f"added: {len(patch.units)} units, in layers "
             + ", ".join(f"{layer} ({n})" for layer, n in per.items()))
 
 

@@ -36,7 +36,7 @@ def inspect_cmd(delta_path, as_json):
              f"layer: {summary.get('layer', '?')} (distance: {summary.get('distance', '?')})"
              + (f", unit {summary['unit']} repurposed (matrix=unit)" if "unit" in summary else "")]
     if summary.get("units"):
-        lines[-1] = (f"a patch of {len(summary['units'])} units (matrix=unit, one per instance) in layers "
+        lines[-1] = (f"a patch of {len(summary['units'])} units (matrix=unit, unit_per_instance) in layers "
                      f"{', '.join(map(str, summary['layers']))} (distance: {summary.get('distance', '?')})")
         lines += [f"  unit {u['unit']} of layer {u['layer']}: instance {u['instance_id']}, {u['steps_run']} steps, "
                   f"safe-response NLL {u['nll_first']:.3f} -> {u['nll_last']:.3f}" for u in summary["units"]]

@@ -151,9 +151,13 @@ class EditConfig:
             instance's benign prompt; then all three train on the losses above plus that hinge on the off side, so
             where the gate is off the unit adds next to nothing. `preserve_weight` penalises the change of the MLP's
             output on those tokens (as for "gate"). Not with `rank` or `precondition`; `EditConfig.unit()` is the
-            measured setting (README, "One unit as a thresholded detector"). With a list of instances, one unit per
-            instance, each its instance's single edit (a patch of units, as Transformer-Patcher edits a batch of
-            mistakes: `dinm.editing._unit_patch`).
+            measured setting (README, "One unit as a thresholded detector"). With a list of instances, one unit for
+            all of them (or, with `unit_per_instance`, one per instance).
+        unit_per_instance: with `matrix="unit"` and a list of instances, a patch of one unit per instance, as
+            Transformer-Patcher edits a batch of mistakes (`dinm.editing._unit_patch`): each unit is located and
+            trained as its instance's single edit of the model with the units before it added, no two the same
+            unit. Measured on 34 SafeEdit records it is worse than one unit for all and than the dense patch
+            (README, "Batch editing, measured"), so it is off by default. One instance: the single unit edit.
     """
 
     layer: Optional[int] = None
@@ -178,6 +182,7 @@ class EditConfig:
     unsafe_weight: float = 0.0
     precondition: str = "none"
     matrix: str = "auto"
+    unit_per_instance: bool = False
 
     def __post_init__(self):
         check_distance(self.distance)
@@ -215,6 +220,11 @@ class EditConfig:
         if self.matrix == "unit" and (self.rank is not None or self.precondition != "none"):
             raise ConfigError("matrix='unit' trains one unit's gate row, up row and down column; it does not combine "
                               f"with rank={self.rank} or precondition={self.precondition!r} (leave them unset)")
+        if not isinstance(self.unit_per_instance, bool):
+            raise ConfigError(f"unit_per_instance must be true or false, got {self.unit_per_instance!r}")
+        if self.unit_per_instance and self.matrix != "unit":
+            raise ConfigError(f"unit_per_instance=True builds a patch of units; it needs matrix='unit', got "
+                              f"matrix={self.matrix!r} (use EditConfig.unit(unit_per_instance=True))")
         if self.precondition != "none" and self.master_dtype != "float32":
             raise ConfigError(f"precondition={self.precondition!r} trains its whitened update in float32; "
                               f"master_dtype={self.master_dtype!r} does not apply (leave it at 'float32')")
@@ -228,8 +238,8 @@ class EditConfig:
     def resolved(self, gated: bool, instances: int = 1) -> "EditConfig":
         """The config an edit of `instances` instances runs: `matrix="auto"` made "unit" for one instance where the
         model's MLP is `gated` (a gate and an up matrix, `dinm.unit.supported`) and neither `rank` nor
-        `precondition` asks for a matrix, else "down" (a batch too: one unit for many requests refused less on other
-        records than one dense patch, README "Batch editing, measured"); and `steps`, `lr`, `variants` left None
+        `precondition` asks for a matrix, else "down" (a batch too: one dense patch did best by the rule on other
+        records, against one unit for all and a unit per instance, README "Batch editing, measured"); and `steps`, `lr`, `variants` left None
         given that kind of edit's measured values (`UNIT_SETTING`, `MATRIX_SETTING`). A delta stores this one."""
         matrix = self.matrix
         if matrix == "auto":

@@ -40,11 +40,11 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
          progress: bool | None = None) -> Delta:
     """Edit `model` so that it answers `instance.prompt` with `instance.safe`; return the edit as a `Delta`.
 
-    With a list of instances (batch editing: a list of failures, one patch), one `Delta` answers them all. A unit
-    edit (`matrix="unit"`) repurposes one unit per instance, each trained as that instance's single edit and kept
-    off on every instance's benign prompt (a patch of units, `_unit_patch`); a matrix edit locates one layer for
-    all of them (the largest mean distance) and trains on their mean NLL plus the KL on all their benign prompts and
-    the benign-key penalty.
+    With a list of instances (batch editing: a list of failures, one patch), one `Delta` answers them all: one
+    layer located for all of them (the largest mean distance), trained on their mean NLL plus the KL on all their
+    benign prompts and the benign-key penalty (a unit edit: one unit, kept off on all their benign prompts). With
+    `config.unit_per_instance`, one unit per instance instead, each trained as that instance's single edit of the
+    model with the units before it added (a patch of units, `_unit_patch`).
 
     The model is left bit-identical (weights, `requires_grad` flags, train/eval mode); call
     `delta.apply(model)`, or `with delta.applied(model): ...`, to edit it.
@@ -74,7 +74,7 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
     """
     batch = _batch(instance)
     config = (config or EditConfig()).resolved(unit.supported(model), len(batch))
-    if config.matrix == "unit" and len(batch) > 1:
+    if config.unit_per_instance and len(batch) > 1:
         return _unit_patch(model, tokenizer, batch, config, progress)
     run = _train(model, tokenizer, batch, config, progress)
     return _package(model, batch, config, run)
@@ -425,7 +425,7 @@ def _package(model, batch: list[Instance], config: EditConfig, run: _Run) -> Del
 
 
 def _unit_patch(model, tokenizer, batch: list[Instance], config: EditConfig, progress: bool | None) -> Delta:
-    """A batch edit with `matrix="unit"`: one unit per instance (Transformer-Patcher's batch edit, one neuron per
+    """A batch edit with `unit_per_instance`: one unit per instance (Transformer-Patcher's batch edit, one neuron per
     mistake), no two the same unit, each kept off on every instance's benign prompt; one `Delta` writes them all.
     The units are trained one after another, each as its instance's single edit of the model with the units before
     it added (through their hooks: the model is not written), so a unit learns what the patch still lacks; the

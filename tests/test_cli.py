@@ -60,9 +60,16 @@ def test_edit_all_makes_one_patch_from_every_record(tiny_folder, tmp_path):
     report = json.loads(result.output[result.output.index("{"):])
     assert report["instances"] == 3 and Delta.load(str(patch)).instance_ids == [i.id for i in load_instances(many)]
     assert Delta.load(str(patch)).config == EditConfig.dense(steps=2, lr=1e-2)  # (a batch's default: dense)
-    units = tmp_path / "units.safetensors"  # --unit: a patch of one unit per record, listed by inspect
-    result = run("edit", tiny_folder, "--instance", many, "--all", "--unit", "--steps", 1, "-o", units)
+    one = tmp_path / "one.safetensors"  # --unit: one unit for every record
+    result = run("edit", tiny_folder, "--instance", many, "--all", "--unit", "--steps", 1, "-o", one)
+    assert result.exit_code == 0 and "units in layers" not in result.output, result.output
+    assert not Delta.load(str(one)).units and Delta.load(str(one)).metadata["unit"].isdigit()
+    units = tmp_path / "units.safetensors"  # --unit-per-instance: a patch of one unit per record, listed by inspect
+    result = run("edit", tiny_folder, "--instance", many, "--all", "--unit-per-instance", "--steps", 1, "-o", units)
     assert result.exit_code == 0 and "3 units in layers" in result.output, result.output
+    wrong = run("edit", tiny_folder, "--instance", many, "--all", "--unit-per-instance", "--matrix", "down", "-o",
+                tmp_path / "x.safetensors")
+    assert wrong.exit_code != 0 and "unit_per_instance" in wrong.output and len(wrong.output.strip().splitlines()) == 1
     made = Delta.load(str(units))
     shown = run("inspect", units).output
     assert len(made.units) == 3 and "a patch of 3 units" in shown and all(

@@ -29,7 +29,8 @@ def test_unknown_field_suggests():
                                           ("compute_dtype", "float16"), ("preserve_weight", -1.0),
                                           ("unsafe_weight", -1.0), ("unsafe_weight", float("nan")),
                                           ("precondition", "adam"), ("matrix", "o_proj"),
-                                          ("max_prompt_tokens", 2.5), ("variants", "all"), ("steps", 2.5)])
+                                          ("max_prompt_tokens", 2.5), ("variants", "all"), ("steps", 2.5),
+                                          ("unit_per_instance", 1), ("unit_per_instance", True)])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field if field != "distance" else "distance"):
         EditConfig(**{field: value})

@@ -131,14 +131,31 @@ def test_the_default_edit_is_the_unit_setting_on_a_gated_mlp_and_the_dense_one_e
     dense_delta = dinm.edit(gpt2, tokenizer, instance, EditConfig(layer=1, steps=1))
     assert dense_delta.names == ["transformer.h.1.mlp.c_proj.weight"] and "unit" not in dense_delta.metadata
     assert dense_delta.config == EditConfig.dense(layer=1, steps=1)
-    # A batch's default is the dense edit on any architecture (one unit for many requests generalised less).
+    # A batch's default is the dense edit on any architecture (by the rule it beat one unit for all and a unit per
+    # instance on SafeEdit: README, "Batch editing, measured").
     patch = dinm.edit(llama, tokenizer, [instance, instance], EditConfig(layer=1, steps=1))
     assert patch.config == EditConfig.dense(layer=1, steps=1) and len(patch.names) == 1
 
 
+def test_a_batch_unit_edit_is_one_unit_for_all_the_instances(llama, instance, other_instance):
+    """`matrix="unit"` on a list (without `unit_per_instance`) trains one unit on every instance: one gate row, up
+    row and down column, the history's NLL the mean of both instances' (the patch of units below starts from each
+    instance's own)."""
+    model, tok = llama
+    config = EditConfig.unit(steps=1, layer=1)
+    both = dinm.edit(model, tok, [instance, other_instance], config)
+    first = dinm.edit(model, tok, instance, config)
+    second = dinm.edit(model, tok, other_instance, config)
+    assert not both.units and both.layers == [1] and both.metadata["unit"].isdigit()
+    down = both.dense("model.layers.1.mlp.down_proj.weight")
+    assert int(both.metadata["unit"]) in down.abs().sum(0).nonzero().flatten().tolist()
+    assert (down.abs().sum(0) > 0).sum() == 1  # one column
+    # (step 0 is before any update, so each NLL is the unedited model's: equal up to float32 summation order)
+    assert both.history[0].nll == pytest.approx((first.history[0].nll + second.history[0].nll) / 2, rel=1e-5)
+
 
 def test_a_batch_unit_edit_is_a_patch_of_one_unit_per_instance(llama, instance, other_instance):
-    """`matrix="unit"` on a list repurposes one unit per instance, each the instance's own single edit: with both
+    """`unit_per_instance` on a list repurposes one unit per instance, each the instance's own single edit: with both
     instances' benign prompts the same (so the first unit's negatives are its single edit's) the first unit's
     vectors are those of the single edit of the first instance, bit for bit; the second is another unit of the same
     layer, trained on the model with the first added: its first NLL is the second instance's NLL under the first
@@ -148,7 +165,7 @@ def test_a_batch_unit_edit_is_a_patch_of_one_unit_per_instance(llama, instance, 
 
     model, tok = llama
     second = dataclasses.replace(other_instance, benign_prompt=instance.benign_prompt)
-    config = EditConfig.unit(steps=3, layer=1)
+    config = EditConfig.unit(steps=3, layer=1, unit_per_instance=True)
     before = state(model)
     patch = dinm.edit(model, tok, [instance, second], config)
     single = dinm.edit(model, tok, instance, config)
