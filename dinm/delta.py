@@ -408,33 +408,6 @@ class Delta:
             raise DeltaError(f"delta {where}: metadata field 'units' must be a list of units (objects with "
                              f"instance_id, layer, unit, steps_run, nll_first, nll_last) on the layers of 'layers'; "
                              f"use an intact copy")
-        if "tensors" not in self.metadata:
-            raise DeltaError(f"delta {where} has no valid 'tensors' metadata")
-        described = _json_field(self.metadata, "tensors", dict, where)
-        if not described:
-            raise DeltaError(f"delta {where} has no valid 'tensors' metadata")
-        parsed = {key: _json_field(self.metadata, key, kind, where)
-                  for key, kind in (("distances", list), ("history", list), ("config", dict), ("seconds", dict),
-                                    ("layers", list), ("units", list))
-                  if key in self.metadata}
-        if not all(isinstance(h, dict) and isinstance(h.get("step"), int) and _number(h.get("nll"))
-                   and all(h.get(k) is None or _number(h[k]) for k in ("kl", "moved", "unsafe", "off", "loss"))
-                   and isinstance(h.get("stopped", False), bool) for h in parsed.get("history", [])):
-            raise DeltaError(f"delta {where}: metadata field 'history' must be a list of steps (objects with 'step' "
-                             f"and 'nll'); use an intact copy")
-        if "layer" in self.metadata and not re.fullmatch(r"\d{1,6}", self.metadata["layer"]):
-            raise DeltaError(f"delta {where}: metadata field 'layer' must be a layer number, got "
-                             f"{self.metadata['layer'][:20]!r}")
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in parsed.get("layers", [])):
-            raise DeltaError(f"delta {where}: metadata field 'layers' must be a list of layer numbers; use an intact "
-                             f"copy")
-        if not all(isinstance(u, dict) and isinstance(u.get("instance_id"), str)
-                   and all(isinstance(u.get(k), int) and not isinstance(u.get(k), bool) and u[k] >= 0
-                           for k in ("layer", "unit", "steps_run"))
-                   and all(isinstance(u.get(k), (int, float)) for k in ("nll_first", "nll_last"))
-                   and isinstance(u.get("distances", []), list) for u in parsed.get("units", [])):
-            raise DeltaError(f"delta {where}: metadata field 'units' must be a list of units (objects with "
-                             f"instance_id, layer, unit, steps_run, nll_first, nll_last); use an intact copy")
         expected = set()
         for name, desc in described.items():
             if not (isinstance(desc, dict) and isinstance(desc.get("shape"), list)
