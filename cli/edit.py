@@ -59,6 +59,8 @@ def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, d
 
     if use_all and index is not None:
         raise click.UsageError("give --index (one record) or --all (every record), not both")
+    if unit_per_instance and not use_all:
+        raise click.UsageError("--unit-per-instance makes a patch of one unit per record: give --all too")
     check_new_file(output, overwrite, "output")
     # Bad input fails before the model is loaded.
     instance = load_instances(instance_path) if use_all else load_instance(instance_path, index or 0)

@@ -155,9 +155,10 @@ class EditConfig:
             all of them (or, with `unit_per_instance`, one per instance).
         unit_per_instance: with `matrix="unit"` and a list of instances, a patch of one unit per instance, as
             Transformer-Patcher edits a batch of mistakes (`dinm.editing._unit_patch`): each unit is located and
-            trained as its instance's single edit of the model with the units before it added, no two the same
-            unit. Measured on 34 SafeEdit records it is worse than one unit for all and than the dense patch
-            (README, "Batch editing, measured"), so it is off by default. One instance: the single unit edit.
+            trained as its instance's single edit of the model with the units before it added, kept off on every
+            instance's benign prompt, no two the same unit. Measured on 34 SafeEdit records it is worse than one
+            unit for all and than the dense patch (README, "Batch editing, measured"), so it is off by default.
+            One instance: the single unit edit.
     """
 
     layer: Optional[int] = None
@@ -239,8 +240,9 @@ class EditConfig:
         """The config an edit of `instances` instances runs: `matrix="auto"` made "unit" for one instance where the
         model's MLP is `gated` (a gate and an up matrix, `dinm.unit.supported`) and neither `rank` nor
         `precondition` asks for a matrix, else "down" (a batch too: one dense patch did best by the rule on other
-        records, against one unit for all and a unit per instance, README "Batch editing, measured"); and `steps`, `lr`, `variants` left None
-        given that kind of edit's measured values (`UNIT_SETTING`, `MATRIX_SETTING`). A delta stores this one."""
+        records, against one unit for all and a unit per instance, README "Batch editing, measured"); and `steps`,
+        `lr`, `variants` left None given that kind of edit's measured values (`UNIT_SETTING`, `MATRIX_SETTING`). A
+        delta stores this one."""
         matrix = self.matrix
         if matrix == "auto":
             single = instances == 1

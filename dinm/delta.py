@@ -248,7 +248,7 @@ class Delta:
 
     @property
     def layers(self) -> list[int]:
-        """The layers the edit changed: several for a patch of units (`dinm.edit` of a list with `matrix="unit"`),
+        """The layers the edit changed: several for a patch of units (`EditConfig.unit_per_instance` on a list),
         else its one layer (empty when not recorded)."""
         if "layers" in self.metadata:
             return json.loads(self.metadata["layers"])
@@ -404,10 +404,11 @@ class Delta:
                    and all(_index(u.get(k)) for k in ("layer", "unit", "steps_run"))
                    and all(_number(u.get(k)) for k in ("nll_first", "nll_last"))
                    and isinstance(u.get("distances", []), list) and all(_number(x) for x in u.get("distances", []))
-                   for u in units) or sorted({u["layer"] for u in units}) != parsed.get("layers", []):
+                   for u in units) or sorted({u["layer"] for u in units}) != parsed.get("layers", []) or len(
+                {(u["layer"], u["unit"]) for u in units}) != len(units) or (units and "unit" in self.metadata):
             raise DeltaError(f"delta {where}: metadata field 'units' must be a list of units (objects with "
-                             f"instance_id, layer, unit, steps_run, nll_first, nll_last) on the layers of 'layers'; "
-                             f"use an intact copy")
+                             f"instance_id, layer, unit, steps_run, nll_first, nll_last) on the layers of 'layers', no "
+                             f"unit twice, and no 'unit' beside it; use an intact copy")
         expected = set()
         for name, desc in described.items():
             if not (isinstance(desc, dict) and isinstance(desc.get("shape"), list)

@@ -428,8 +428,9 @@ def _unit_patch(model, tokenizer, batch: list[Instance], config: EditConfig, pro
     """A batch edit with `unit_per_instance`: one unit per instance (Transformer-Patcher's batch edit, one neuron per
     mistake), no two the same unit, each kept off on every instance's benign prompt; one `Delta` writes them all.
     The units are trained one after another, each as its instance's single edit of the model with the units before
-    it added (through their hooks: the model is not written), so a unit learns what the patch still lacks; the
-    first is its instance's single edit, bit for bit."""
+    it added (through their hooks: the model is not written), so a unit learns what the patch still lacks; where
+    the instances share one benign prompt (so that the negatives are the same), the first unit is its instance's
+    single edit, bit for bit."""
     taken: dict[int, set[int]] = {}
     runs = []
     with contextlib.ExitStack() as earlier:

@@ -94,6 +94,12 @@ def weight_sums(tensors) -> tuple:
     return tuple(torch.stack([v.cpu() for v in values]).tolist()) if values else ()
 
 
+def hooked(model) -> bool:
+    """Whether any module of `model` has forward hooks (a patch's earlier units added while the next trains): its
+    outputs are not those of its weights, so nothing computed from them may be kept under a key of its weights."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def _corpus_ids(tokenizer, chat_template: bool, max_response_tokens: int) -> list[list[int]]:
     seqs = [encode_pair(tokenizer, p, r, chat_template=chat_template, max_response_tokens=max_response_tokens).ids
             for p, r in benign_corpus()]
@@ -104,9 +110,11 @@ def _kept(model, tokenizer, layer: int, kind: str, name: str, chat_template: boo
           compute, detail: object = None) -> torch.Tensor:
     """A statistic of the inputs of module `name` over the benign corpus (`kind`: "keys", the second moment; "inputs", a
     sample of `detail` tokens), from memory, else from the disk cache, else `compute(seqs)` and kept in both (see
-    the module's text)."""
+    the module's text). A `hooked` model's is computed every time and kept nowhere."""
     key = (id(model), layer, chat_template, max_response_tokens, kind, detail)
     module = model.get_submodule(name)
+    if hooked(model):
+        return compute(_corpus_ids(tokenizer, chat_template, max_response_tokens))
     sums = _weight_sums(model, layer, module)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == sums:

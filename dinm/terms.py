@@ -20,7 +20,7 @@ from .arch import mlp_module, mlp_name
 from .config import EditConfig
 from .generate import generate_ids
 from .instance import Instance
-from .keys import key_moment, mlp_inputs, weight_sums
+from .keys import hooked, key_moment, mlp_inputs, weight_sums
 from .passes import Passes, Sequence
 from .text import Encoded, encode_pair, end_of_reply_id, pad_id
 from .trace import adding
@@ -203,12 +203,10 @@ def own_replies(model, tokenizer, prompts: list[list[int]], tokens: int) -> list
     device, and its generation config, are compared: an applied delta is a miss), and kept for the next: a second
     edit of an instance, with other settings or in a sweep, does not generate its benign reply again (4-5 s for 64
     tokens of SmolLM2-135M on 2 cores). A model with offloaded parameters (accelerate's device_map) is not cached:
-    their values cannot be read cheaply; nor is one with forward hooks. The tokenizer's padding and end tokens are compared too."""
+    their values cannot be read cheaply; nor is a `keys.hooked` one (its replies are not those of its weights). The
+    tokenizer's padding and end tokens are compared too."""
     params = list(model.parameters())
-    # (nor is a model with forward hooks, e.g. a patch's earlier units added while the next trains: its replies
-    # are not those of its weights)
-    cached = not any(p.device.type == "meta" for p in params) and not any(
-        m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    cached = not any(p.device.type == "meta" for p in params) and not hooked(model)
     state = (id(model), weight_sums(params), tuple(sorted({f"{p.dtype} {p.device}" for p in params})),
              model.generation_config.to_json_string(), pad_id(tokenizer), end_of_reply_id(tokenizer)) \
         if cached else None

@@ -70,6 +70,8 @@ def test_edit_all_makes_one_patch_from_every_record(tiny_folder, tmp_path):
     wrong = run("edit", tiny_folder, "--instance", many, "--all", "--unit-per-instance", "--matrix", "down", "-o",
                 tmp_path / "x.safetensors")
     assert wrong.exit_code != 0 and "unit_per_instance" in wrong.output and len(wrong.output.strip().splitlines()) == 1
+    alone = run("edit", tiny_folder, "--instance", many, "--unit-per-instance", "-o", tmp_path / "x.safetensors")
+    assert alone.exit_code == 2 and "give --all too" in alone.output
     made = Delta.load(str(units))
     shown = run("inspect", units).output
     assert len(made.units) == 3 and "a patch of 3 units" in shown and all(

@@ -101,7 +101,8 @@ def test_a_patch_of_units_metadata_is_checked(edited, tmp_path):
             ([{**unit, "unit": -1}], [1], "'units'"), ([{**unit, "nll_first": 10 ** 400}], [1], "'units'"),
             ([{**unit, "steps_run": True}], [1], "'units'"), ([{**unit, "distances": ["x"]}], [1], "'units'"),
             ([{k: v for k, v in unit.items() if k != "instance_id"}], [1], "'units'"), (["u"], [1], "'units'"),
-            ([unit], None, "'layers'"), (None, [1], "'layers'")):
+            ([unit], None, "'layers'"), (None, [1], "'layers'"),
+            ([unit, {**unit, "instance_id": "b"}], [1], "'units'")):  # (the same unit twice)
         metadata = {k: v for k, v in good.items() if k not in ("units", "layers", "checksum")}
         metadata.update({k: json.dumps(v) for k, v in (("units", units), ("layers", layers)) if v is not None})
         metadata["checksum"] = header_checksum(metadata)
@@ -117,6 +118,12 @@ def test_a_patch_of_units_metadata_is_checked(edited, tmp_path):
     metadata["checksum"] = header_checksum(metadata)
     save_file(delta.tensors, path, metadata=metadata)
     with pytest.raises(DeltaError, match="'layers'"):
+        Delta.load(path)
+    metadata = {**good, "units": json.dumps([unit]), "layers": "[1]", "unit": "5"}  # one unit's 'unit' beside it
+    metadata.pop("checksum")
+    metadata["checksum"] = header_checksum(metadata)
+    save_file(delta.tensors, path, metadata=metadata)
+    with pytest.raises(DeltaError, match="'units'"):
         Delta.load(path)
     assert delta.units == [] and delta.layers == [delta.layer]  # (a delta of one edit)
 

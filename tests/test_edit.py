@@ -387,6 +387,26 @@ def test_own_replies_of_more_prompts_than_it_keeps(llama, monkeypatch):
     assert terms.own_replies(model, tok, prompts, 4) == expected and len(terms._REPLIES) == 1
 
 
+def test_own_replies_of_a_hooked_model_are_its_own_and_not_kept(llama):
+    """A model with a forward hook (a patch's earlier units, added while the next trains) replies as hooked: its
+    replies are generated, not read from the plain model's, and not kept for it."""
+    from dinm import terms
+    from dinm.arch import mlp_module
+    from dinm.generate import generate_ids
+
+    model, tok = llama
+    prompts = [tok.encode("one prompt")]
+    plain = terms.own_replies(model, tok, prompts, 4)
+    handle = mlp_module(model, 0).register_forward_hook(lambda _m, _args, out: out + 3.0)
+    try:
+        expected = [tuple(r) for r in generate_ids(model, tok, prompts, max_new_tokens=4)]
+        assert expected != [tuple(r) for r in plain]  # (the hook changes the reply: the check below can tell)
+        assert [tuple(r) for r in terms.own_replies(model, tok, prompts, 4)] == expected
+    finally:
+        handle.remove()
+    assert terms.own_replies(model, tok, prompts, 4) == plain
+
+
 def test_request_variants_train_the_request_alone_and_wrapped(llama, instance, monkeypatch):
     """`variants="request"`: the edit's NLL reads the attack and, as a second target, the request dinm reads from the
     prompt alone (`request_of`), both answered with the safe response; the default reads the attack only.

@@ -5,7 +5,7 @@ import torch
 
 import dinm
 from dinm import EditConfig, cache, keys
-from dinm.arch import as_out_in, arch_spec, matrix_name, mlp_out_name
+from dinm.arch import as_out_in, arch_spec, matrix_name, mlp_module, mlp_out_name
 from dinm.text import encode_pair
 
 U = 2.0 ** -24  # fp32 unit roundoff
@@ -76,8 +76,7 @@ def test_key_moment_is_the_models_own_under_a_callers_autocast(llama):
 def test_key_moment_is_kept_until_the_weights_below_change(llama):
     model, tok = llama
     keys._CACHE.clear()
-    calls = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    calls, handle = _counting_forwards(model)
     try:
         first = keys.key_moment(model, tok, 1)
         runs = len(calls)
@@ -140,9 +139,21 @@ def test_preserve_weight_keeps_the_update_off_benign_inputs(tiny, instance):
                                                 rel=4 * U)
 
 
+class _Counted:
+    """Counts the embedding's forward calls by wrapping its `forward` (a forward hook would mark the model
+    `keys.hooked`, which nothing is cached for); `remove()` unwraps it."""
+
+    def __init__(self, module, calls):
+        self.module, inner = module, module.forward
+        module.forward = lambda *a, **k: (calls.append(1), inner(*a, **k))[1]
+
+    def remove(self):
+        del self.module.forward
+
+
 def _counting_forwards(model):
     calls = []
-    return calls, model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    return calls, _Counted(model.get_input_embeddings(), calls)
 
 
 def test_key_moment_is_kept_on_disk_for_the_next_process(llama, tmp_path, monkeypatch):
@@ -309,6 +320,27 @@ def test_mlp_inputs_are_kept_through_a_change_of_the_block_and_on_disk(llama, tm
     finally:
         handle.remove()
     assert torch.equal(keys.key_moment(model, tok, 1), keys.key_moment(model, tok, 1))  # (another kind, another key)
+
+
+def test_nothing_is_kept_for_a_model_with_forward_hooks(llama, tmp_path, monkeypatch):
+    """A hook that changes what a layer computes (a patch's earlier unit, added while the next trains) changes
+    the inputs above it: with it, the sample and the key statistic are computed from the hooked model and kept
+    neither in memory nor on disk, and the plain model's, kept before, are not read for it (nor it for them)."""
+    model, tok = llama
+    monkeypatch.setenv("DINM_CACHE", str(tmp_path))
+    keys._CACHE.clear()
+    plain = keys.mlp_inputs(model, tok, 1, sample=64)
+    moment = keys.key_moment(model, tok, 1)
+    files = sorted(os.listdir(tmp_path))
+    handle = mlp_module(model, 0).register_forward_hook(lambda _m, _args, out: out + 0.5)
+    try:
+        hooked = keys.mlp_inputs(model, tok, 1, sample=64)
+        assert not torch.equal(hooked, plain) and keys.mlp_inputs(model, tok, 1, sample=64) is not hooked
+        assert not torch.equal(keys.key_moment(model, tok, 1), moment)
+    finally:
+        handle.remove()
+    assert sorted(os.listdir(tmp_path)) == files  # nothing written under the hook
+    assert keys.mlp_inputs(model, tok, 1, sample=64) is plain and keys.key_moment(model, tok, 1) is moment
 
 
 def test_output_penalty_of_the_output_matrix_is_the_key_penalty(tiny):
