@@ -111,10 +111,10 @@ def _kept(model, tokenizer, layer: int, kind: str, name: str, chat_template: boo
     """A statistic of the inputs of module `name` over the benign corpus (`kind`: "keys", the second moment; "inputs", a
     sample of `detail` tokens), from memory, else from the disk cache, else `compute(seqs)` and kept in both (see
     the module's text). A `hooked` model's is computed every time and kept nowhere."""
-    key = (id(model), layer, chat_template, max_response_tokens, kind, detail)
-    module = model.get_submodule(name)
     if hooked(model):
         return compute(_corpus_ids(tokenizer, chat_template, max_response_tokens))
+    key = (id(model), layer, chat_template, max_response_tokens, kind, detail)
+    module = model.get_submodule(name)
     sums = _weight_sums(model, layer, module)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == sums:

@@ -150,7 +150,9 @@ def test_a_batch_unit_edit_is_one_unit_for_all_the_instances(llama, instance, ot
     down = both.dense("model.layers.1.mlp.down_proj.weight")
     assert int(both.metadata["unit"]) in down.abs().sum(0).nonzero().flatten().tolist()
     assert (down.abs().sum(0) > 0).sum() == 1  # one column
-    # (step 0 is before any update, so each NLL is the unedited model's: equal up to float32 summation order)
+    # Step 0 is before any update: the model with the repurposed unit's old output removed. All three edits chose
+    # the same unit, so it is one model, and the NLLs agree up to float32 summation order.
+    assert both.metadata["unit"] == first.metadata["unit"] == second.metadata["unit"]
     assert both.history[0].nll == pytest.approx((first.history[0].nll + second.history[0].nll) / 2, rel=1e-5)
 
 
