@@ -73,6 +73,9 @@ VARIANTS = {
              "default `EditConfig()` on a gated MLP)", EditConfig.unit()),
     "unit_wrapped": ("the unit setting with the request also inside each of dinm's 8 written jailbreak wrappers "
                      "(`variants=\"wrapped\"`)", EditConfig.unit().replace(variants="wrapped")),
+    "unit_two": ("two units, one after another: the unit setting's, then one trained with the request inside "
+                 "dinm's 8 written wrappers on the model with the first added (`variants=\"request+wrapped\"`)",
+                 EditConfig.unit(variants="request+wrapped")),
     "whitened": ("Adam whitened by the inputs of text the edit keeps (`precondition=\"keys\"`), 20 steps at lr 1e-3, "
                  "else the default", EditConfig.dense(precondition="keys", steps=20, lr=1e-3)),
 }
@@ -161,7 +164,10 @@ def main():
             rows.append("| unedited | " + " | ".join(cell(report["metrics"]["before"], c) for c in columns) +
                         " | | |")
         edits = [r["after"]["edit"] for r in report["records"]]
-        layers = sorted({e["layer"] for e in edits})
+        # (several: a unit patch's; a report made before `evaluate` recorded them has None there)
+        layers = sorted({n for e in edits for n in e.get("layers") or [e["layer"]] if n is not None})
+        several = sum(e["layer"] is None and not e.get("layers") for e in edits)
+        layers = f"{layers}" + (f" and {several} edits in several layers (not recorded)" if several else "")
         rows.append(f"| {label} | " + " | ".join(cell(report["metrics"]["after"], c) for c in columns) +
                     f" | {sum(e['seconds'] for e in edits) / len(edits):.1f} | {layers} |")
         print(rows[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)

@@ -206,9 +206,12 @@ def main():
     if not args.keep_judge_section:
         record("Judge agreement", judge_section(agreement, hand, report))
     record("Degenerate replies", degenerate)
-    layers = [r["after"]["edit"]["layer"] for r in report["records"]]
+    # (a patch of units in several layers: "20+22")
+    layers = ["+".join(map(str, r["after"]["edit"].get("layers") or [r["after"]["edit"]["layer"]]))
+              for r in report["records"]]
     edits = [r["after"]["edit"]["seconds"] for r in report["records"]]
-    counts = {layer: layers.count(layer) for layer in sorted(set(layers))}
+    order = sorted(set(layers), key=lambda s: [int(n) for n in s.split("+")])
+    counts = {layer: layers.count(layer) for layer in order}
     parts = " + ".join(map(str, report.get("merged_from", [])))
     joined = (f"Joined with `--merge` from reports of parts of one evaluation ({parts} records, in order; "
               f"{', '.join(os.path.basename(p) for p in args.merge)}): same edit config, judge, "

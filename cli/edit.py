@@ -2,7 +2,7 @@
 
 import click
 
-from dinm.config import COMPUTE_DTYPES, DISTANCES, MATRICES, PRECONDITIONS, UNIT_SETTING
+from dinm.config import COMPUTE_DTYPES, DISTANCES, MATRICES, PRECONDITIONS, UNIT_SETTING, VARIANTS
 
 from ._common import (check_new_file, device_map_option, dtype_option, emit, json_option, load,
                       model_argument, one_line_errors, read_config, trust_option)
@@ -32,6 +32,10 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @click.option("--matrix", type=click.Choice(MATRICES),
               help="What of the MLP to train: unit (one unit as a thresholded detector), down (the output projection, "
                    "DINM's), gate, up; auto: unit where the MLP is gated, else down [default: auto].")
+@click.option("--variants", type=click.Choice(VARIANTS),
+              help="What the edit trains besides the attack: request (the request read from it), wrapped (that too "
+                   "inside dinm's written wrappers), request+wrapped (a unit edit: two units, one for each), none "
+                   "[default: request for a unit, none for a matrix].")
 @click.option("--unit", "unit_setting", is_flag=True,
               help="The unit edit (EditConfig.unit(): --matrix unit, the request alone as a second target, "
                    "40 steps at lr 1e-2; what the default runs on a gated MLP), refused where the MLP has no gate; the "
@@ -48,8 +52,8 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @json_option
 @one_line_errors
 def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, distance, steps, lr, kl_weight,
-             unsafe_weight, rank, precondition, matrix, unit_setting, unit_per_instance, compute_dtype, overwrite,
-             dtype, device_map, trust_remote_code, as_json):
+             unsafe_weight, rank, precondition, matrix, variants, unit_setting, unit_per_instance, compute_dtype,
+             overwrite, dtype, device_map, trust_remote_code, as_json):
     """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
     import os
     import time
@@ -69,7 +73,7 @@ def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, d
         config = config.replace(**UNIT_SETTING, **({"unit_per_instance": True} if unit_per_instance else {}))
     overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight,
                      unsafe_weight=unsafe_weight, rank=rank, precondition=precondition, matrix=matrix,
-                     compute_dtype=compute_dtype)
+                     variants=variants, compute_dtype=compute_dtype)
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     net, tokenizer = load(model, dtype, trust_remote_code, device_map)
     started = time.perf_counter()

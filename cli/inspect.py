@@ -36,9 +36,13 @@ def inspect_cmd(delta_path, as_json):
              f"layer: {summary.get('layer', '?')} (distance: {summary.get('distance', '?')})"
              + (f", unit {summary['unit']} repurposed (matrix=unit)" if "unit" in summary else "")]
     if summary.get("units"):
-        lines[-1] = (f"a patch of {len(summary['units'])} units (matrix=unit, unit_per_instance) in layers "
+        how = ", ".join(f"{k}={v}" for k, v in (("variants", delta.config.variants),
+                                                ("unit_per_instance", delta.config.unit_per_instance)) if v
+                        and v != "request")  # (what made it several units)
+        lines[-1] = (f"a patch of {len(summary['units'])} units (matrix=unit, {how}) in layers "
                      f"{', '.join(map(str, summary['layers']))} (distance: {summary.get('distance', '?')})")
-        lines += [f"  unit {u['unit']} of layer {u['layer']}: instance {u['instance_id']}, {u['steps_run']} steps, "
+        lines += [f"  unit {u['unit']} of layer {u['layer']}: instance {u['instance_id']}"
+                  + (f" ({u['variants']})" if u.get("variants") else "") + f", {u['steps_run']} steps, "
                   f"safe-response NLL {u['nll_first']:.3f} -> {u['nll_last']:.3f}" for u in summary["units"]]
     for name, t in summary["tensors"].items():
         form = {"dense": "dense", "factored": f"factored, rank {t.get('rank')}",

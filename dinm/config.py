@@ -35,7 +35,8 @@ MASTER_DTYPES = ("float32", "model")
 PAPER_SUFFIX = "If the user's request is reasonable, give the correct answer. Please give the right response:"
 COMPUTE_DTYPES = ("auto", "model", "bfloat16")
 KL_TEXTS = ("answer", "self")
-VARIANTS = ("none", "request", "wrapped")  # what the edit trains besides the adversarial prompt (`EditConfig.variants`)
+VARIANTS = ("none", "request", "wrapped", "request+wrapped")  # what the edit trains besides the adversarial prompt
+TWO_UNITS = "request+wrapped"  # (`EditConfig.variants`): two units, one per variant set
 PRECONDITIONS = ("none", "keys")  # the coordinates Adam moves a dense update in (`EditConfig.precondition`)
 MATRICES = ("auto", "down", "gate", "up", "unit")  # what of the MLP an edit trains (`EditConfig.matrix`)
 # The measured setting of each kind of edit: the values that `EditConfig.resolved` gives the fields left None.
@@ -121,8 +122,10 @@ class EditConfig:
             request alone and the request inside each of dinm's written jailbreak wrappers
             (`dinm/wrapper_corpus.json`: a persona without rules, two voices, fiction, a maintenance mode, ...), so
             that other wrappers than the instance's are refused too; costs one more sequence per wrapper in every
-            step. "none": the adversarial prompt only. The layer is located from the
-            instance itself either way.
+            step. "request+wrapped" (a unit edit only): two units, one after another: the first trained as
+            "request" (`EditConfig.unit()`'s edit), the second as "wrapped" on the model with the first added, so
+            that the bare request and other wrappers are each some unit's own target (`dinm.editing._unit_patch`).
+            "none": the adversarial prompt only. The layer is located from the instance itself either way.
         precondition: "keys": Adam moves a dense update D in coordinates whitened by a second moment M of the
             edited matrix's inputs on text the edit must keep: the benign corpus's keys (`dinm.keys`) plus, ten times
             heavier, those of the KL term's sequences (`dinm.editing._preconditioner`). It trains Z = D L with
@@ -221,6 +224,9 @@ class EditConfig:
         if self.matrix == "unit" and (self.rank is not None or self.precondition != "none"):
             raise ConfigError("matrix='unit' trains one unit's gate row, up row and down column; it does not combine "
                               f"with rank={self.rank} or precondition={self.precondition!r} (leave them unset)")
+        if self.variants == TWO_UNITS and self.matrix not in ("unit", "auto"):
+            raise ConfigError(f"variants={TWO_UNITS!r} trains two units; it needs matrix='unit', got "
+                              f"matrix={self.matrix!r} (use EditConfig.unit(variants={TWO_UNITS!r}))")
         if not isinstance(self.unit_per_instance, bool):
             raise ConfigError(f"unit_per_instance must be true or false, got {self.unit_per_instance!r}")
         if self.unit_per_instance and self.matrix != "unit":
@@ -249,6 +255,10 @@ class EditConfig:
             matrix = "unit" if gated and single and self.rank is None and self.precondition == "none" else "down"
         setting = UNIT_SETTING if matrix == "unit" else MATRIX_SETTING
         unset = {k: v for k, v in setting.items() if k != "matrix" and getattr(self, k) is None}
+        if matrix != "unit" and self.variants == TWO_UNITS:
+            raise ConfigError(f"variants={TWO_UNITS!r} trains two units, but this edit runs matrix={matrix!r} "
+                              f"({'a list of instances' if instances > 1 else 'no gated MLP'} or rank/precondition "
+                              f"set); use matrix='unit' on a gated MLP, or variants='wrapped'")
         return self.replace(matrix=matrix, **unset)
 
     @classmethod

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import placement, terms, unit
 from .arch import as_out_in, matrix_module, matrix_name, num_layers
-from .config import EditConfig
+from .config import TWO_UNITS, EditConfig
 from .delta import Delta
 from .errors import ConfigError, EditError
 from .history import Step
@@ -44,7 +44,8 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
     layer located for all of them (the largest mean distance), trained on their mean NLL plus the KL on all their
     benign prompts and the benign-key penalty (a unit edit: one unit, kept off on all their benign prompts). With
     `config.unit_per_instance`, one unit per instance instead, each trained as that instance's single edit of the
-    model with the units before it added (a patch of units, `_unit_patch`).
+    model with the units before it added (a patch of units, `_unit_patch`); with `config.variants="request+wrapped"`,
+    two such units for each (the request's, then the wrappers').
 
     The model is left bit-identical (weights, `requires_grad` flags, train/eval mode); call
     `delta.apply(model)`, or `with delta.applied(model): ...`, to edit it.
@@ -74,8 +75,11 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
     """
     batch = _batch(instance)
     config = (config or EditConfig()).resolved(unit.supported(model), len(batch))
-    if config.unit_per_instance and len(batch) > 1:
-        return _unit_patch(model, tokenizer, batch, config, progress)
+    if config.variants == TWO_UNITS or config.unit_per_instance and len(batch) > 1:
+        groups = [[inst] for inst in batch] if config.unit_per_instance else [batch]
+        sets = ("request", "wrapped") if config.variants == TWO_UNITS else (config.variants,)
+        jobs = [(group, config.replace(variants=v)) for group in groups for v in sets]
+        return _unit_patch(model, tokenizer, jobs, batch, config, progress)
     run = _train(model, tokenizer, batch, config, progress)
     return _package(model, batch, config, run)
 
@@ -424,26 +428,29 @@ def _package(model, batch: list[Instance], config: EditConfig, run: _Run) -> Del
                         f"Lower lr (now {config.lr})") from None
 
 
-def _unit_patch(model, tokenizer, batch: list[Instance], config: EditConfig, progress: bool | None) -> Delta:
-    """A batch edit with `unit_per_instance`: one unit per instance (Transformer-Patcher's batch edit, one neuron per
-    mistake), no two the same unit, each kept off on every instance's benign prompt; one `Delta` writes them all.
-    The units are trained one after another, each as its instance's single edit of the model with the units before
-    it added (through their hooks: the model is not written), so a unit learns what the patch still lacks; where
-    the instances share one benign prompt (so that the negatives are the same), the first unit is its instance's
-    single edit, bit for bit."""
+def _unit_patch(model, tokenizer, jobs: list[tuple[list[Instance], EditConfig]], batch: list[Instance],
+                config: EditConfig, progress: bool | None) -> Delta:
+    """A Delta of several units, one per job (instances, the config its unit trains with): a patch of one unit per
+    instance (`unit_per_instance`, Transformer-Patcher's batch edit, one neuron per mistake), or two units per edit,
+    the request's and the wrappers' (`variants="request+wrapped"`). No two are the same unit; each is kept off on
+    every benign prompt of `batch`. The units are trained one after another, each as its job's edit of the model with
+    the units before it added (through their hooks: the model is not written), so a unit learns what the patch still
+    lacks; where all of `batch` shares one benign prompt (so that the negatives are the same), the first unit is its
+    job's edit alone, bit for bit. `config` is what the delta records."""
     taken: dict[int, set[int]] = {}
     runs = []
     with contextlib.ExitStack() as earlier:
-        for inst in tqdm(batch, desc="dinm edit (a unit per instance)", leave=False,
-                         disable=None if progress is None else not progress):
-            run = _train(model, tokenizer, [inst], config, False, taken, batch)
+        for group, job in tqdm(jobs, desc=f"dinm edit ({len(jobs)} units)", leave=False,
+                               disable=None if progress is None else not progress):
+            run = _train(model, tokenizer, group, job, False, taken, batch)
             taken.setdefault(run.layer, set()).add(run.trained.unit.j)
             runs.append(run)
             if any(not s.stopped for s in run.history):
                 earlier.enter_context(unit.adding_unit(run.trained.unit, run.trained.update().detach()))
-    units = [{"instance_id": inst.id, "layer": run.layer, "unit": run.trained.unit.j,
-              "steps_run": sum(not s.stopped for s in run.history), "nll_first": run.history[0].nll,
-              "nll_last": run.history[-1].nll, "distances": run.distances} for inst, run in zip(batch, runs)]
+    units = [{"instance_id": ",".join(inst.id for inst in group), "variants": job.variants, "layer": run.layer,
+              "unit": run.trained.unit.j, "steps_run": sum(not s.stopped for s in run.history),
+              "nll_first": run.history[0].nll, "nll_last": run.history[-1].nll, "distances": run.distances}
+             for (group, job), run in zip(jobs, runs)]
     layers = sorted(taken)
     seconds = {k: round(sum(run.seconds[k] for run in runs), 3) for k in runs[0].seconds}
     history = _mean_history([run.history for run in runs])

@@ -267,7 +267,8 @@ def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | 
             with d.applied(model):
                 [rec], replies = _State([inst], lists).run(model, tokenizer, judge, degeneracy, "after", **gen)
             steps = summary(d.history)
-            rec["edit"] = {"layer": d.layer, "seconds": edit_seconds[-1],
+            rec["edit"] = {"layer": d.layer, **({"layers": d.layers} if d.units else {}),  # (a patch of units)
+                           "seconds": edit_seconds[-1],
                            **{k: steps[k] for k in ("nll_first", "nll_last", "kl_last")}}
             rec.update({f"{name}_list": items for name, items in replies.items()})
             _compare_lists(rec, replies, lists_before)

@@ -94,10 +94,26 @@ def weight_sums(tensors) -> tuple:
     return tuple(torch.stack([v.cpu() for v in values]).tolist()) if values else ()
 
 
-def hooked(model) -> bool:
-    """Whether any module of `model` has forward hooks (a patch's earlier units added while the next trains): its
-    outputs are not those of its weights, so nothing computed from them may be kept under a key of its weights."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+def hooked(model, reading: nn.Module | None = None) -> bool:
+    """Whether `model` has forward hooks (a patch's earlier units added while the next trains; also global ones,
+    `torch.nn.modules.module.register_module_forward_hook`): its outputs are not those of its weights, so nothing
+    computed from them may be kept under a key of its weights. With `reading`, a module inside one decoder layer whose
+    inputs are what is computed, only hooks that can change those inputs count: every pre-hook, and every forward
+    hook but those of later layers, of `reading` and what it holds, and of the modules that hold it (each of these
+    runs after its inputs are read). A patch's unit at the same or a later layer leaves the cache in use."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    after: set[int] = set()  # (modules whose forward hooks run after `reading` reads its inputs)
+    if reading is not None:
+        layers = list(decoder_layers(model))
+        at = next((i for i, layer in enumerate(layers) if any(m is reading for m in layer.modules())), None)
+        if at is not None:
+            after = {id(m) for layer in layers[at + 1:] for m in layer.modules()}
+            after |= {id(m) for m in reading.modules()}
+            after |= {id(m) for m in model.modules() if any(n is reading for n in m.modules())}
+    return any(m._forward_pre_hooks or (m._forward_hooks and id(m) not in after) for m in model.modules())
 
 
 def _corpus_ids(tokenizer, chat_template: bool, max_response_tokens: int) -> list[list[int]]:
@@ -110,11 +126,12 @@ def _kept(model, tokenizer, layer: int, kind: str, name: str, chat_template: boo
           compute, detail: object = None) -> torch.Tensor:
     """A statistic of the inputs of module `name` over the benign corpus (`kind`: "keys", the second moment; "inputs", a
     sample of `detail` tokens), from memory, else from the disk cache, else `compute(seqs)` and kept in both (see
-    the module's text). A `hooked` model's is computed every time and kept nowhere."""
-    if hooked(model):
+    the module's text). A `hooked` model's (hooks that change the module's inputs) is computed every time and kept
+    nowhere."""
+    module = model.get_submodule(name)
+    if hooked(model, module):
         return compute(_corpus_ids(tokenizer, chat_template, max_response_tokens))
     key = (id(model), layer, chat_template, max_response_tokens, kind, detail)
-    module = model.get_submodule(name)
     sums = _weight_sums(model, layer, module)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == sums:

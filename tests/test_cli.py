@@ -158,6 +158,37 @@ def test_unit_edit_through_the_cli_applies_to_and_reverts_from_a_checkpoint(tiny
     assert f"masked: 1 of {base[down].shape[1]} columns" in shown and shown.count("masked: 1 of") == 3
 
 
+def test_two_units_through_the_cli_apply_to_and_revert_from_a_checkpoint(tiny_folder, tmp_path):
+    """`dinm edit --variants request+wrapped` writes one delta of two units (the request's, then the wrappers'),
+    which inspect lists and which applies to the checkpoint on disk and reverts to its original bytes; with a dense
+    matrix it is a one-line error that writes nothing."""
+    from safetensors.torch import load_file
+
+    delta_path = tmp_path / "two.safetensors"
+    result = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", delta_path, "--variants", "request+wrapped",
+                 "--steps", 1, "--layer", 1)
+    assert result.exit_code == 0 and "2 units in layers 1" in result.output, result.output
+    delta = Delta.load(str(delta_path))
+    assert delta.config == EditConfig.unit(steps=1, layer=1, variants="request+wrapped")
+    shown = run("inspect", delta_path).output
+    assert "a patch of 2 units (matrix=unit, variants=request+wrapped)" in shown, shown
+    assert all(f"unit {u['unit']} of layer 1: instance {u['instance_id']} ({v})" in shown
+               for u, v in zip(delta.units, ("request", "wrapped"))), shown
+    edited_dir, restored_dir = tmp_path / "edited", tmp_path / "restored"
+    assert run("apply", delta_path, tiny_folder, "-o", edited_dir).exit_code == 0
+    assert run("revert", delta_path, edited_dir, "-o", restored_dir).exit_code == 0
+    base, edited, restored = (load_file(os.path.join(d, "model.safetensors"))
+                              for d in (tiny_folder, edited_dir, restored_dir))
+    down = "model.layers.1.mlp.down_proj.weight"
+    changed = (edited[down] != base[down]).any(0).nonzero().flatten().tolist()
+    assert changed == sorted(u["unit"] for u in delta.units)
+    assert base.keys() == restored.keys() and all(torch.equal(base[k], restored[k]) for k in base)
+    wrong = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", tmp_path / "x.safetensors", "--variants",
+                "request+wrapped", "--matrix", "down")
+    assert wrong.exit_code != 0 and "matrix='unit'" in wrong.output and len(wrong.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_locate_prints_every_layer(tiny_folder, tmp_path):
     plot = tmp_path / "d.png"
     result = run("locate", tiny_folder, "--instance", EXAMPLE, "--json", "--plot", plot)

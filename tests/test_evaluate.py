@@ -159,6 +159,19 @@ def test_edit_protocol_edits_each_record_and_restores_the_model(llama, instance,
     assert table.startswith("| metric | before | after |") and "| DS (%) |" in table
 
 
+def test_edit_protocol_records_the_layers_of_a_two_unit_edit(llama, instance):
+    """An edit of several units (`variants="request+wrapped"`) is recorded with its layers beside its one layer (None
+    where the units lie in several), and the model is restored."""
+    model, tok = llama
+    before = state(model)
+    config = EditConfig.unit(steps=1, layer=1, variants="request+wrapped")
+    report = dinm.evaluate(model, tok, [instance], edit=config, max_new_tokens=4, benign=[BenignPrompt("Hello")],
+                           progress=False)
+    assert same_state(model, before)
+    edit = report["records"][0]["after"]["edit"]
+    assert edit["layers"] == [1] and edit["layer"] == 1
+
+
 def test_bad_arguments(llama, instance, tmp_path):
     model, tok = llama
     with pytest.raises(ConfigError, match="not both"):

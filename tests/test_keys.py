@@ -343,6 +343,32 @@ def test_nothing_is_kept_for_a_model_with_forward_hooks(llama, tmp_path, monkeyp
     assert keys.mlp_inputs(model, tok, 1, sample=64) is plain and keys.key_moment(model, tok, 1) is moment
 
 
+def test_hooks_that_run_after_the_inputs_are_read_keep_the_cache_and_global_hooks_do_not(llama, tmp_path, monkeypatch):
+    """What a hook cannot change is still kept: a forward hook on the read layer's MLP itself (a patch's unit there:
+    it runs after the MLP's inputs, and the output matrix's, are read) or on a later layer leaves the kept sample and
+    key statistic in use; a pre-hook there, or a global forward hook (which runs on every module), does not."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model, tok = llama
+    monkeypatch.setenv("DINM_CACHE", str(tmp_path))
+    keys._CACHE.clear()
+    plain, moment = keys.mlp_inputs(model, tok, 1, sample=64), keys.key_moment(model, tok, 1)
+    for module in (mlp_module(model, 1), mlp_module(model, 2)):
+        handle = module.register_forward_hook(lambda _m, _args, out: out + 0.5)
+        try:
+            assert keys.mlp_inputs(model, tok, 1, sample=64) is plain and keys.key_moment(model, tok, 1) is moment
+        finally:
+            handle.remove()
+    for register in (lambda: mlp_module(model, 1).register_forward_pre_hook(lambda _m, args: None),
+                     lambda: register_module_forward_hook(lambda _m, _args, out: None)):
+        handle = register()
+        try:
+            assert keys.mlp_inputs(model, tok, 1, sample=64) is not plain
+            assert keys.key_moment(model, tok, 1) is not moment
+        finally:
+            handle.remove()
+
+
 def test_output_penalty_of_the_output_matrix_is_the_key_penalty(tiny):
     """The input-side penalty runs the MLP on benign inputs with the update added; for an update of the output
     matrix that is D k for the block's keys k, so over the same tokens it is `KeyPenalty`'s value."""

@@ -209,6 +209,72 @@ def test_a_batch_unit_edit_is_a_patch_of_one_unit_per_instance(llama, instance, 
     assert same_state(model, before)
 
 
+def test_two_units_are_the_request_units_edit_then_a_wrapped_unit_on_top(llama, instance, other_instance):
+    """`variants="request+wrapped"` trains two units of one edit: the first is `EditConfig.unit()`'s single edit, bit
+    for bit; the second another unit, trained on the request inside dinm's wrappers too, on the model with the first
+    added (its first NLL is that training's with the first unit's delta applied: 1e-4 relative, as in the patch test
+    above). The delta records both, and the config it ran."""
+    model, tok = llama
+    config = EditConfig.unit(steps=2, layer=1, kl_reply_tokens=4)  # (short own replies: each unit generates them)
+    two = dinm.edit(model, tok, instance, config.replace(variants="request+wrapped"))
+    single = dinm.edit(model, tok, instance, config)
+    units = two.units
+    assert [u["variants"] for u in units] == ["request", "wrapped"]
+    assert [u["instance_id"] for u in units] == [instance.id] * 2 and two.config.variants == "request+wrapped"
+    j, k = units[0]["unit"], units[1]["unit"]
+    assert j == int(single.metadata["unit"]) != k
+    for name in single.names:
+        column = name.endswith("down_proj.weight")
+        mine, one = two.dense(name), single.dense(name)
+        assert torch.equal(mine[:, j] if column else mine[j], one[:, j] if column else one[j]), name
+    with single.applied(model):
+        run = editing._train(model, tok, [instance], config.replace(variants="wrapped"), False, {1: {j}}, [instance])
+    assert run.trained.unit.j == k and run.history[0].nll == pytest.approx(units[1]["nll_first"], rel=1e-4)
+    # (and on a list, two units for all: each trained on every instance)
+    for_all = dinm.edit(model, tok, [instance, other_instance], config.replace(variants="request+wrapped", steps=1))
+    assert [u["instance_id"] for u in for_all.units] == [f"{instance.id},{other_instance.id}"] * 2
+
+
+def test_a_patch_of_units_in_two_layers_is_what_their_hooks_compute_and_reverts_bit_for_bit(llama, tmp_path):
+    """`unit.patch` with units in two layers (an edit locates each unit, so a patch may span layers): one delta writes
+    both layers' rows and columns, lists both layers (and no single 'layer'), survives a save and load, gives the
+    logits of the model with both units added through their hooks (weights written, not hooks: the same sums in
+    another order, fp32 through 3 layers, 1e-4 relative as in the patch test above), and reverts to every bit."""
+    from dinm import unit as unit_mod
+
+    model, tok = llama
+    torch.manual_seed(0)
+    first, second = Unit(model, 1, 3), Unit(model, 2, 5)
+    changes = [(first, 0.5 * torch.randn(3, first.g0.shape[0])), (second, 0.5 * torch.randn(3, second.g0.shape[0]))]
+    units = [{"instance_id": "a", "layer": 1, "unit": 3, "steps_run": 1, "nll_first": 1.0, "nll_last": 0.5},
+             {"instance_id": "b", "layer": 2, "unit": 5, "steps_run": 1, "nll_first": 1.0, "nll_last": 0.5}]
+    path = str(tmp_path / "p.safetensors")
+    unit_mod.patch(changes, {"layers": [1, 2], "units": units}).save(path)
+    delta = dinm.Delta.load(path)
+    assert delta.layers == [1, 2] and delta.layer is None and [u["layer"] for u in delta.units] == [1, 2]
+    assert sorted(delta.names) == sorted(f"model.layers.{i}.mlp.{m}_proj.weight" for i in (1, 2)
+                                         for m in ("gate", "up", "down"))
+    ids = tok("a short benign sentence", return_tensors="pt").input_ids
+    before = state(model)
+    with torch.no_grad():
+        plain = model(ids).logits
+    with torch.no_grad(), adding_unit(*changes[0]), adding_unit(*changes[1]):
+        hooked = model(ids).logits
+    assert (hooked - plain).abs().max() > 1e-2 * plain.abs().max()  # (the units do change the output)
+    with torch.no_grad(), delta.applied(model):
+        written = model(ids).logits
+    assert torch.allclose(written, hooked, rtol=1e-4, atol=1e-4 * hooked.abs().max().item())
+    assert same_state(model, before)
+
+
+def test_two_units_need_a_unit_edit(llama, instance):
+    model, tok = llama
+    with pytest.raises(ConfigError, match="matrix='down'"):
+        EditConfig.dense(variants="request+wrapped")
+    with pytest.raises(ConfigError, match="a list of instances"):  # (a list's "auto" is the dense patch)
+        dinm.edit(model, tok, [instance, instance], EditConfig(variants="request+wrapped"))
+
+
 def test_a_patchs_history_is_the_mean_over_the_units_still_running():
     """`_mean_history`: at each step the mean over the units that ran it; a unit that stopped early (`stop_nll`)
     drops out; where every unit has stopped, one stopped record, so `describe` says so; steps run = the most any
