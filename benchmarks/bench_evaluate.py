@@ -209,6 +209,7 @@ def main():
     # (a patch of units in several layers: "20+22")
     layers = ["+".join(map(str, r["after"]["edit"].get("layers") or [r["after"]["edit"]["layer"]]))
               for r in report["records"]]
+    layers = [s if s != "None" else "-1" for s in layers]  # (-1: several layers, not recorded by an older report)
     edits = [r["after"]["edit"]["seconds"] for r in report["records"]]
     order = sorted(set(layers), key=lambda s: [int(n) for n in s.split("+")])
     counts = {layer: layers.count(layer) for layer in order}

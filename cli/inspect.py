@@ -39,9 +39,11 @@ def inspect_cmd(delta_path, as_json):
         how = ", ".join(f"{k}={v}" for k, v in (("variants", delta.config.variants),
                                                 ("unit_per_instance", delta.config.unit_per_instance)) if v
                         and v != "request")  # (what made it several units)
-        lines[-1] = (f"a patch of {len(summary['units'])} units (matrix=unit, {how}) in layers "
+        lines[-1] = (f"a patch of {len(summary['units'])} units (matrix=unit{', ' + how if how else ''}) in layers "
                      f"{', '.join(map(str, summary['layers']))} (distance: {summary.get('distance', '?')})")
-        lines += [f"  unit {u['unit']} of layer {u['layer']}: instance {u['instance_id']}"
+        lines += [f"  unit {u['unit']} of layer {u['layer']}: "
+                  + (f"instance {u['instance_id']}" if len(u.get("instance_ids", [None])) == 1
+                     else f"{len(u['instance_ids'])} instances")
                   + (f" ({u['variants']})" if u.get("variants") else "") + f", {u['steps_run']} steps, "
                   f"safe-response NLL {u['nll_first']:.3f} -> {u['nll_last']:.3f}" for u in summary["units"]]
     for name, t in summary["tensors"].items():

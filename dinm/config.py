@@ -224,9 +224,11 @@ class EditConfig:
         if self.matrix == "unit" and (self.rank is not None or self.precondition != "none"):
             raise ConfigError("matrix='unit' trains one unit's gate row, up row and down column; it does not combine "
                               f"with rank={self.rank} or precondition={self.precondition!r} (leave them unset)")
-        if self.variants == TWO_UNITS and self.matrix not in ("unit", "auto"):
-            raise ConfigError(f"variants={TWO_UNITS!r} trains two units; it needs matrix='unit', got "
-                              f"matrix={self.matrix!r} (use EditConfig.unit(variants={TWO_UNITS!r}))")
+        if self.variants == TWO_UNITS and (self.matrix not in ("unit", "auto") or self.rank is not None
+                                           or self.precondition != "none"):
+            raise ConfigError(f"variants={TWO_UNITS!r} trains two units; it needs matrix='unit' without rank or "
+                              f"precondition, got matrix={self.matrix!r}, rank={self.rank}, precondition="
+                              f"{self.precondition!r} (use EditConfig.unit(variants={TWO_UNITS!r}))")
         if not isinstance(self.unit_per_instance, bool):
             raise ConfigError(f"unit_per_instance must be true or false, got {self.unit_per_instance!r}")
         if self.unit_per_instance and self.matrix != "unit":
@@ -256,9 +258,9 @@ class EditConfig:
         setting = UNIT_SETTING if matrix == "unit" else MATRIX_SETTING
         unset = {k: v for k, v in setting.items() if k != "matrix" and getattr(self, k) is None}
         if matrix != "unit" and self.variants == TWO_UNITS:
+            why = "a list of instances with matrix='auto'" if gated else "the model's MLP has no gate"
             raise ConfigError(f"variants={TWO_UNITS!r} trains two units, but this edit runs matrix={matrix!r} "
-                              f"({'a list of instances' if instances > 1 else 'no gated MLP'} or rank/precondition "
-                              f"set); use matrix='unit' on a gated MLP, or variants='wrapped'")
+                              f"({why}); use matrix='unit' on a gated MLP, or variants='wrapped'")
         return self.replace(matrix=matrix, **unset)
 
     @classmethod

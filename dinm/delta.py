@@ -257,9 +257,9 @@ class Delta:
 
     @property
     def units(self) -> list[dict]:
-        """A patch of units' units (instance_id: the ids of the instances it trained on, joined by commas; the
-        variants it trained, layer, unit, steps_run, nll_first, nll_last, distances), in the order they were
-        trained; empty for any other delta."""
+        """A patch of units' units (instance_ids: the ids of the instances it trained on, and instance_id: that id
+        where it is one, else "N instances"; the variants it trained, layer, unit, steps_run, nll_first, nll_last, distances), in
+        the order they were trained; empty for any other delta."""
         return json.loads(self.metadata.get("units", "[]"))
 
     @property
@@ -405,13 +405,15 @@ class Delta:
         if not all(isinstance(u, dict) and isinstance(u.get("instance_id"), str)
                    and all(_index(u.get(k)) for k in ("layer", "unit", "steps_run"))
                    and u.get("variants", "none") in ("none", "request", "wrapped")
+                   and isinstance(u.get("instance_ids", []), list) and all(isinstance(i, str) for i in
+                                                                          u.get("instance_ids", []))
                    and all(_number(u.get(k)) for k in ("nll_first", "nll_last"))
                    and isinstance(u.get("distances", []), list) and all(_number(x) for x in u.get("distances", []))
                    for u in units) or sorted({u["layer"] for u in units}) != parsed.get("layers", []) or len(
                 {(u["layer"], u["unit"]) for u in units}) != len(units) or (units and "unit" in self.metadata):
             raise DeltaError(f"delta {where}: metadata field 'units' must be a list of units (objects with "
-                             f"instance_id, layer, unit, steps_run, nll_first, nll_last, and variants none, request or "
-                             f"wrapped where given) on the layers of 'layers', no "
+                             f"instance_id, layer, unit, steps_run, nll_first, nll_last, and where given variants none, "
+                             f"request or wrapped and instance_ids a list of ids) on the layers of 'layers', no "
                              f"unit twice, and no 'unit' beside it; use an intact copy")
         expected = set()
         for name, desc in described.items():

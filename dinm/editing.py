@@ -447,7 +447,9 @@ def _unit_patch(model, tokenizer, jobs: list[tuple[list[Instance], EditConfig]],
             runs.append(run)
             if any(not s.stopped for s in run.history):
                 earlier.enter_context(unit.adding_unit(run.trained.unit, run.trained.update().detach()))
-    units = [{"instance_id": ",".join(inst.id for inst in group), "variants": job.variants, "layer": run.layer,
+    units = [{"instance_id": group[0].id if len(group) == 1 else f"{len(group)} instances",  # (as a batch delta's)
+              "instance_ids": [inst.id for inst in group],
+              "variants": job.variants, "layer": run.layer,
               "unit": run.trained.unit.j, "steps_run": sum(not s.stopped for s in run.history),
               "nll_first": run.history[0].nll, "nll_last": run.history[-1].nll, "distances": run.distances}
              for (group, job), run in zip(jobs, runs)]

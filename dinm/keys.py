@@ -103,14 +103,16 @@ def hooked(model, reading: nn.Module | None = None) -> bool:
     runs after its inputs are read). A patch's unit at the same or a later layer leaves the cache in use."""
     from torch.nn.modules import module as torch_module
 
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+    if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
         return True
     after: set[int] = set()  # (modules whose forward hooks run after `reading` reads its inputs)
     if reading is not None:
         layers = list(decoder_layers(model))
         at = next((i for i, layer in enumerate(layers) if any(m is reading for m in layer.modules())), None)
         if at is not None:
-            after = {id(m) for layer in layers[at + 1:] for m in layer.modules()}
+            # (a module that a later layer shares with an earlier one, or with this one, runs before too)
+            before = {id(m) for layer in layers[:at + 1] for m in layer.modules()}
+            after = {id(m) for layer in layers[at + 1:] for m in layer.modules()} - before
             after |= {id(m) for m in reading.modules()}
             after |= {id(m) for m in model.modules() if any(n is reading for n in m.modules())}
     return any(m._forward_pre_hooks or (m._forward_hooks and id(m) not in after) for m in model.modules())

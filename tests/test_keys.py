@@ -5,7 +5,7 @@ import torch
 
 import dinm
 from dinm import EditConfig, cache, keys
-from dinm.arch import as_out_in, arch_spec, matrix_name, mlp_module, mlp_out_name
+from dinm.arch import as_out_in, arch_spec, decoder_layers, matrix_name, mlp_module, mlp_out_name
 from dinm.text import encode_pair
 
 U = 2.0 ** -24  # fp32 unit roundoff
@@ -346,7 +346,9 @@ def test_nothing_is_kept_for_a_model_with_forward_hooks(llama, tmp_path, monkeyp
 def test_hooks_that_run_after_the_inputs_are_read_keep_the_cache_and_global_hooks_do_not(llama, tmp_path, monkeypatch):
     """What a hook cannot change is still kept: a forward hook on the read layer's MLP itself (a patch's unit there:
     it runs after the MLP's inputs, and the output matrix's, are read) or on a later layer leaves the kept sample and
-    key statistic in use; a pre-hook there, or a global forward hook (which runs on every module), does not."""
+    key statistic in use; a pre-hook there, a global forward hook (which runs on every module), a hook on the layer's
+    attention, or on a later layer's module that an earlier layer shares, does not; one on the gate only for the
+    output matrix's inputs."""
     from torch.nn.modules.module import register_module_forward_hook
 
     model, tok = llama
@@ -359,14 +361,31 @@ def test_hooks_that_run_after_the_inputs_are_read_keep_the_cache_and_global_hook
             assert keys.mlp_inputs(model, tok, 1, sample=64) is plain and keys.key_moment(model, tok, 1) is moment
         finally:
             handle.remove()
+    layer = decoder_layers(model)[1]
     for register in (lambda: mlp_module(model, 1).register_forward_pre_hook(lambda _m, args: None),
-                     lambda: register_module_forward_hook(lambda _m, _args, out: None)):
+                     lambda: register_module_forward_hook(lambda _m, _args, out: None),
+                     lambda: layer.self_attn.register_forward_hook(lambda _m, _args, out: None)):  # (before the MLP)
         handle = register()
         try:
             assert keys.mlp_inputs(model, tok, 1, sample=64) is not plain
             assert keys.key_moment(model, tok, 1) is not moment
         finally:
             handle.remove()
+    # Inside the MLP, a hook on the gate runs after the MLP's inputs are read, before the output matrix's.
+    handle = mlp_module(model, 1).gate_proj.register_forward_hook(lambda _m, _args, out: out)
+    try:
+        assert keys.mlp_inputs(model, tok, 1, sample=64) is plain and keys.key_moment(model, tok, 1) is not moment
+    finally:
+        handle.remove()
+    # A module a later layer shares with an earlier one runs before the read layer too: its hook counts.
+    layers = decoder_layers(model)
+    shared, layers[2] = layers[2], layers[0]
+    handle = layers[0].self_attn.register_forward_hook(lambda _m, _args, out: out)
+    try:
+        assert keys.hooked(model, mlp_module(model, 1))
+    finally:
+        handle.remove()
+        layers[2] = shared
 
 
 def test_output_penalty_of_the_output_matrix_is_the_key_penalty(tiny):

@@ -232,7 +232,7 @@ def test_two_units_are_the_request_units_edit_then_a_wrapped_unit_on_top(llama, 
     assert run.trained.unit.j == k and run.history[0].nll == pytest.approx(units[1]["nll_first"], rel=1e-4)
     # (and on a list, two units for all: each trained on every instance)
     for_all = dinm.edit(model, tok, [instance, other_instance], config.replace(variants="request+wrapped", steps=1))
-    assert [u["instance_id"] for u in for_all.units] == [f"{instance.id},{other_instance.id}"] * 2
+    assert [u["instance_ids"] for u in for_all.units] == [[instance.id, other_instance.id]] * 2
 
 
 def test_a_patch_of_units_in_two_layers_is_what_their_hooks_compute_and_reverts_bit_for_bit(llama, tmp_path):
@@ -271,6 +271,10 @@ def test_two_units_need_a_unit_edit(llama, instance):
     model, tok = llama
     with pytest.raises(ConfigError, match="matrix='down'"):
         EditConfig.dense(variants="request+wrapped")
+    with pytest.raises(ConfigError, match="rank=4"):
+        EditConfig(variants="request+wrapped", rank=4)
+    with pytest.raises(ConfigError, match="has no gate"):
+        EditConfig(variants="request+wrapped").resolved(gated=False)
     with pytest.raises(ConfigError, match="a list of instances"):  # (a list's "auto" is the dense patch)
         dinm.edit(model, tok, [instance, instance], EditConfig(variants="request+wrapped"))
 
