@@ -124,7 +124,9 @@ class EditConfig:
             that other wrappers than the instance's are refused too; costs one more sequence per wrapper in every
             step. "request+wrapped" (a unit edit only): two units, one after another: the first trained as
             "request" (`EditConfig.unit()`'s edit), the second as "wrapped" on the model with the first added, so
-            that the bare request and other wrappers are each some unit's own target (`dinm.editing._unit_patch`).
+            that the bare request and other wrappers are each some unit's own target (`dinm.editing._unit_patch`);
+            measured, the two added overshoot into looping refusals (README, "Two units, the request's and the
+            wrappers'"), so it is not the default.
             "none": the adversarial prompt only. The layer is located from the instance itself either way.
         precondition: "keys": Adam moves a dense update D in coordinates whitened by a second moment M of the
             edited matrix's inputs on text the edit must keep: the benign corpus's keys (`dinm.keys`) plus, ten times
