@@ -28,7 +28,7 @@ import time
 import dinm
 from dinm import EditConfig, terms
 from dinm.config import PAPER_SUFFIX
-from dinm.evaluation import load_benign, rescore, save_report
+from dinm.evaluation import edited_layers, load_benign, rescore, save_report
 from dinm.judge import load_judge
 
 from _results import record
@@ -164,9 +164,8 @@ def main():
             rows.append("| unedited | " + " | ".join(cell(report["metrics"]["before"], c) for c in columns) +
                         " | | |")
         edits = [r["after"]["edit"] for r in report["records"]]
-        # (several: a unit patch's; a report made before `evaluate` recorded them has None there)
-        layers = sorted({n for e in edits for n in e.get("layers") or [e["layer"]] if n is not None})
-        several = sum(e["layer"] is None and not e.get("layers") for e in edits)
+        layers = sorted({n for e in edits for n in edited_layers(e)})
+        several = sum(not edited_layers(e) for e in edits)
         layers = f"{layers}" + (f" and {several} edits in several layers (not recorded)" if several else "")
         rows.append(f"| {label} | " + " | ".join(cell(report["metrics"]["after"], c) for c in columns) +
                     f" | {sum(e['seconds'] for e in edits) / len(edits):.1f} | {layers} |")

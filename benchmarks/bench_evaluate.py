@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 import dinm
-from dinm.evaluation import load_benign, merge_reports, save_report
+from dinm.evaluation import edited_layers, load_benign, merge_reports, save_report
 from dinm.judge import RefusalJudge, load_judge
 from dinm.metrics import Degeneracy, repetition, words
 
@@ -206,10 +206,8 @@ def main():
     if not args.keep_judge_section:
         record("Judge agreement", judge_section(agreement, hand, report))
     record("Degenerate replies", degenerate)
-    # (a patch of units in several layers: "20+22")
-    layers = ["+".join(map(str, r["after"]["edit"].get("layers") or [r["after"]["edit"]["layer"]]))
-              for r in report["records"]]
-    layers = [s if s != "None" else "-1" for s in layers]  # (-1: several layers, not recorded by an older report)
+    # (a patch of units in several layers: "20+22"; -1: several layers, not recorded by an older report)
+    layers = ["+".join(map(str, edited_layers(r["after"]["edit"]))) or "-1" for r in report["records"]]
     edits = [r["after"]["edit"]["seconds"] for r in report["records"]]
     order = sorted(set(layers), key=lambda s: [int(n) for n in s.split("+")])
     counts = {layer: layers.count(layer) for layer in order}

@@ -35,7 +35,7 @@ def main():
                                max_new_tokens=48, progress=False)
         before = before or report
         m = report["metrics"]["after"]
-        layers = [r["after"]["edit"].get("layers") or r["after"]["edit"]["layer"] for r in report["records"]]  # (None: a patch of units in several layers)
+        layers = [r["after"]["edit"].get("layers") or r["after"]["edit"]["layer"] for r in report["records"]]
         print(f"{name:30s}", " ".join(f"{k}={m[k]['mean']:.3f}" for k in COLUMNS), "layers", layers,
               f"{(time.perf_counter() - started) / n:.0f}s/record", flush=True)
 

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 
 from . import atomic, ops, placement
 from .lowrank import compose
+from .config import TWO_UNITS, VARIANTS
 from .errors import DeltaError, first_line
 from .history import Step
 from .version import __version__
@@ -52,6 +53,7 @@ _READABLE = {FORMAT: FORMS, "dinm.delta.v3": FORMS[:3], "dinm.delta.v2": FORMS[:
 _CHECKSUMMED = (FORMAT, "dinm.delta.v3", "dinm.delta.v2")
 _INT32_INDEX = (FORMAT, "dinm.delta.v3")  # (formats whose revert index may be int32)
 _INDEX, _VALUE, _ROWS, _COLS, _UP, _DOWN = ":revert_index", ":revert_value", ":rows", ":columns", ":up", ":down"
+UNIT_VARIANTS = tuple(v for v in VARIANTS if v != TWO_UNITS)  # (what one unit of a patch can have trained on)
 _JSON_FIELDS = ("config", "distances", "history", "seconds", "tensors", "layers", "units")
 _CHECKSUM = "checksum"
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -258,8 +260,8 @@ class Delta:
     @property
     def units(self) -> list[dict]:
         """A patch of units' units (instance_ids: the ids of the instances it trained on, and instance_id: that id
-        where it is one, else "N instances"; the variants it trained, layer, unit, steps_run, nll_first, nll_last, distances), in
-        the order they were trained; empty for any other delta."""
+        where it is one, else "N instances"; the variants it trained, layer, unit, steps_run, nll_first, nll_last,
+        distances), in the order they were trained; empty for any other delta."""
         return json.loads(self.metadata.get("units", "[]"))
 
     @property
@@ -404,7 +406,7 @@ class Delta:
                              f"and only with them; its one layer where 'layer' is given too); use an intact copy")
         if not all(isinstance(u, dict) and isinstance(u.get("instance_id"), str)
                    and all(_index(u.get(k)) for k in ("layer", "unit", "steps_run"))
-                   and u.get("variants", "none") in ("none", "request", "wrapped")
+                   and u.get("variants", "none") in UNIT_VARIANTS
                    and isinstance(u.get("instance_ids", []), list) and all(isinstance(i, str) for i in
                                                                           u.get("instance_ids", []))
                    and all(_number(u.get(k)) for k in ("nll_first", "nll_last"))

@@ -201,6 +201,12 @@ def _metrics(before: list[dict], after: list[dict] | None, lookalike_before: lis
     return metrics
 
 
+def edited_layers(edit: dict) -> list[int]:
+    """The layers a record's edit changed (`record["after"]["edit"]`): a patch of units' `layers`, else its one
+    layer; [] where neither is known (a patch of units in a report made before `evaluate` recorded its layers)."""
+    return edit.get("layers") or ([] if edit["layer"] is None else [edit["layer"]])
+
+
 def evaluate(model, tokenizer, instances: Iterable[Instance], *, delta: Delta | None = None,
              edit: bool | EditConfig = False, benign: list[BenignPrompt] | None = None,
              lookalike: list[BenignPrompt] | None = None, judge: str | Judge = "refusal",
