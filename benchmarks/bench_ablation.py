@@ -76,6 +76,10 @@ VARIANTS = {
     "unit_two": ("two units, one after another: the unit setting's, then one trained with the request inside "
                  "dinm's 8 written wrappers on the model with the first added (`variants=\"request+wrapped\"`)",
                  EditConfig.unit(variants="request+wrapped")),
+    "unit_two_off": ("two units, as `unit_two`, each held off along its trained safe responses' tokens "
+                     "(`unit_reply_off=True`)", EditConfig.unit(variants="request+wrapped", unit_reply_off=True)),
+    "unit_off": ("the unit setting held off along its trained safe responses' tokens (`unit_reply_off=True`)",
+                 EditConfig.unit(unit_reply_off=True)),
     "whitened": ("Adam whitened by the inputs of text the edit keeps (`precondition=\"keys\"`), 20 steps at lr 1e-3, "
                  "else the default", EditConfig.dense(precondition="keys", steps=20, lr=1e-3)),
 }

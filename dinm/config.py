@@ -164,6 +164,13 @@ class EditConfig:
             instance's benign prompt, no two the same unit. Measured on 34 SafeEdit records it is worse than one
             unit for all and than the dense patch (README, "Batch editing, measured"), so it is off by default.
             One instance: the single unit edit.
+        unit_reply_off: with `matrix="unit"`, the hinge that pushes the repurposed unit's gate below minus the margin
+            on benign text also acts at the trained safe responses' own tokens (every response position but the
+            last; the last prompt token, whose output is the reply's first token, stays the unit's positive): the
+            unit acts where the model decides how to reply, not along the reply it then writes
+            (`dinm.unit.reply_inputs`). In a patch of units (two units, `unit_per_instance`) each unit is kept off
+            along its own job's responses only. Off by default: measured a tie by the rule (README, "Where the units
+            act, and the unit kept off along its reply").
     """
 
     layer: Optional[int] = None
@@ -189,6 +196,7 @@ class EditConfig:
     precondition: str = "none"
     matrix: str = "auto"
     unit_per_instance: bool = False
+    unit_reply_off: bool = False
 
     def __post_init__(self):
         check_distance(self.distance)
@@ -233,6 +241,14 @@ class EditConfig:
                               f"{self.precondition!r} (use EditConfig.unit(variants={TWO_UNITS!r}))")
         if not isinstance(self.unit_per_instance, bool):
             raise ConfigError(f"unit_per_instance must be true or false, got {self.unit_per_instance!r}")
+        if not isinstance(self.unit_reply_off, bool):
+            raise ConfigError(f"unit_reply_off must be true or false, got {self.unit_reply_off!r}")
+        if self.unit_reply_off and (self.matrix not in ("unit", "auto") or self.rank is not None
+                                    or self.precondition != "none"):
+            raise ConfigError(f"unit_reply_off=True keeps a repurposed unit's gate off along the trained responses; it "
+                              f"needs matrix='unit' without rank or precondition, got matrix={self.matrix!r}, rank="
+                              f"{self.rank}, precondition={self.precondition!r} "
+                              f"(use EditConfig.unit(unit_reply_off=True))")
         if self.unit_per_instance and self.matrix != "unit":
             raise ConfigError(f"unit_per_instance=True builds a patch of units; it needs matrix='unit', got "
                               f"matrix={self.matrix!r} (use EditConfig.unit(unit_per_instance=True))")
@@ -263,6 +279,10 @@ class EditConfig:
             why = "a list of instances with matrix='auto'" if gated else "the model's MLP has no gate"
             raise ConfigError(f"variants={TWO_UNITS!r} trains two units, but this edit runs matrix={matrix!r} "
                               f"({why}); use matrix='unit' on a gated MLP, or variants='wrapped'")
+        if matrix != "unit" and self.unit_reply_off:
+            why = "a list of instances with matrix='auto'" if gated else "the model's MLP has no gate"
+            raise ConfigError(f"unit_reply_off=True holds a repurposed unit off along its replies, but this edit runs "
+                              f"matrix={matrix!r} ({why}); use matrix='unit' on a gated MLP, or leave it False")
         return self.replace(matrix=matrix, **unset)
 
     @classmethod

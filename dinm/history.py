@@ -24,8 +24,8 @@ class Step:
             (`dinm.terms.KeyPenalty`); None without that penalty.
         unsafe: how far the unsafe response's mean NLL still is below its goal (`dinm.terms.UnsafeHinge`); None
             without that term.
-        off: how far benign inputs still reach the repurposed unit's gate (`dinm.unit.UnitHinge`); None but for
-            `matrix="unit"`.
+        off: how far benign inputs (with `unit_reply_off`, and the trained responses' tokens) still reach the
+            repurposed unit's gate (`dinm.unit.UnitHinge`); None but for `matrix="unit"`.
         loss: the total loss the step descended; None when it did not run.
         stopped: the edit stopped here (`EditConfig.stop_nll` reached): no update was made at this step.
     """

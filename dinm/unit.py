@@ -18,7 +18,8 @@ The steps:
 3. its gate row starts as a probe (`fit_gate`): pre-activation above `MARGIN` at the last prompt token of each trained
    prompt (where the model decides how to reply) and below -`MARGIN` at every negative; its up row starts equal to it
    and its down column at zero, so the first pass is the unedited model but for the repurposed unit's old output;
-4. then the three train on the edit's losses plus `UnitHinge`, which keeps the negatives below -`MARGIN`.
+4. then the three train on the edit's losses plus `UnitHinge`, which keeps the negatives below -`MARGIN` (with
+   `EditConfig.unit_reply_off`, the trained responses' own tokens too: `reply_inputs`).
 
 The update is carried as the three vectors' changes, stacked (3, hidden): zero is the unedited unit.
 """
@@ -166,6 +167,19 @@ def positives(model, layer: int, encoded: list[Encoded]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reply_inputs(model, layer: int, encoded: list[Encoded]) -> torch.Tensor:
+    """The MLP inputs (tokens, hidden), float32, at every position of each trained response but its last (its end
+    token, or the last token kept where `max_response_tokens` cut it): the positions whose outputs predict the
+    response's second token on. Read on the model as it is (a patch's earlier units added): the unit's own layer
+    does not reach them, so they are what the edited model's are too."""
+    mlp = mlp_module(model, layer)
+    device = placement.module_device(model.get_input_embeddings())
+    rows = [input_of(mlp, lambda: model(input_ids=torch.tensor([e.ids[:-1]], device=device),
+                                       use_cache=False))[0, e.n_prompt:].float() for e in encoded]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
 def choose(model, layer: int, inputs: torch.Tensor, taken=()) -> int:
     """The unit whose output has the least mean norm over `inputs` (the benign corpus's MLP inputs), other than the
     units `taken` (repurposed already by another edit of the same patch)."""
@@ -186,14 +200,16 @@ def choose(model, layer: int, inputs: torch.Tensor, taken=()) -> int:
 
 
 def fit_gate(positive: torch.Tensor, negative: torch.Tensor, seed_row: torch.Tensor,
-             bias: float = 0.0) -> torch.Tensor:
-    """A gate row g with g . x + `bias` above `MARGIN` on `positive` and below -`MARGIN` on `negative` as far as a
-    squared hinge (plus a small ridge) gets in `PROBE_STEPS` Adam steps from `seed_row` (small)."""
+             bias: float = 0.0, reply: torch.Tensor | None = None) -> torch.Tensor:
+    """A gate row g with g . x + `bias` above `MARGIN` on `positive` and below -`MARGIN` on `negative` (and on
+    `reply`, a mean of its own, when given) as far as a squared hinge (plus a small ridge) gets in `PROBE_STEPS`
+    Adam steps from `seed_row` (small)."""
     g = seed_row.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([g], lr=PROBE_LR)
+    offs = [negative] if reply is None else [negative, reply]
     with torch.enable_grad():
         for _ in range(PROBE_STEPS):
-            loss = F.relu(negative @ g + bias + MARGIN).pow(2).mean() \
+            loss = sum(F.relu(off @ g + bias + MARGIN).pow(2).mean() for off in offs) \
                 + F.relu(MARGIN - positive @ g - bias).pow(2).mean() + 1e-4 * g.pow(2).sum()
             optimizer.zero_grad()
             loss.backward()
@@ -203,17 +219,20 @@ def fit_gate(positive: torch.Tensor, negative: torch.Tensor, seed_row: torch.Ten
 
 class UnitHinge:
     """Mean over the negatives of max(0, g . x + `MARGIN`)^2: the repurposed unit's gate stays off on benign and
-    lookalike text. Logged as a step's `off`."""
+    lookalike text; with `reply` (`EditConfig.unit_reply_off`), plus that mean over the trained responses' tokens.
+    Logged as a step's `off`."""
 
     name = "off"
 
-    def __init__(self, weight: float, unit: Unit, negative: torch.Tensor):
-        self.weight, self.unit, self.negative = weight, unit, negative
+    def __init__(self, weight: float, unit: Unit, negative: torch.Tensor, reply: torch.Tensor | None = None):
+        self.weight, self.unit = weight, unit
+        self.offs = [negative] if reply is None else [negative, reply]
 
     def pieces(self, update: torch.Tensor):
-        with record_function("dinm::unit_hinge"):
-            piece = F.relu(self.negative @ (self.unit.g0 + update[0]) + self.unit.bias[0] + MARGIN).pow(2).mean()
-        yield piece
+        for off in self.offs:
+            with record_function("dinm::unit_hinge"):
+                piece = F.relu(off @ (self.unit.g0 + update[0]) + self.unit.bias[0] + MARGIN).pow(2).mean()
+            yield piece
 
 
 class UnitPenalty:
@@ -256,10 +275,12 @@ class Trained:
 
 
 def prepare(model, tokenizer, layer: int, instances: list, targets: list[Encoded], chat_template: bool,
-            weight: float, seed: int, taken=()) -> tuple[Unit, Trained, list]:
+            weight: float, seed: int, taken=(), reply_off: bool = False) -> tuple[Unit, Trained, list]:
     """The repurposed unit for an edit that trains `targets` (prompt + safe response) and stays off on the benign
     prompts of `instances` among its negatives, its trained vectors (the gate fitted as a probe) and the unit's
-    regularisers (`weight`: `EditConfig.preserve_weight`). `taken`: units of this layer it may not repurpose."""
+    regularisers (`weight`: `EditConfig.preserve_weight`). `taken`: units of this layer it may not repurpose.
+    `reply_off` (`EditConfig.unit_reply_off`): the gate is held off on the targets' response tokens too (their own
+    mean in the probe's fit and the hinge; not in the output penalty, which would fight the NLL there)."""
     check(model, layer)
     negative = negatives(model, tokenizer, layer, instances, chat_template)
     j = choose(model, layer, negative, taken)
@@ -267,8 +288,11 @@ def prepare(model, tokenizer, layer: int, instances: list, targets: list[Encoded
     negative = negative.to(unit.g0.device)
     generator = torch.Generator().manual_seed(seed)
     seed_row = (torch.randn(negative.shape[1], generator=generator) * 1e-3).to(negative.device)
-    gate = fit_gate(positives(model, layer, targets).to(negative.device), negative, seed_row, unit.bias[0])
-    terms = [UnitHinge(HINGE_WEIGHT, unit, negative)]
+    reply = reply_inputs(model, layer, targets).to(negative.device) if reply_off else None
+    if reply is not None and not len(reply):  # (one-token responses, `max_response_tokens=1`: no reply to hold)
+        reply = None
+    gate = fit_gate(positives(model, layer, targets).to(negative.device), negative, seed_row, unit.bias[0], reply)
+    terms = [UnitHinge(HINGE_WEIGHT, unit, negative, reply)]
     if weight:
         terms.append(UnitPenalty(weight, unit, negative, output_energy(model, layer, negative)))
     return unit, Trained(unit, gate), terms

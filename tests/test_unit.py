@@ -2,6 +2,8 @@
 computes through its hook is what its delta writes into the weights; only that unit changes; its gate probe and
 its hinge do what they say; where the MLP has no gate it is refused in one line."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -296,3 +298,111 @@ def test_a_patchs_history_is_the_mean_over_the_units_still_running():
     assert editing._mean_history([stopped_first, a])[0] == Step(0, 4.0, kl=0.0, loss=4.0)  # (the other ran on)
     both = editing._mean_history([stopped_first, [Step(0, 1.5, stopped=True)]])
     assert both == [Step(0, 1.0, stopped=True)] and "stopped early" in describe(both)
+
+
+def test_reply_inputs_are_the_mlp_inputs_at_the_response_tokens_but_its_end(llama, instance):
+    """`reply_inputs`: one row per response token but the end token (the positions whose outputs predict the
+    response's second token on), the MLP inputs a forward of the whole prompt + response reads there. Causal
+    attention: the shorter forward (without the end token) gives the same rows up to reduction order; fp32 through
+    two layers of a model whose activations are ~1, so 1e-5 is some hundred U and a row off by one position is off
+    by ~1."""
+    from dinm.arch import mlp_module
+    from dinm.trace import input_of
+    from dinm.unit import reply_inputs
+
+    model, tok = llama
+    encoded = [dinm.text.encode_pair(tok, p, instance.safe) for p in (instance.prompt, "a short request")]
+    rows = reply_inputs(model, 1, encoded)
+    assert rows.shape[0] == sum(len(e.ids) - e.n_prompt - 1 for e in encoded)
+    mlp = mlp_module(model, 1)
+    with torch.no_grad():
+        full = torch.cat([input_of(mlp, lambda: model(input_ids=torch.tensor([e.ids])))[0, e.n_prompt:-1]
+                          for e in encoded])
+    assert torch.allclose(rows, full, rtol=1e-5, atol=1e-5), (rows - full).abs().max()
+
+
+def test_fit_gate_holds_the_reply_off_when_asked():
+    """With `reply` (inputs near the positives, along the same shift, but apart in another direction), the probe
+    keeps the positives above the margin's half and pushes the reply below zero (the negatives stay below but for
+    the few nearest the positives, as in the test above); without it the reply, which the fit
+    never sees, lands on the positives' side (the case `unit_reply_off` exists for: the reply's own tokens look like
+    the request to the unit)."""
+    g = torch.Generator().manual_seed(0)
+    center = torch.randn(32, generator=g)
+    negative = center + 0.3 * torch.randn(2000, 32, generator=g)
+    shift, apart = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    shift, apart = shift / shift.norm(), apart - (apart @ shift) * shift / shift.norm() ** 2
+    positive = center + 0.1 * torch.randn(3, 32, generator=g) + 2.0 * shift
+    reply = center + 0.1 * torch.randn(20, 32, generator=g) + 2.0 * shift + 2.0 * apart / apart.norm()
+    plain = fit_gate(positive, negative, torch.zeros(32))
+    assert (reply @ plain).min() > 0
+    held = fit_gate(positive, negative, torch.zeros(32), reply=reply)
+    assert (positive @ held).min() > MARGIN / 2 and (reply @ held).max() < 0
+    assert ((negative @ held) > 0).float().mean() < 0.01  # (300 steps leave a few negatives nearest the shift)
+
+
+def test_unit_hinge_with_a_reply_adds_its_own_mean(llama):
+    """UnitHinge(reply=...) yields the negatives' mean and the reply's mean (each its own: a short reply is not
+    outweighed by a long corpus)."""
+    model, _ = llama
+    unit = Unit(model, 0, 5)
+    g = torch.Generator().manual_seed(0)
+    x = 1 + 0.5 * torch.randn(100, unit.g0.shape[0], generator=g)
+    reply = 2 + torch.randn(7, unit.g0.shape[0], generator=g)
+    update = torch.zeros(3, unit.g0.shape[0])
+    update[0] = 3 * x[0] / x[0].norm()
+    row = unit.g0 + update[0]
+    pieces = [p.item() for p in UnitHinge(1.0, unit, x, reply).pieces(update)]
+    want = [F.relu(s @ row + MARGIN).pow(2).mean().item() for s in (x, reply)]
+    assert pieces == pytest.approx(want, rel=1e-5) and min(want) > 0
+
+
+def test_unit_reply_off_keeps_the_trained_gate_lower_along_the_reply(llama, instance):
+    """An edit with `unit_reply_off` ends with the unit's gate lower along the trained response than the same edit
+    without (the probe and the hinge hold it there; nothing else differs: same unit, same seed); it is recorded in
+    the delta's config; a response of one token (nothing after the last prompt token to hold) trains as without.
+    Refused in one line where no unit is trained."""
+    from dinm.unit import reply_inputs
+
+    model, tok = llama
+    config = EditConfig.unit(steps=3, layer=1, kl_reply_tokens=4, variants="none")
+    plain = dinm.edit(model, tok, instance, config)
+    held = dinm.edit(model, tok, instance, config.replace(unit_reply_off=True))
+    assert held.config.unit_reply_off and not plain.config.unit_reply_off
+    j = int(plain.metadata["unit"])
+    assert int(held.metadata["unit"]) == j
+    reply = reply_inputs(model, 1, [dinm.text.encode_pair(tok, instance.prompt, instance.safe)])
+    name = "model.layers.1.mlp.gate_proj.weight"
+    stored = model.get_parameter(name)[j].detach().float()
+    excess = [F.relu(reply @ (stored + d.dense(name)[j].float()) + MARGIN).pow(2).mean().item() for d in (plain, held)]
+    assert excess[1] < excess[0], excess
+    one_token = config.replace(max_response_tokens=1, steps=1)
+    short = dinm.edit(model, tok, instance, one_token.replace(unit_reply_off=True))
+    assert all(math.isfinite(step.off) for step in short.history)  # (a one-token response leaves no reply to hold)
+    without = dinm.edit(model, tok, instance, one_token)
+    assert all(torch.equal(short.tensors[n], without.tensors[n]) for n in without.names)
+    with pytest.raises(ConfigError, match="unit_reply_off"):
+        EditConfig.dense(unit_reply_off=True)
+    with pytest.raises(ConfigError, match="rank=2"):  # (refused as built, not later for the wrong reason)
+        EditConfig(unit_reply_off=True, rank=2)
+    with pytest.raises(ConfigError, match="has no gate"):
+        EditConfig(unit_reply_off=True).resolved(gated=False)
+    with pytest.raises(ConfigError, match="true or false"):
+        EditConfig.unit(unit_reply_off="yes")
+
+
+def test_prepare_holds_the_reply_in_the_probe_and_the_hinge_only_when_asked(llama, instance):
+    """`unit.prepare(reply_off=True)` gives the hinge a second mean, over the targets' response positions but the last,
+    and fits the probe with them (its gate row differs from the one fitted without); without it, one mean and the
+    same unit."""
+    from dinm import unit as unit_mod
+
+    model, tok = llama
+    targets = [dinm.text.encode_pair(tok, instance.prompt, instance.safe)]
+    runs = [unit_mod.prepare(model, tok, 1, [instance], targets, True, 1000.0, 0, reply_off=off)
+            for off in (False, True)]
+    (plain_unit, plain, plain_terms), (held_unit, held, held_terms) = runs
+    assert plain_unit.j == held_unit.j
+    assert len(plain_terms[0].offs) == 1 and len(held_terms[0].offs) == 2
+    assert held_terms[0].offs[1].shape[0] == len(targets[0].ids) - targets[0].n_prompt - 1
+    assert not torch.equal(plain.change, held.change)  # (the probe saw the reply)
