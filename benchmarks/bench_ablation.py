@@ -78,6 +78,9 @@ VARIANTS = {
                  EditConfig.unit(variants="request+wrapped")),
     "unit_two_off": ("two units, as `unit_two`, each held off along its trained safe responses' tokens "
                      "(`unit_reply_off=True`)", EditConfig.unit(variants="request+wrapped", unit_reply_off=True)),
+    "unit_two_on3": ("two units, as `unit_two`, each with its gate probe fitted on at the trained safe responses' "
+                     "first 3 tokens too (`unit_reply_on=3`)", EditConfig.unit(variants="request+wrapped",
+                                                                               unit_reply_on=3)),
     "unit_off": ("the unit setting held off along its trained safe responses' tokens (`unit_reply_off=True`)",
                  EditConfig.unit(unit_reply_off=True)),
     "whitened": ("Adam whitened by the inputs of text the edit keeps (`precondition=\"keys\"`), 20 steps at lr 1e-3, "

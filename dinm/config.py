@@ -171,6 +171,10 @@ class EditConfig:
             (`dinm.unit.reply_inputs`). In a patch of units (two units, `unit_per_instance`) each unit is kept off
             along its own job's responses only. Off by default: measured a tie by the rule (README, "Where the units
             act, and the unit kept off along its reply").
+        unit_reply_on: with `matrix="unit"`, the unit's gate probe is fitted on (above the margin) at the trained
+            safe responses' first `unit_reply_on` tokens as well as at the last prompt token, so that the unit can
+            carry the refusal past its opening (`dinm.unit.positives`). 0 (the default): the last prompt token
+            only. Not with `unit_reply_off`. A screen, not a measured setting: README, "Where the units act".
     """
 
     layer: Optional[int] = None
@@ -197,6 +201,7 @@ class EditConfig:
     matrix: str = "auto"
     unit_per_instance: bool = False
     unit_reply_off: bool = False
+    unit_reply_on: int = 0
 
     def __post_init__(self):
         check_distance(self.distance)
@@ -249,6 +254,14 @@ class EditConfig:
                               f"needs matrix='unit' without rank or precondition, got matrix={self.matrix!r}, rank="
                               f"{self.rank}, precondition={self.precondition!r} "
                               f"(use EditConfig.unit(unit_reply_off=True))")
+        if isinstance(self.unit_reply_on, bool) or not isinstance(self.unit_reply_on, int) or self.unit_reply_on < 0:
+            raise ConfigError(f"unit_reply_on must be a non-negative integer, got {self.unit_reply_on!r}")
+        if self.unit_reply_on and (self.matrix not in ("unit", "auto") or self.rank is not None
+                                   or self.precondition != "none" or self.unit_reply_off):
+            raise ConfigError(f"unit_reply_on={self.unit_reply_on} fits a repurposed unit's gate on along the trained "
+                              f"responses' first tokens; it needs matrix='unit' without rank, precondition or "
+                              f"unit_reply_off, got matrix={self.matrix!r}, rank={self.rank}, precondition="
+                              f"{self.precondition!r}, unit_reply_off={self.unit_reply_off}")
         if self.unit_per_instance and self.matrix != "unit":
             raise ConfigError(f"unit_per_instance=True builds a patch of units; it needs matrix='unit', got "
                               f"matrix={self.matrix!r} (use EditConfig.unit(unit_per_instance=True))")
@@ -279,10 +292,11 @@ class EditConfig:
             why = "a list of instances with matrix='auto'" if gated else "the model's MLP has no gate"
             raise ConfigError(f"variants={TWO_UNITS!r} trains two units, but this edit runs matrix={matrix!r} "
                               f"({why}); use matrix='unit' on a gated MLP, or variants='wrapped'")
-        if matrix != "unit" and self.unit_reply_off:
+        if matrix != "unit" and (self.unit_reply_off or self.unit_reply_on):
             why = "a list of instances with matrix='auto'" if gated else "the model's MLP has no gate"
-            raise ConfigError(f"unit_reply_off=True holds a repurposed unit off along its replies, but this edit runs "
-                              f"matrix={matrix!r} ({why}); use matrix='unit' on a gated MLP, or leave it False")
+            field = "unit_reply_off=True" if self.unit_reply_off else f"unit_reply_on={self.unit_reply_on}"
+            raise ConfigError(f"{field} trains a repurposed unit, but this edit runs matrix={matrix!r} ({why}); use "
+                              f"matrix='unit' on a gated MLP, or leave it unset")
         return self.replace(matrix=matrix, **unset)
 
     @classmethod

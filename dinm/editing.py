@@ -128,7 +128,8 @@ def _train(model, tokenizer, batch: list[Instance], config: EditConfig, progress
                 repurposed, trained, unit_terms = unit.prepare(model, tokenizer, layer, negatives_of or batch,
                                                                encoded, config.chat_template,
                                                                config.preserve_weight, config.seed,
-                                                               (taken or {}).get(layer, ()), config.unit_reply_off)
+                                                               (taken or {}).get(layer, ()), config.unit_reply_off,
+                                                               config.unit_reply_on)
             seconds["keys"] = time.perf_counter() - tick
         passes = Passes(model, layer, config.compute_dtype, config.matrix, unit=repurposed)
         targets = [passes.sequence(e) for e in encoded]

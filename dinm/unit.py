@@ -157,13 +157,20 @@ def negatives(model, tokenizer, layer: int, instances: list, chat_template: bool
 
 
 @torch.no_grad()
-def positives(model, layer: int, encoded: list[Encoded]) -> torch.Tensor:
-    """The MLP inputs (n, hidden), float32, at the last prompt token of each trained prompt + response."""
+def positives(model, layer: int, encoded: list[Encoded], reply_on: int = 0) -> torch.Tensor:
+    """The MLP inputs (n, hidden), float32, at the last prompt token of each trained prompt + response, and with
+    `reply_on` (`EditConfig.unit_reply_on`) at its response's first `reply_on` tokens too (those there are before
+    the response's last)."""
     mlp = mlp_module(model, layer)
     device = placement.module_device(model.get_input_embeddings())
-    rows = [input_of(mlp, lambda: model(input_ids=torch.tensor([e.ids[:e.n_prompt]], device=device),
-                                       use_cache=False))[0, -1].float() for e in encoded]
-    return torch.stack(rows)
+    if not reply_on:
+        rows = [input_of(mlp, lambda: model(input_ids=torch.tensor([e.ids[:e.n_prompt]], device=device),
+                                           use_cache=False))[0, -1].float() for e in encoded]
+        return torch.stack(rows)
+    ends = [min(e.n_prompt + reply_on, len(e.ids) - 1) for e in encoded]
+    return torch.cat([input_of(mlp, lambda: model(input_ids=torch.tensor([e.ids[:end]], device=device),
+                                                 use_cache=False))[0, e.n_prompt - 1:].float()
+                      for e, end in zip(encoded, ends)])
 
 
 @torch.no_grad()
@@ -275,12 +282,14 @@ class Trained:
 
 
 def prepare(model, tokenizer, layer: int, instances: list, targets: list[Encoded], chat_template: bool,
-            weight: float, seed: int, taken=(), reply_off: bool = False) -> tuple[Unit, Trained, list]:
+            weight: float, seed: int, taken=(), reply_off: bool = False,
+            reply_on: int = 0) -> tuple[Unit, Trained, list]:
     """The repurposed unit for an edit that trains `targets` (prompt + safe response) and stays off on the benign
     prompts of `instances` among its negatives, its trained vectors (the gate fitted as a probe) and the unit's
     regularisers (`weight`: `EditConfig.preserve_weight`). `taken`: units of this layer it may not repurpose.
     `reply_off` (`EditConfig.unit_reply_off`): the gate is held off on the targets' response tokens too (their own
-    mean in the probe's fit and the hinge; not in the output penalty, which would fight the NLL there)."""
+    mean in the probe's fit and the hinge; not in the output penalty, which would fight the NLL there). `reply_on`
+    (`EditConfig.unit_reply_on`): the probe's positives are the first `reply_on` response tokens too."""
     check(model, layer)
     negative = negatives(model, tokenizer, layer, instances, chat_template)
     j = choose(model, layer, negative, taken)
@@ -291,7 +300,8 @@ def prepare(model, tokenizer, layer: int, instances: list, targets: list[Encoded
     reply = reply_inputs(model, layer, targets).to(negative.device) if reply_off else None
     if reply is not None and not len(reply):  # (one-token responses, `max_response_tokens=1`: no reply to hold)
         reply = None
-    gate = fit_gate(positives(model, layer, targets).to(negative.device), negative, seed_row, unit.bias[0], reply)
+    gate = fit_gate(positives(model, layer, targets, reply_on).to(negative.device), negative, seed_row, unit.bias[0],
+                    reply)
     terms = [UnitHinge(HINGE_WEIGHT, unit, negative, reply)]
     if weight:
         terms.append(UnitPenalty(weight, unit, negative, output_energy(model, layer, negative)))

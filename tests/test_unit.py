@@ -406,3 +406,34 @@ def test_prepare_holds_the_reply_in_the_probe_and_the_hinge_only_when_asked(llam
     assert len(plain_terms[0].offs) == 1 and len(held_terms[0].offs) == 2
     assert held_terms[0].offs[1].shape[0] == len(targets[0].ids) - targets[0].n_prompt - 1
     assert not torch.equal(plain.change, held.change)  # (the probe saw the reply)
+
+
+def test_unit_reply_on_fits_the_gate_on_over_the_responses_first_tokens(llama, instance):
+    """`positives(reply_on=k)`: the last prompt token's row (as without, up to reduction order: another forward
+    length, fp32 through two layers, 1e-5 as in `reply_inputs`' test) and the response's first k positions, never its
+    last. An edit with `unit_reply_on=2` ends with the unit's gate higher at those two positions than the same edit
+    without (same unit, same seed); it is refused with `unit_reply_off` and where no unit is trained."""
+    from dinm.unit import positives, reply_inputs
+
+    model, tok = llama
+    encoded = [dinm.text.encode_pair(tok, instance.prompt, instance.safe),
+               dinm.text.encode_pair(tok, "a short request", "No.")]
+    plain = positives(model, 1, encoded)
+    rows = positives(model, 1, encoded, reply_on=2)
+    counts = [1 + min(2, len(e.ids) - e.n_prompt - 1) for e in encoded]
+    assert rows.shape[0] == sum(counts) and counts[0] == 3
+    assert torch.allclose(rows[[0, counts[0]]], plain, rtol=1e-5, atol=1e-5)
+    config = EditConfig.unit(steps=3, layer=1, kl_reply_tokens=4, variants="none")
+    without, held = (dinm.edit(model, tok, instance, config.replace(unit_reply_on=n)) for n in (0, 2))
+    assert held.config.unit_reply_on == 2 and int(held.metadata["unit"]) == int(without.metadata["unit"])
+    j, name = int(held.metadata["unit"]), "model.layers.1.mlp.gate_proj.weight"
+    first = reply_inputs(model, 1, encoded[:1])[:2]
+    stored = model.get_parameter(name)[j].detach().float()
+    on = [(first @ (stored + d.dense(name)[j].float())).mean().item() for d in (without, held)]
+    assert on[1] > on[0], on
+    with pytest.raises(ConfigError, match="unit_reply_off"):
+        EditConfig.unit(unit_reply_on=2, unit_reply_off=True)
+    with pytest.raises(ConfigError, match="non-negative integer"):
+        EditConfig.unit(unit_reply_on=-1)
+    with pytest.raises(ConfigError, match="has no gate"):
+        EditConfig(unit_reply_on=2).resolved(gated=False)
