@@ -24,7 +24,7 @@ import torch
 
 import dinm
 from dinm import placement
-from dinm.evaluation import DG_NAMES
+from dinm.evaluation import SAFETY_INPUTS, safety_prompts
 from dinm.generate import generate_ids
 from dinm.judge import load_judge
 from dinm.metrics import Degeneracy
@@ -36,7 +36,6 @@ from _results import record
 from bench_ablation import VARIANTS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NAMES = ["DS"] + list(DG_NAMES.values())  # (the evaluation prompts, as `dinm.evaluate` names them)
 
 
 @torch.no_grad()
@@ -77,7 +76,7 @@ def main():
                 # (position p's pre-activation decides token p + 1: the reply's tokens are decided at n - 1 ...)
                 decided = [pre_activations(model, prompt + reply, u["layer"], u["unit"])[len(prompt) - 1:-1]
                            for u in units]
-                prompts = {"DS": inst.prompt, **{DG_NAMES[k]: v for k, v in inst.generalization.items()}}
+                prompts = safety_prompts(inst)
                 seqs = [prompt_ids(tokenizer, p, config.chat_template) for p in prompts.values()]
                 texts = [tokenizer.decode(r, skip_special_tokens=True).strip()
                          for r in generate_ids(model, tokenizer, seqs, max_new_tokens=args.max_new_tokens)]
@@ -87,7 +86,7 @@ def main():
             cell = {name: "/".join(f"{round(v):d}" for v in values)
                     + (" refused" if ok and degeneracy.reason(t) is None else " answered")
                     for name, values, ok, t in zip(prompts, at_last, verdicts, texts)}
-            held_out.append(f"| {key} | {index} | " + " | ".join(cell.get(n, "–") for n in NAMES) + " |")
+            held_out.append(f"| {key} | {index} | " + " | ".join(cell.get(n, "–") for n in SAFETY_INPUTS) + " |")
             text = tokenizer.decode(reply, skip_special_tokens=True).strip()
             broken = degeneracy.reason(text) or "–"
             cells = []
@@ -106,8 +105,8 @@ def main():
               "(max, tokens on, tokens above -margin) | degenerate | reply |", "|---|---|---|---|---|---|"]
     table = "\n".join(header + rows)
     table += ("\n\nAt the last prompt token of the record's evaluation prompts: each unit's pre-activation (units in "
-              "the order above), and the edited model's reply:\n\n| setting | record | " + " | ".join(NAMES) + " |\n|"
-              + "---|" * (len(NAMES) + 2) + "\n" + "\n".join(held_out))
+              "the order above), and the edited model's reply:\n\n| setting | record | " + " | ".join(SAFETY_INPUTS)
+              + " |\n|" + "---|" * (len(SAFETY_INPUTS) + 2) + "\n" + "\n".join(held_out))
     print(table)
     if not args.no_write:
         record("Where the units fire along the reply", (

@@ -239,29 +239,24 @@ class EditConfig:
         if self.matrix == "unit" and (self.rank is not None or self.precondition != "none"):
             raise ConfigError("matrix='unit' trains one unit's gate row, up row and down column; it does not combine "
                               f"with rank={self.rank} or precondition={self.precondition!r} (leave them unset)")
-        if self.variants == TWO_UNITS and (self.matrix not in ("unit", "auto") or self.rank is not None
-                                           or self.precondition != "none"):
-            raise ConfigError(f"variants={TWO_UNITS!r} trains two units; it needs matrix='unit' without rank or "
-                              f"precondition, got matrix={self.matrix!r}, rank={self.rank}, precondition="
-                              f"{self.precondition!r} (use EditConfig.unit(variants={TWO_UNITS!r}))")
+        if self.variants == TWO_UNITS:
+            self._needs_unit(f"variants={TWO_UNITS!r}", "trains two units", f"variants={TWO_UNITS!r}")
         if not isinstance(self.unit_per_instance, bool):
             raise ConfigError(f"unit_per_instance must be true or false, got {self.unit_per_instance!r}")
         if not isinstance(self.unit_reply_off, bool):
             raise ConfigError(f"unit_reply_off must be true or false, got {self.unit_reply_off!r}")
-        if self.unit_reply_off and (self.matrix not in ("unit", "auto") or self.rank is not None
-                                    or self.precondition != "none"):
-            raise ConfigError(f"unit_reply_off=True keeps a repurposed unit's gate off along the trained responses; it "
-                              f"needs matrix='unit' without rank or precondition, got matrix={self.matrix!r}, rank="
-                              f"{self.rank}, precondition={self.precondition!r} "
-                              f"(use EditConfig.unit(unit_reply_off=True))")
+        if self.unit_reply_off:
+            self._needs_unit("unit_reply_off=True", "keeps a repurposed unit's gate off along the trained responses",
+                             "unit_reply_off=True")
         if isinstance(self.unit_reply_on, bool) or not isinstance(self.unit_reply_on, int) or self.unit_reply_on < 0:
             raise ConfigError(f"unit_reply_on must be a non-negative integer, got {self.unit_reply_on!r}")
-        if self.unit_reply_on and (self.matrix not in ("unit", "auto") or self.rank is not None
-                                   or self.precondition != "none" or self.unit_reply_off):
-            raise ConfigError(f"unit_reply_on={self.unit_reply_on} fits a repurposed unit's gate on along the trained "
-                              f"responses' first tokens; it needs matrix='unit' without rank, precondition or "
-                              f"unit_reply_off, got matrix={self.matrix!r}, rank={self.rank}, precondition="
-                              f"{self.precondition!r}, unit_reply_off={self.unit_reply_off}")
+        if self.unit_reply_on:
+            self._needs_unit(f"unit_reply_on={self.unit_reply_on}", "fits a repurposed unit's gate on along the "
+                             "trained responses' first tokens", f"unit_reply_on={self.unit_reply_on}")
+            if self.unit_reply_off:
+                raise ConfigError(f"unit_reply_on={self.unit_reply_on} fits a unit's gate on along the trained "
+                                  f"responses' first tokens and unit_reply_off=True keeps it off there: set one of "
+                                  f"them")
         if self.unit_per_instance and self.matrix != "unit":
             raise ConfigError(f"unit_per_instance=True builds a patch of units; it needs matrix='unit', got "
                               f"matrix={self.matrix!r} (use EditConfig.unit(unit_per_instance=True))")
@@ -274,6 +269,14 @@ class EditConfig:
             raise ConfigError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.master_dtype not in MASTER_DTYPES:
             raise ConfigError(f"master_dtype must be one of {MASTER_DTYPES}, got {self.master_dtype!r}")
+
+    def _needs_unit(self, setting: str, does: str, use: str) -> None:
+        """A one-line `ConfigError` for `setting`, a unit edit's option, unless this config can train a unit
+        (matrix "unit" or "auto", neither rank nor precondition)."""
+        if self.matrix not in ("unit", "auto") or self.rank is not None or self.precondition != "none":
+            raise ConfigError(f"{setting} {does}; it needs matrix='unit' without rank or precondition, got matrix="
+                              f"{self.matrix!r}, rank={self.rank}, precondition={self.precondition!r} (use "
+                              f"EditConfig.unit({use}))")
 
     def resolved(self, gated: bool, instances: int = 1) -> "EditConfig":
         """The config an edit of `instances` instances runs: `matrix="auto"` made "unit" for one instance where the
@@ -288,12 +291,11 @@ class EditConfig:
             matrix = "unit" if gated and single and self.rank is None and self.precondition == "none" else "down"
         setting = UNIT_SETTING if matrix == "unit" else MATRIX_SETTING
         unset = {k: v for k, v in setting.items() if k != "matrix" and getattr(self, k) is None}
+        why = "a list of instances with matrix='auto'" if gated else "the model's MLP has no gate"
         if matrix != "unit" and self.variants == TWO_UNITS:
-            why = "a list of instances with matrix='auto'" if gated else "the model's MLP has no gate"
             raise ConfigError(f"variants={TWO_UNITS!r} trains two units, but this edit runs matrix={matrix!r} "
                               f"({why}); use matrix='unit' on a gated MLP, or variants='wrapped'")
         if matrix != "unit" and (self.unit_reply_off or self.unit_reply_on):
-            why = "a list of instances with matrix='auto'" if gated else "the model's MLP has no gate"
             field = "unit_reply_off=True" if self.unit_reply_off else f"unit_reply_on={self.unit_reply_on}"
             raise ConfigError(f"{field} trains a repurposed unit, but this edit runs matrix={matrix!r} ({why}); use "
                               f"matrix='unit' on a gated MLP, or leave it unset")

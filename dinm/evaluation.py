@@ -79,7 +79,8 @@ def load_benign(path: str) -> list[BenignPrompt]:
     return prompts
 
 
-def _safety_prompts(instance: Instance) -> dict[str, str]:
+def safety_prompts(instance: Instance) -> dict[str, str]:
+    """The record's prompts DS and DG are measured on, by name ("DS", then the `DG_NAMES` it holds)."""
     prompts = {"DS": instance.prompt}
     prompts.update({DG_NAMES[k]: instance.generalization[k] for k in GENERALIZATION_KEYS
                     if k in instance.generalization})
@@ -94,7 +95,7 @@ class _State:
         self.keys: list[tuple[int | str, str]] = []  # (record index, or the name of a list; name or index)
         self.prompts: list[str] = []
         for r, inst in enumerate(instances):
-            for name, prompt in [*_safety_prompts(inst).items(), ("benign", inst.benign_prompt)]:
+            for name, prompt in [*safety_prompts(inst).items(), ("benign", inst.benign_prompt)]:
                 self.keys.append((r, name))
                 self.prompts.append(prompt)
         for listed, items in lists.items():

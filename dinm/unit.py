@@ -157,33 +157,30 @@ def negatives(model, tokenizer, layer: int, instances: list, chat_template: bool
 
 
 @torch.no_grad()
+def _inputs_between(model, layer: int, spans: list[tuple[list[int], int, int]]) -> torch.Tensor:
+    """The MLP inputs (rows, hidden), float32, at positions start..end-1 of each (ids, start, end), read from one
+    forward of ids[:end] each (nothing after a position reaches it)."""
+    mlp = mlp_module(model, layer)
+    device = placement.module_device(model.get_input_embeddings())
+    return torch.cat([input_of(mlp, lambda: model(input_ids=torch.tensor([ids[:end]], device=device),
+                                                 use_cache=False))[0, start:].float() for ids, start, end in spans])
+
+
 def positives(model, layer: int, encoded: list[Encoded], reply_on: int = 0) -> torch.Tensor:
     """The MLP inputs (n, hidden), float32, at the last prompt token of each trained prompt + response, and with
     `reply_on` (`EditConfig.unit_reply_on`) at its response's first `reply_on` tokens too (those there are before
     the response's last)."""
-    mlp = mlp_module(model, layer)
-    device = placement.module_device(model.get_input_embeddings())
-    if not reply_on:
-        rows = [input_of(mlp, lambda: model(input_ids=torch.tensor([e.ids[:e.n_prompt]], device=device),
-                                           use_cache=False))[0, -1].float() for e in encoded]
-        return torch.stack(rows)
-    ends = [min(e.n_prompt + reply_on, len(e.ids) - 1) for e in encoded]
-    return torch.cat([input_of(mlp, lambda: model(input_ids=torch.tensor([e.ids[:end]], device=device),
-                                                 use_cache=False))[0, e.n_prompt - 1:].float()
-                      for e, end in zip(encoded, ends)])
+    return _inputs_between(model, layer, [(e.ids, e.n_prompt - 1, max(e.n_prompt, min(e.n_prompt + reply_on,
+                                                                                        len(e.ids) - 1)))
+                                          for e in encoded])
 
 
-@torch.no_grad()
 def reply_inputs(model, layer: int, encoded: list[Encoded]) -> torch.Tensor:
     """The MLP inputs (tokens, hidden), float32, at every position of each trained response but its last (its end
     token, or the last token kept where `max_response_tokens` cut it): the positions whose outputs predict the
     response's second token on. Read on the model as it is (a patch's earlier units added): the unit's own layer
     does not reach them, so they are what the edited model's are too."""
-    mlp = mlp_module(model, layer)
-    device = placement.module_device(model.get_input_embeddings())
-    rows = [input_of(mlp, lambda: model(input_ids=torch.tensor([e.ids[:-1]], device=device),
-                                       use_cache=False))[0, e.n_prompt:].float() for e in encoded]
-    return torch.cat(rows)
+    return _inputs_between(model, layer, [(e.ids, e.n_prompt, len(e.ids) - 1) for e in encoded])
 
 
 @torch.no_grad()
