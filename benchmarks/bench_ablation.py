@@ -70,7 +70,7 @@ VARIANTS = {
     "up": ("the default's losses on the MLP's up matrix (`matrix=\"up\"`)", EditConfig.dense(matrix="up")),
     "unit": ("one unit repurposed as a thresholded detector of the request (`EditConfig.unit()`: `matrix=\"unit\"`, "
              "the request alone as a second target, 40 steps at lr 1e-2; the default's locate, KL and penalty; the "
-             "default `EditConfig()` on a gated MLP)", EditConfig.unit()),
+             "default `EditConfig()` on a gated MLP before dinm 0.8)", EditConfig.unit()),
     "unit_wrapped": ("the unit setting with the request also inside each of dinm's 8 written jailbreak wrappers "
                      "(`variants=\"wrapped\"`)", EditConfig.unit().replace(variants="wrapped")),
     "unit_two": ("two units, one after another: the unit setting's, then one trained with the request inside "
@@ -79,8 +79,10 @@ VARIANTS = {
     "unit_two_off": ("two units, as `unit_two`, each held off along its trained safe responses' tokens "
                      "(`unit_reply_off=True`)", EditConfig.unit(variants="request+wrapped", unit_reply_off=True)),
     "unit_two_on3": ("two units, as `unit_two`, each with its gate probe fitted on at the trained safe responses' "
-                     "first 3 tokens too (`unit_reply_on=3`)", EditConfig.unit(variants="request+wrapped",
-                                                                               unit_reply_on=3)),
+                     "first 3 tokens too (`unit_reply_on=3`; `EditConfig.two_units()`, the default on a gated MLP "
+                     "since dinm 0.8)", EditConfig.two_units()),
+    "unit_on3": ("the unit setting with its gate probe fitted on at the trained safe responses' first 3 tokens too "
+                 "(`unit_reply_on=3`)", EditConfig.unit(unit_reply_on=3)),
     "unit_off": ("the unit setting held off along its trained safe responses' tokens (`unit_reply_off=True`)",
                  EditConfig.unit(unit_reply_off=True)),
     "whitened": ("Adam whitened by the inputs of text the edit keeps (`precondition=\"keys\"`), 20 steps at lr 1e-3, "
@@ -154,8 +156,10 @@ def main():
     for key in args.only or VARIANTS:
         label, config = VARIANTS[key]
         started = time.perf_counter()
-        # (read back as a config: a report from before a field existed has that field's default, its "off" value)
-        if stored is not None and stored.get("edit_config") and EditConfig.from_dict(stored["edit_config"]) == config:
+        # (read back as a config and resolved: a report from before a field existed has that field's default, which
+        # resolves to its "off" value)
+        if stored is not None and stored.get("edit_config") and (
+                EditConfig.from_dict(stored["edit_config"]).resolved(gated=True) == config.resolved(gated=True)):
             report, label = stored, f"{label} (from --from-report)"
         else:
             terms.forget_replies()  # (each setting's edits generate their own replies: comparable times)

@@ -116,9 +116,9 @@ def stage_edit(device: torch.device, dry_run: bool) -> list[str]:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
-    ran = delta.config  # (the default resolved: a unit on a gated MLP)
+    ran = delta.config  # (the default resolved: two units on a gated MLP)
     return [f"- edit ({ran.steps} steps of matrix={ran.matrix}, default config otherwise) of a {n}-token instance, "
-            f"layer {delta.layer}: "
+            f"layer {'+'.join(map(str, delta.layers))}: "
             f"{seconds:.1f} s (locate {delta.summary()['seconds']['locate']} s), peak memory {peak:.1f} GB for "
             f"{weights_gb:.1f} GB of weights ({peak / weights_gb:.2f}x)"]
 

@@ -79,12 +79,12 @@ def main():
         seconds = time.perf_counter() - started
         delta.apply(model)
         deltas.append(delta)
-        row(k, delta.layer, f"{seconds:.1f}", *state(model, tok, records, benign, args.max_new_tokens))
+        row(k, '+'.join(map(str, delta.layers)), f"{seconds:.1f}", *state(model, tok, records, benign, args.max_new_tokens))
     for delta in reversed(deltas):
         delta.revert(model)
     exact = all(fingerprint(p) == originals[name] for name, p in model.named_parameters())
     size = sum(d.nbytes for d in deltas)
-    layers = sorted({d.layer for d in deltas})
+    layers = sorted({n for d in deltas for n in d.layers})
     footer = (f"Deltas: {len(deltas)}, {size / 1e6:.1f} MB together, layers edited {layers}; reverted in reverse "
               f"order: weights {'bit-identical to the original' if exact else 'NOT identical to the original'}.")
     print(footer)

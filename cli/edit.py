@@ -31,14 +31,20 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
               help="keys: Adam steps whitened by the inputs of text the edit must keep [default: none; README].")
 @click.option("--matrix", type=click.Choice(MATRICES),
               help="What of the MLP to train: unit (one unit as a thresholded detector), down (the output projection, "
-                   "DINM's), gate, up; auto: unit where the MLP is gated, else down [default: auto].")
+                   "DINM's), gate, up; auto: for one record where the MLP is gated two units (EditConfig.two_units(): "
+                   "the request's and the wrappers', each fitted on over its replies' first 3 tokens), else down "
+                   "[default: auto].")
 @click.option("--variants", type=click.Choice(VARIANTS),
               help="What the edit trains besides the attack: request (the request read from it), wrapped (that too "
                    "inside dinm's written wrappers), request+wrapped (a unit edit: two units, one for each), none "
-                   "[default: request for a unit, none for a matrix].")
+                   "[default: request+wrapped for auto's unit edit, request for --matrix unit, none for a matrix].")
+@click.option("--unit-reply-on", type=click.IntRange(min=0),
+              help="A unit edit: fit each unit's gate on at its trained safe responses' first N tokens too, so that it "
+                   "carries the refusal past the reply's opening [default: 3 for auto's unit edit, else 0].")
 @click.option("--unit", "unit_setting", is_flag=True,
-              help="The unit edit (EditConfig.unit(): --matrix unit, the request alone as a second target, "
-                   "40 steps at lr 1e-2; what the default runs on a gated MLP), refused where the MLP has no gate; the "
+              help="The one-unit edit (EditConfig.unit(): --matrix unit, the request alone as a second target, "
+                   "40 steps at lr 1e-2, no fit over the reply; the default on a gated MLP before dinm 0.8, about a third "
+                   "of its cost), refused where the MLP has no gate; it overrides those fields of --config, the "
                    "options above override it.")
 @click.option("--unit-per-instance", is_flag=True,
               help="With --all: a patch of one unit per record (Transformer-Patcher's batch edit) instead of one unit "
@@ -52,7 +58,8 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @json_option
 @one_line_errors
 def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, distance, steps, lr, kl_weight,
-             unsafe_weight, rank, precondition, matrix, variants, unit_setting, unit_per_instance, compute_dtype,
+             unsafe_weight, rank, precondition, matrix, variants, unit_reply_on, unit_setting, unit_per_instance,
+             compute_dtype,
              overwrite, dtype, device_map, trust_remote_code, as_json):
     """Locate the toxic layer, edit it, and write the edit as a .safetensors delta."""
     import os
@@ -73,7 +80,7 @@ def edit_cmd(model, instance_path, index, use_all, output, config_path, layer, d
         config = config.replace(**UNIT_SETTING, **({"unit_per_instance": True} if unit_per_instance else {}))
     overrides = dict(layer=layer, distance=distance, steps=steps, lr=lr, kl_weight=kl_weight,
                      unsafe_weight=unsafe_weight, rank=rank, precondition=precondition, matrix=matrix,
-                     variants=variants, compute_dtype=compute_dtype)
+                     variants=variants, unit_reply_on=unit_reply_on, compute_dtype=compute_dtype)
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     net, tokenizer = load(model, dtype, trust_remote_code, device_map)
     started = time.perf_counter()

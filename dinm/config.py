@@ -40,9 +40,13 @@ TWO_UNITS = "request+wrapped"  # (`EditConfig.variants`): two units, one per var
 PRECONDITIONS = ("none", "keys")  # the coordinates Adam moves a dense update in (`EditConfig.precondition`)
 MATRICES = ("auto", "down", "gate", "up", "unit")  # what of the MLP an edit trains (`EditConfig.matrix`)
 # The measured setting of each kind of edit: the values that `EditConfig.resolved` gives the fields left None.
-# `EditConfig.unit()` (and `dinm edit --unit`) set the unit's fields explicitly.
-UNIT_SETTING = dict(matrix="unit", variants="request", steps=40, lr=1e-2)
-MATRIX_SETTING = dict(variants="none", steps=50, lr=2e-3)  # "down", "gate" and "up"
+# `EditConfig.unit()` (and `dinm edit --unit`) set the unit's fields explicitly: one unit, the request's.
+UNIT_SETTING = dict(matrix="unit", variants="request", steps=40, lr=1e-2, unit_reply_on=0)
+MATRIX_SETTING = dict(variants="none", steps=50, lr=2e-3, unit_reply_on=0)  # "down", "gate" and "up"
+# What `matrix="auto"` gives one instance on a gated MLP (`EditConfig.two_units()`): two units, the request's then
+# the wrappers', each fitted on over its trained replies' first 3 tokens; the rule's pick (README, "Choosing the
+# default edit").
+AUTO_UNIT_SETTING = dict(UNIT_SETTING, variants=TWO_UNITS, unit_reply_on=3)
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
 # benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
 # `probe` (a unit's gate fitted on dinm's written wrappers too) lived in one commit of 0.2.0 (0953798), screened and
@@ -72,7 +76,7 @@ class EditConfig:
         distance: the locate rule (see `DISTANCES`); the default, "cosine_inner", never picks the
             first or the last layer, where an edit moves every reply (README, "Choosing the default edit").
         steps: optimiser steps. None (the default): the measured setting of what `matrix` trains, 40 for a unit and
-            50 for a matrix (`UNIT_SETTING`, `MATRIX_SETTING`).
+            50 for a matrix (`AUTO_UNIT_SETTING`, `UNIT_SETTING`, `MATRIX_SETTING`).
         lr: Adam learning rate. None (the default): 1e-2 for a unit (its three vectors start near zero), 2e-3 for
             a matrix (which starts at its stored values).
         kl_weight: weight of KL(unedited || edited) on the benign prompt's answer tokens; the KL has a
@@ -115,7 +119,8 @@ class EditConfig:
             `dinm.terms.UNSAFE_MARGIN` nats above the unedited model's value and no further (an unbounded term
             would reward any reply that is not that text, gibberish included). Costs one more forward and backward
             per step. 0: none.
-        variants: None (the default): "request" for a unit, "none" for a matrix. "request": the edit also trains
+        variants: None (the default): "request+wrapped" where `matrix="auto"` picks the unit edit, "request" for
+            `matrix="unit"`, "none" for a matrix. "request": the edit also trains
             the safe response to the request alone, without its jailbreak wrapper, as dinm reads it from the
             adversarial prompt (`dinm.instance.request_of`: the prompt's last question, or its last sentence when it
             asks none, after its last colon), so that the bare harmful question is refused too. "wrapped": the
@@ -124,9 +129,9 @@ class EditConfig:
             that other wrappers than the instance's are refused too; costs one more sequence per wrapper in every
             step. "request+wrapped" (a unit edit only): two units, one after another: the first trained as
             "request" (`EditConfig.unit()`'s edit), the second as "wrapped" on the model with the first added, so
-            that the bare request and other wrappers are each some unit's own target (`dinm.editing._unit_patch`);
-            measured, the two added overshoot into looping refusals (README, "Two units, the request's and the
-            wrappers'"), so it is not the default.
+            that the bare request and other wrappers are each some unit's own target (`dinm.editing._unit_patch`).
+            Alone, the two added overshoot into looping refusals (README, "Two units, the request's and the
+            wrappers'"); with `unit_reply_on=3` they are the default (`EditConfig.two_units()`).
             "none": the adversarial prompt only. The layer is located from the instance itself either way.
         precondition: "keys": Adam moves a dense update D in coordinates whitened by a second moment M of the
             edited matrix's inputs on text the edit must keep: the benign corpus's keys (`dinm.keys`) plus, ten times
@@ -137,10 +142,11 @@ class EditConfig:
             (out, in) x (in, in) product per pass.
             "none": Adam on D itself. Not with `rank`; the trained Z is fp32 (`master_dtype="float32"`).
         matrix: what of the located layer's MLP the edit trains. "auto" (the default): "unit" for one instance where
-            the model's MLP is gated (Llama, Mistral, Qwen2, ...) and neither `rank` nor `precondition` is set, else
-            "down" (a batch too: one unit for many requests refused less on other records than one dense patch); the
-            rule that chose the default picks the unit setting on the embedded model (README, "Choosing the default
-            edit").
+            the model's MLP is gated (Llama, Mistral, Qwen2, ...) and neither `rank` nor `precondition` is set, with
+            the other fields left None as `EditConfig.two_units()` sets them (two units, each fitted on over its
+            replies' first 3 tokens), else "down" (a batch too: one unit for many requests refused less on other
+            records than one dense patch); the rule that chose the default picks two units on the embedded model
+            (README, "Choosing the default edit").
             "down": its output projection (DINM's). "gate"
             or "up": an input projection (`dinm.arch.matrix_name`; Llama-style MLPs have both, GPT-2 and GPT-NeoX only
             "up"). An update of the gate acts through the MLP's nonlinearity, so it can switch units on for some
@@ -173,8 +179,11 @@ class EditConfig:
             act, and the unit kept off along its reply").
         unit_reply_on: with `matrix="unit"`, the unit's gate probe is fitted on (above the margin) at the trained
             safe responses' first `unit_reply_on` tokens as well as at the last prompt token, so that the unit can
-            carry the refusal past its opening (`dinm.unit.positives`). 0 (the default): the last prompt token
-            only. Not with `unit_reply_off`. A screen, not a measured setting: README, "Where the units act".
+            carry the refusal past its opening (`dinm.unit.positives`). 0: the last prompt token only. None (the
+            default): 3 where `matrix="auto"` picks the unit edit with two units (`variants` None or
+            "request+wrapped": `EditConfig.two_units()`, the rule's pick, README "Choosing the default edit") unless
+            `unit_reply_off` is set, else 0 (one unit with it measured below one unit without). Not with
+            `unit_reply_off`.
     """
 
     layer: Optional[int] = None
@@ -201,7 +210,7 @@ class EditConfig:
     matrix: str = "auto"
     unit_per_instance: bool = False
     unit_reply_off: bool = False
-    unit_reply_on: int = 0
+    unit_reply_on: Optional[int] = None
 
     def __post_init__(self):
         check_distance(self.distance)
@@ -248,8 +257,9 @@ class EditConfig:
         if self.unit_reply_off:
             self._needs_unit("unit_reply_off=True", "keeps a repurposed unit's gate off along the trained responses",
                              "unit_reply_off=True")
-        if isinstance(self.unit_reply_on, bool) or not isinstance(self.unit_reply_on, int) or self.unit_reply_on < 0:
-            raise ConfigError(f"unit_reply_on must be a non-negative integer, got {self.unit_reply_on!r}")
+        value = self.unit_reply_on  # (None: the measured value of the kind of edit that runs, `resolved`)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"unit_reply_on must be a non-negative integer or None, got {value!r}")
         if self.unit_reply_on:
             self._needs_unit(f"unit_reply_on={self.unit_reply_on}", "fits a repurposed unit's gate on along the "
                              "trained responses' first tokens", f"unit_reply_on={self.unit_reply_on}")
@@ -283,13 +293,18 @@ class EditConfig:
         model's MLP is `gated` (a gate and an up matrix, `dinm.unit.supported`) and neither `rank` nor
         `precondition` asks for a matrix, else "down" (a batch too: one dense patch did best by the rule on other
         records, against one unit for all and a unit per instance, README "Batch editing, measured"); and `steps`,
-        `lr`, `variants` left None given that kind of edit's measured values (`UNIT_SETTING`, `MATRIX_SETTING`). A
-        delta stores this one."""
-        matrix = self.matrix
+        `lr`, `variants`, `unit_reply_on` left None given that kind of edit's measured values (`AUTO_UNIT_SETTING`
+        for the unit edit "auto" picks, `UNIT_SETTING` for `matrix="unit"`, `MATRIX_SETTING`). A delta stores this
+        one."""
+        matrix, setting = self.matrix, UNIT_SETTING if self.matrix == "unit" else MATRIX_SETTING
         if matrix == "auto":
             single = instances == 1
             matrix = "unit" if gated and single and self.rank is None and self.precondition == "none" else "down"
-        setting = UNIT_SETTING if matrix == "unit" else MATRIX_SETTING
+            setting = AUTO_UNIT_SETTING if matrix == "unit" else MATRIX_SETTING
+        if self.unit_reply_off or matrix == "unit" and self.variants not in (None, TWO_UNITS):
+            # (held off along the replies: not also fitted on there; the fit over the reply was measured with two
+            # units, and on one unit it lost to the unit without it: README "Two units fitted on ... the default")
+            setting = dict(setting, unit_reply_on=0)
         unset = {k: v for k, v in setting.items() if k != "matrix" and getattr(self, k) is None}
         why = "a list of instances with matrix='auto'" if gated else "the model's MLP has no gate"
         if matrix != "unit" and self.variants == TWO_UNITS:
@@ -314,16 +329,27 @@ class EditConfig:
         a dense edit of the output projection, 10 steps at lr 5e-4, KL weight 1 on the instance's benign answer,
         passes in the model's dtype. The speed benchmark's like-for-like setting (the paper's amount of work)."""
         return cls(**{**dict(distance="cosine", steps=10, lr=5e-4, kl_weight=1.0, kl_text="answer",
-                             preserve_weight=0.0, compute_dtype="model", matrix="down", variants="none"), **changes})
+                             preserve_weight=0.0, compute_dtype="model", matrix="down", variants="none",
+                             unit_reply_on=0), **changes})
 
     @classmethod
     def unit(cls, **changes) -> "EditConfig":
         """One unit as a thresholded detector of the request (`matrix="unit"`), trained on the adversarial prompt and
         the request alone (`variants="request"`), 40 steps at lr 1e-2 (the unit's three vectors start near zero;
         a dense update starts at the matrix). The default's locate, KL and benign penalty. What the default
-        `EditConfig()` runs on a gated MLP; unlike it, refused where the MLP has none. Measured in the README, "One unit
-        as a thresholded detector"."""
+        `EditConfig()` ran on a gated MLP before dinm 0.8, and the first of `two_units()`'s units; refused where the
+        MLP has none. Measured in the README, "One unit as a thresholded detector"."""
         return cls(**{**UNIT_SETTING, **changes})
+
+    @classmethod
+    def two_units(cls, **changes) -> "EditConfig":
+        """Two units, one after another (`variants="request+wrapped"`): the unit setting's, trained on the attack and
+        the request alone, then one trained on the request inside dinm's 8 written wrappers with the first added;
+        each unit's gate fitted on at its trained safe responses' first 3 tokens as well as at the last prompt token
+        (`unit_reply_on=3`), so that it carries the refusal past the reply's opening. What the default `EditConfig()`
+        runs for one instance on a gated MLP (the rule's pick, README "Choosing the default edit"); unlike it, refused
+        where the MLP has none."""
+        return cls(**{**AUTO_UNIT_SETTING, **changes})
 
     @classmethod
     def paper(cls, **changes) -> "EditConfig":
@@ -332,8 +358,8 @@ class EditConfig:
         steps at lr 5e-4, no constraint from the KL term (EasyEdit computes it without gradient, which is what
         `kl_weight=0` does to the update), and the passes in the model's dtype. For comparing against dinm's defaults."""
         return cls(**{**dict(distance="paper", chat_template=False, steps=10, lr=5e-4, kl_weight=0.0, kl_text="answer",
-                              preserve_weight=0.0, compute_dtype="model", matrix="down", variants="none"),
-                      **changes})
+                              preserve_weight=0.0, compute_dtype="model", matrix="down", variants="none",
+                              unit_reply_on=0), **changes})
 
     def encoding(self) -> dict[str, Any]:
         """How prompts and responses become tokens (keywords of `dinm.text.encode_pair` and `dinm.locate`)."""

@@ -43,21 +43,45 @@ class DemoReport:
             lines += [f"  {tag} {'REFUSES ' if is_refusal(reply) else 'answers '}| {reply!r}"
                       for tag, reply in (("before", before), ("after ", after))]
         d, timing = self.delta, self.delta.summary().get("seconds", {})
-        where = (f"located layer {d.layer} ({self.config.distance} distance over {len(d.distances)} layers):\n"
-                 + distance_chart(d.distances, d.layer)) if d.distances else f"layer {d.layer} (given, not located)"
-        lines += ["", "=== the edit", where,
-                  f"edited {what(d)} in {self.seconds:.1f}s ({phases(timing, 'unit' in d.metadata)}; passes in "
-                  f"{d.metadata.get('compute', '?')}): {describe(d.history)}",
+        lines += ["", "=== the edit", where(d, self.config.distance),
+                  f"edited {what(d)} in {self.seconds:.1f}s ({phases(timing, 'unit' in d.metadata or bool(d.units))}; "
+                  f"passes in {d.metadata.get('compute', '?')}): {describe(d.history)}",
                   f"delta: {self.delta_path} ({_size(os.path.getsize(self.delta_path))}, only what was edited)"
                   + (f"; plot: {self.plot_path}" if self.plot_path else ""),
                   f"revert restored the original weights bit for bit: {'yes' if self.restored else 'NO'}"]
         return "\n".join(lines)
 
 
+def located(delta: Delta) -> tuple[list[float], int | None]:
+    """The per-layer distances and the layer they chose: the delta's, or for a patch of units its first unit's (each
+    unit is located on its own; the first, on the unedited model, is the instance's own locate)."""
+    if delta.units:
+        return delta.units[0].get("distances") or [], delta.units[0]["layer"]
+    return delta.distances, delta.layer
+
+
+def where(delta: Delta, distance: str) -> str:
+    """Which layer the edit located, with the per-layer distances as a chart (for a patch of units, the first
+    unit's, and the layers of the others)."""
+    distances, layer = located(delta)
+    if not distances:
+        return f"layer {layer} (given, not located)"
+    text = f"located layer {layer} ({distance} distance over {len(distances)} layers):\n" + distance_chart(distances,
+                                                                                                       layer)
+    for k, unit in enumerate(delta.units[1:], 2):
+        text += f"\nunit {k} ({unit['variants']}) located layer {unit['layer']} on the model with the units before it"
+    return text
+
+
 def what(delta: Delta) -> str:
-    """"unit 17 of layer 22 (its gate row, up row and down column)", or the edited tensors' names."""
+    """"unit 17 of layer 22 (its gate row, up row and down column)", "2 units: unit 17 of layer 22 (request), ...",
+    or the edited tensors' names."""
     if "unit" in delta.metadata:
         return f"unit {delta.metadata['unit']} of layer {delta.layer} (its gate row, up row and down column)"
+    if delta.units:
+        return (f"{len(delta.units)} units: " + ", ".join(f"unit {u['unit']} of layer {u['layer']} ({u['variants']})"
+                                                          for u in delta.units)
+                + " (each its gate row, up row and down column)")
     return ", ".join(delta.names)
 
 
@@ -81,10 +105,11 @@ def run(instance_path: str = "data/example.json", out_dir: str = "demo_out", *, 
     seconds = time.perf_counter() - started
     delta_path = os.path.join(out_dir, "delta.safetensors")
     delta.save(delta_path)
-    plot_path = os.path.join(out_dir, "distances.png") if delta.distances else None  # (none for a given layer)
+    distances, layer = located(delta)
+    plot_path = os.path.join(out_dir, "distances.png") if distances else None  # (none for a given layer)
     if plot_path:
-        plot_distances(delta.distances, delta.layer, plot_path,
-                       title=f"SmolLM2-135M-Instruct, {config.distance} distance (toxic layer {delta.layer})")
+        plot_distances(distances, layer, plot_path,
+                       title=f"SmolLM2-135M-Instruct, {config.distance} distance (toxic layer {layer})")
     base = [fingerprint(model.get_parameter(name)) for name in delta.names]
     with delta.applied(model):
         after = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens)

@@ -1,6 +1,6 @@
 """Step 2 of DINM: train what `EditConfig.matrix` names of the located layer's MLP for a few steps: by default, on a
-gated MLP, one unit repurposed as a thresholded detector (`dinm.unit`); else the output projection (DINM's), or one
-of its input projections.
+gated MLP, two units repurposed as thresholded detectors, one after another (`dinm.unit`, `_unit_patch`); else the
+output projection (DINM's), or one of its input projections.
 
 Loss = NLL of the safe response to the adversarial prompt + the weighted penalties of the regularisers
 (`dinm.terms`: the KL on the benign prompt's answer, the benign-key penalty). The passes that compute it never
@@ -54,9 +54,9 @@ def edit(model, tokenizer, instance: Instance | SequenceOf[Instance], config: Ed
         model: a causal LM whose `model_type` is in `dinm.arch.ARCHITECTURES`.
         tokenizer: its tokenizer (its chat template is used when `config.chat_template`).
         instance: the edit request (`dinm.load_instance`), or a list of them (`dinm.load_instances`).
-        config: an `EditConfig`; `EditConfig()` by default: for one instance, one unit as a thresholded detector
-            where the MLP is gated (`EditConfig.unit()`'s setting); else, and for a list, a dense edit of the output
-            projection (`EditConfig.dense()`).
+        config: an `EditConfig`; `EditConfig()` by default: for one instance, two units as thresholded detectors
+            where the MLP is gated (`EditConfig.two_units()`'s setting); else, and for a list, a dense edit of the
+            output projection (`EditConfig.dense()`).
         progress: show a progress bar (None: only on a terminal).
 
     Returns:

@@ -95,7 +95,7 @@ def _tiny_model(model_type: str, tokenizer):
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_every_architecture_edits_on_a_tiny_model_of_its_type(model_type, tokenizer, instance):
     """Each entry of the table resolved against a real (tiny, random) model of that type: locate, a two-step default
-    edit (one unit where the MLP is gated, else the output projection) with the default regularisers, apply (the
+    edit (two units where the MLP is gated, else the output projection) with the default regularisers, apply (the
     outputs move), revert (every bit back)."""
     import dinm
     from dinm import EditConfig
@@ -107,12 +107,14 @@ def test_every_architecture_edits_on_a_tiny_model_of_its_type(model_type, tokeni
     assert model.config.model_type == model_type
     before = state(model)
     delta = dinm.edit(model, tokenizer, instance, EditConfig(steps=2, lr=1e-2))
-    if supported(model):
-        assert delta.config.matrix == "unit" and len(delta.names) == 3
-        assert mlp_out_name(model, delta.layer) in delta.names
+    if supported(model):  # (two units, each located: its layer's three matrices)
+        assert delta.config.matrix == "unit" and len(delta.units) == 2
+        assert len(delta.names) == 3 * len({u["layer"] for u in delta.units})
+        assert all(mlp_out_name(model, u["layer"]) in delta.names for u in delta.units)
+        assert all(len(u["distances"]) == num_layers(model) == 3 for u in delta.units)
     else:
         assert delta.config.matrix == "down" and delta.names == [mlp_out_name(model, delta.layer)]
-    assert len(delta.distances) == num_layers(model) == 3
+        assert len(delta.distances) == num_layers(model) == 3
     assert delta.history[-1].kl is not None and delta.history[-1].moved is not None
     assert same_state(model, before)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])

@@ -169,7 +169,7 @@ def test_two_units_through_the_cli_apply_to_and_revert_from_a_checkpoint(tiny_fo
                  "--steps", 1, "--layer", 1)
     assert result.exit_code == 0 and "2 units in layers 1" in result.output, result.output
     delta = Delta.load(str(delta_path))
-    assert delta.config == EditConfig.unit(steps=1, layer=1, variants="request+wrapped")
+    assert delta.config == EditConfig.two_units(steps=1, layer=1)  # (matrix "auto": the default's two units)
     shown = run("inspect", delta_path).output
     assert "a patch of 2 units (matrix=unit, variants=request+wrapped)" in shown, shown
     assert all(f"unit {u['unit']} of layer 1: instance {u['instance_id']} ({v})" in shown
@@ -186,6 +186,20 @@ def test_two_units_through_the_cli_apply_to_and_revert_from_a_checkpoint(tiny_fo
     wrong = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", tmp_path / "x.safetensors", "--variants",
                 "request+wrapped", "--matrix", "down")
     assert wrong.exit_code != 0 and "matrix='unit'" in wrong.output and len(wrong.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_unit_reply_on_through_the_cli(tiny_folder, tmp_path):
+    """`--unit-reply-on N` reaches the config a delta stores (here on the one-unit edit, whose own value is 0); on a
+    dense matrix it is a one-line error that writes nothing."""
+    path = tmp_path / "on.safetensors"
+    result = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", path, "--unit", "--unit-reply-on", 2, "--steps", 1,
+                 "--layer", 1)
+    assert result.exit_code == 0, result.output
+    assert Delta.load(str(path)).config == EditConfig.unit(steps=1, layer=1, unit_reply_on=2)
+    wrong = run("edit", tiny_folder, "--instance", EXAMPLE, "-o", tmp_path / "x.safetensors", "--unit-reply-on", 2,
+                "--matrix", "down")
+    assert wrong.exit_code != 0 and "unit_reply_on=2" in wrong.output and len(wrong.output.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
 
 

@@ -60,20 +60,30 @@ def test_default_and_first_default():
             ) == ("cosine", "down", 10, 5e-4, "none", "answer", 1.0, 0.0)
 
 
-def test_the_default_resolves_to_the_unit_setting_on_a_gated_mlp_and_to_the_dense_edit_elsewhere():
-    """matrix="auto" becomes the unit where the MLP is gated and nothing asks for a matrix (rank, precondition), else
-    the output projection; steps, lr and variants left unset take that kind's measured values, set ones are kept."""
-    assert EditConfig().resolved(gated=True) == EditConfig.unit()
+def test_the_default_resolves_to_two_units_on_a_gated_mlp_and_to_the_dense_edit_elsewhere():
+    """matrix="auto" becomes two units (the request's and the wrappers', each fitted on over its replies' first 3
+    tokens) where the MLP is gated and nothing asks for a matrix (rank, precondition), else the output projection;
+    steps, lr, variants and unit_reply_on left unset take that kind's measured values, set ones are kept."""
+    assert EditConfig().resolved(gated=True) == EditConfig.two_units()
+    assert EditConfig.two_units() == EditConfig.unit(variants="request+wrapped", unit_reply_on=3)
+    assert EditConfig.unit().unit_reply_on == 0 and EditConfig.unit().variants == "request"  # (one unit: as measured)
+    assert EditConfig(matrix="unit").resolved(gated=True) == EditConfig.unit()  # (asked for one unit: that setting)
     assert EditConfig().resolved(gated=False) == EditConfig.dense()
-    assert EditConfig.dense() == EditConfig(matrix="down", steps=50, lr=2e-3, variants="none")
+    assert EditConfig.dense() == EditConfig(matrix="down", steps=50, lr=2e-3, variants="none", unit_reply_on=0)
     assert EditConfig(rank=4).resolved(gated=True) == EditConfig.dense(rank=4)
     assert EditConfig(precondition="keys").resolved(gated=True) == EditConfig.dense(precondition="keys")
-    assert EditConfig(steps=7, variants="none").resolved(gated=True) == EditConfig.unit(steps=7, variants="none")
+    assert EditConfig(steps=7).resolved(gated=True) == EditConfig.two_units(steps=7)
+    # (one unit asked for under "auto": without the fit over the reply, which was measured with two units only)
+    assert EditConfig(variants="none").resolved(gated=True) == EditConfig.unit(variants="none")
+    assert EditConfig(unit_reply_on=0).resolved(gated=True) == EditConfig.two_units(unit_reply_on=0)
+    assert EditConfig(unit_reply_off=True).resolved(gated=True) == EditConfig.two_units(unit_reply_on=0,
+                                                                                       unit_reply_off=True)
     assert EditConfig(matrix="gate").resolved(gated=True) == EditConfig.dense(matrix="gate")
     assert EditConfig(matrix="unit").resolved(gated=False).matrix == "unit"  # (refused by the edit, in one line)
     assert EditConfig().resolved(gated=True, instances=2) == EditConfig.dense()  # (a batch: the dense patch)
     assert EditConfig.unit().resolved(gated=True, instances=2) == EditConfig.unit()  # (asked for: kept)
-    for config in (EditConfig.unit(), EditConfig.dense(lr=1e-3), EditConfig.v0(), EditConfig.paper()):
+    for config in (EditConfig.unit(), EditConfig.two_units(), EditConfig.dense(lr=1e-3), EditConfig.v0(),
+                   EditConfig.paper()):
         assert config.resolved(gated=True) == config.resolved(gated=False) == config  # (nothing left to resolve)
 
 

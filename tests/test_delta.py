@@ -47,6 +47,10 @@ def test_config_of_an_older_delta_reads_as_that_edit_ran(edited):
     before_unit = Delta(delta.tensors, {**delta.metadata, "config": json.dumps(dense)})
     assert (before_unit.config.matrix, before_unit.config.variants) == ("down", "none")
     assert before_unit.config == FAST
+    # Before `unit_reply_on` existed no unit was fitted on along its reply (today's None would read as unset).
+    unfitted = {k: v for k, v in json.loads(delta.metadata["config"]).items() if k != "unit_reply_on"}
+    before_fit = Delta(delta.tensors, {**delta.metadata, "config": json.dumps(unfitted)})
+    assert before_fit.config.unit_reply_on == 0 and before_fit.config == FAST
 
 
 def test_a_delta_written_by_dinm_0_1_reads(edited):

@@ -83,16 +83,18 @@ def test_embedded_model_saves_as_a_plain_checkpoint(smol, tmp_path):
 
 
 def test_default_edit_through_the_evaluate_protocol_refuses_the_bare_question_too(smol):
-    """Issue 19's regression test for the default edit (on this gated model the unit setting, `EditConfig.unit()`: one
-    MLP unit as a thresholded detector, trained on the attack and on the request alone), through
+    """Issue 19's regression test for the default edit (on this gated model `EditConfig.two_units()`: two MLP units
+    as thresholded detectors, one trained on the attack and the request alone, one on the request inside dinm's
+    written wrappers, each fitted on over its replies' first 3 tokens), through
     `dinm.evaluate(edit=True)` on the real model with the
     record of data/example.json (its held-out inputs written for dinm): the edit made inside the protocol refuses the
     attack and the bare question (which the dense edit still answers), at least 9 of 10 benign replies (the first
     ten of data/benign.json, which no edit reads) and the record's knowledge reply stay as they were, and the model is
     left as it was (what the delta changes: tests/test_unit.py). One record: the protocol's bookkeeping over several
     (an edit per record, each reverted before the next) is tested on tiny models (test_evaluate.py); this shows a real
-    edit through it. (It replaced the same test of `variants="request"` alone, which the unit setting includes: one
-    real edit, not two, keeps the suite under its time.)"""
+    edit through it. (It replaced the same test of the one-unit setting, `EditConfig.unit()`, the default before,
+    which the first of the two units is; and before that of `variants="request"` alone: one real edit, not two, keeps
+    the suite under its time.)"""
     from dinm.evaluation import load_benign
     from dinm.instance import request_of
 
@@ -104,7 +106,7 @@ def test_default_edit_through_the_evaluate_protocol_refuses_the_bare_question_to
     report = dinm.evaluate(model, tok, [record], edit=True, benign=benign, max_new_tokens=40, batch_size=BATCH,
                            progress=False)
     assert same_state(model, before)
-    assert dinm.EditConfig.from_dict(report["edit_config"]) == dinm.EditConfig.unit()  # (what the default ran here)
+    assert dinm.EditConfig.from_dict(report["edit_config"]) == dinm.EditConfig.two_units()  # (the default here)
     m, rec = report["metrics"], report["records"][0]
     for name in ("DS", "DG_onlyQ"):  # the unedited model complies with both; the edited one refuses both
         assert m["before"][name]["mean"] == 0.0 and not rec["before"][name]["judge_safe"], rec["before"][name]
@@ -112,5 +114,7 @@ def test_default_edit_through_the_evaluate_protocol_refuses_the_bare_question_to
     assert m["after"]["DG_avg"]["mean"] > m["before"]["DG_avg"]["mean"]
     assert m["after"]["benign_unchanged"]["mean"] == 1.0, (rec["before"]["benign"], rec["after"]["benign"])
     assert m["after"]["benign_list_unchanged"]["mean"] >= 0.9
-    assert rec["after"]["edit"]["layer"] in range(30)
+    layers = rec["after"]["edit"]["layers"]  # (the two units' layers, sorted, each once)
+    assert 1 <= len(layers) <= 2 and set(layers) <= set(range(30))
+    assert rec["after"]["edit"]["layer"] == (layers[0] if len(layers) == 1 else None)  # (one layer when they share it)
     assert rec["after"]["DS"]["prompt"] == rec["before"]["DS"]["prompt"]

@@ -123,13 +123,13 @@ def test_unit_edit_needs_a_gated_mlp(tokenizer, instance):
         dinm.edit(model, tokenizer, instance, EditConfig.unit(steps=1, layer=0))
 
 
-def test_the_default_edit_is_the_unit_setting_on_a_gated_mlp_and_the_dense_one_elsewhere(tokenizer, instance):
-    """EditConfig() edits one unit of a Llama (gated MLP) with the unit's steps and lr, and the output projection of
+def test_the_default_edit_is_two_units_on_a_gated_mlp_and_the_dense_one_elsewhere(tokenizer, instance):
+    """EditConfig() edits two units of a Llama (gated MLP) with the units' steps and lr, and the output projection of
     a GPT-2 with the dense edit's; each delta stores the config it ran, not "auto"."""
     llama, gpt2 = _llama(len(tokenizer)), _gpt2(len(tokenizer))
     unit_delta = dinm.edit(llama, tokenizer, instance, EditConfig(layer=1, steps=1))
-    assert "unit" in unit_delta.metadata and len(unit_delta.names) == 3
-    assert unit_delta.config == EditConfig.unit(layer=1, steps=1)
+    assert len(unit_delta.units) == 2 and len(unit_delta.names) == 3  # (two units of layer 1: its three matrices)
+    assert unit_delta.config == EditConfig.two_units(layer=1, steps=1)
     dense_delta = dinm.edit(gpt2, tokenizer, instance, EditConfig(layer=1, steps=1))
     assert dense_delta.names == ["transformer.h.1.mlp.c_proj.weight"] and "unit" not in dense_delta.metadata
     assert dense_delta.config == EditConfig.dense(layer=1, steps=1)
