@@ -31,6 +31,11 @@ def machine() -> str:
     return f"{cpu}; {device}; {capability}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
+def layers_label(layers: list[int]) -> str:
+    """The layers an edit changed, for a table: "22", or "22+23" for a patch of units in several layers."""
+    return "+".join(map(str, layers))
+
+
 def record(section: str, body: str) -> None:
     """Replace (or append) `## section` in RESULTS.md with `body` plus how it was made."""
     command = shlex.join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])  # (quoted: it can be rerun)

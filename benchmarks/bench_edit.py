@@ -38,7 +38,7 @@ from dinm import keys, terms
 from dinm.arch import mlp_out_name
 from dinm.text import encode_pair
 
-from _results import record
+from _results import layers_label, record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -192,7 +192,8 @@ def main():
     demo = dinm.load_instance(os.path.join(HERE, "../data/example.json"))
 
     cold, cold_s = cold_edit(model, tok, demo)  # first: nothing cached in this process yet
-    print(f"first edit on a fresh machine (the demo's instance, layer {'+'.join(map(str, cold.layers))}): {cold_s:.2f} s; {phases(cold)}",
+    print(f"first edit on a fresh machine (the demo's instance, layer {layers_label(cold.layers)}): {cold_s:.2f} s; "
+          f"{phases(cold)}",
           flush=True)
     warm_demo, warm_demo_s = timed(lambda: dinm.edit(model, tok, demo, progress=False))
     reference.edit(model, tok, instances[0])  # warm-up of both code paths (allocator, oneDNN kernels)
@@ -213,9 +214,11 @@ def main():
         other, other_s = timed(lambda: dinm.edit(model, tok, inst, extra, progress=False)) if extra else (None, 0.0)
         for key, value in zip(times, (ref_s, v0_s, v0_auto_s, default_s, other_s)):
             times[key].append(value)
-        rows.append(f"| {inst.id} | {tokens} | {ref_layer}, {ref_s:.2f} | {'+'.join(map(str, v0.layers))}, {v0_s:.2f} | {v0_auto_s:.2f} | "
-                    f"{'+'.join(map(str, default.layers))}, {default_s:.2f} | {phases(default)} | {ref_s / v0_s:.1f}x / "
-                    f"{ref_s / default_s:.1f}x |" + (f" {'+'.join(map(str, other.layers))}, {other_s:.2f} |" if extra else ""))
+        rows.append(f"| {inst.id} | {tokens} | {ref_layer}, {ref_s:.2f} | {layers_label(v0.layers)}, {v0_s:.2f} | "
+                    f"{v0_auto_s:.2f} | "
+                    f"{layers_label(default.layers)}, {default_s:.2f} | {phases(default)} | {ref_s / v0_s:.1f}x / "
+                    f"{ref_s / default_s:.1f}x |"
+                    + (f" {layers_label(other.layers)}, {other_s:.2f} |" if extra else ""))
         print(rows[-1], flush=True)
     mean = {k: statistics.mean(v) for k, v in times.items()}
     ratio = {k: mean["ref"] / mean[k] for k in times if k != "ref"}
@@ -235,7 +238,8 @@ def main():
                if extra else "")
             + ". Ratios are of the means.\n\n"
             f"First edit on a fresh machine (`data/example.json`, the demo's instance, no key statistic cached): "
-            f"{cold_s:.2f} s at layer {'+'.join(map(str, cold.layers))} ({phases(cold)}); the same edit once the statistic is cached: "
+            f"{cold_s:.2f} s at layer {layers_label(cold.layers)} ({phases(cold)}); the same edit once the statistic "
+            f"is cached: "
             f"{warm_demo_s:.2f} s ({phases(warm_demo)}). `dinm demo` prints the first figure on a fresh machine "
             f"and the second after. Peak RSS of the process: {peak_mb:.0f} MB.")
     if args.profile:

@@ -28,7 +28,7 @@ from dinm.judge import RefusalJudge, load_judge
 from dinm.metrics import Degeneracy, repetition, words
 
 from _report import SINGLE_TARGETS, both_judges, judges_table, targets_table
-from _results import record
+from _results import layers_label, record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HAND_LABELS = os.path.join(HERE, "judge_labels.json")
@@ -207,7 +207,7 @@ def main():
         record("Judge agreement", judge_section(agreement, hand, report))
     record("Degenerate replies", degenerate)
     # (a patch of units in several layers: "20+22"; -1: several layers, not recorded by an older report)
-    layers = ["+".join(map(str, edited_layers(r["after"]["edit"]))) or "-1" for r in report["records"]]
+    layers = [layers_label(edited_layers(r["after"]["edit"])) or "-1" for r in report["records"]]
     edits = [r["after"]["edit"]["seconds"] for r in report["records"]]
     order = sorted(set(layers), key=lambda s: [int(n) for n in s.split("+")])
     counts = {layer: layers.count(layer) for layer in order}

@@ -99,6 +99,7 @@ def _instance(tokenizer, tokens: int):
 
 def stage_edit(device: torch.device, dry_run: bool) -> list[str]:
     import dinm
+    from _results import layers_label
     from conftest import _tokenizer
     from dinm.text import encode_pair
 
@@ -118,7 +119,7 @@ def stage_edit(device: torch.device, dry_run: bool) -> list[str]:
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
     ran = delta.config  # (the default resolved: two units on a gated MLP)
     return [f"- edit ({ran.steps} steps of matrix={ran.matrix}, default config otherwise) of a {n}-token instance, "
-            f"layer {'+'.join(map(str, delta.layers))}: "
+            f"layer {layers_label(delta.layers)}: "
             f"{seconds:.1f} s (locate {delta.summary()['seconds']['locate']} s), peak memory {peak:.1f} GB for "
             f"{weights_gb:.1f} GB of weights ({peak / weights_gb:.2f}x)"]
 

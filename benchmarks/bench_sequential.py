@@ -22,7 +22,7 @@ from dinm import EditConfig
 from dinm.delta import fingerprint
 from dinm.evaluation import DG_NAMES, load_benign
 
-from _results import record
+from _results import layers_label, record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,7 +79,8 @@ def main():
         seconds = time.perf_counter() - started
         delta.apply(model)
         deltas.append(delta)
-        row(k, '+'.join(map(str, delta.layers)), f"{seconds:.1f}", *state(model, tok, records, benign, args.max_new_tokens))
+        row(k, layers_label(delta.layers), f"{seconds:.1f}",
+            *state(model, tok, records, benign, args.max_new_tokens))
     for delta in reversed(deltas):
         delta.revert(model)
     exact = all(fingerprint(p) == originals[name] for name, p in model.named_parameters())

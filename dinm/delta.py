@@ -158,7 +158,8 @@ def _described(tensors: dict[str, torch.Tensor], name: str, base: torch.Tensor, 
 
 
 # What an edit did before these EditConfig fields existed (their defaults since differ).
-_BEFORE_FIELD = {"kl_text": "answer", "preserve_weight": 0.0, "matrix": "down", "variants": "none", "unit_reply_on": 0}
+_BEFORE_FIELD = {"kl_text": "answer", "preserve_weight": 0.0, "matrix": "down", "variants": "none",
+                 "unit_reply_on": 0}
 
 
 class Delta:
