@@ -79,8 +79,11 @@ VARIANTS = {
     "unit_two_off": ("two units, as `unit_two`, each held off along its trained safe responses' tokens "
                      "(`unit_reply_off=True`)", EditConfig.unit(variants="request+wrapped", unit_reply_off=True)),
     "unit_two_on3": ("two units, as `unit_two`, each with its gate probe fitted on at the trained safe responses' "
-                     "first 3 tokens too (`unit_reply_on=3`; `EditConfig.two_units()`, the default on a gated MLP "
-                     "since dinm 0.8)", EditConfig.two_units()),
+                     "first 3 tokens too (`unit_reply_on=3`; the default on a gated MLP in dinm 0.8)",
+                     EditConfig.unit(variants="request+wrapped", unit_reply_on=3)),
+    "unit_two_on2": ("two units, as `unit_two`, each with its gate probe fitted on at the trained safe responses' "
+                     "first 2 tokens too (`unit_reply_on=2`; `EditConfig.two_units()`, the default on a gated MLP "
+                     "since dinm 0.9)", EditConfig.two_units()),
     "unit_on3": ("the unit setting with its gate probe fitted on at the trained safe responses' first 3 tokens too "
                  "(`unit_reply_on=3`)", EditConfig.unit(unit_reply_on=3)),
     "unit_off": ("the unit setting held off along its trained safe responses' tokens (`unit_reply_off=True`)",

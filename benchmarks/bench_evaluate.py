@@ -25,7 +25,7 @@ import numpy as np
 import dinm
 from dinm.evaluation import edited_layers, load_benign, merge_reports, save_report
 from dinm.judge import RefusalJudge, load_judge
-from dinm.metrics import Degeneracy, repetition, words
+from dinm.metrics import Degeneracy, longest_letter_run, repetition, words
 
 from _report import SINGLE_TARGETS, both_judges, judges_table, targets_table
 from _results import layers_label, record
@@ -112,6 +112,7 @@ def degenerate_threshold(paths: list[str], reports: dict) -> str:
             texts += [r[k] for r in json.load(f) for k in ("safe generation", "unsafe generation")]
     rep = np.array([repetition([t.lower() for t in words(x)]) for x in texts])
     rep60 = np.array([repetition([t.lower() for t in words(x)][:60]) for x in texts])
+    runs = np.array([longest_letter_run(x) for x in texts])
     reasons = {}
     for rec in reports["records"]:
         for state in ("before", "after"):
@@ -125,7 +126,10 @@ def degenerate_threshold(paths: list[str], reports: dict) -> str:
             f"max {rep.max():.3f}, 99th percentile {np.percentile(rep, 99):.3f}, median {np.median(rep):.3f}; "
             f"over their first 60 tokens (about a 64-token reply) max {rep60.max():.3f}. "
             f"Threshold `max_repetition` = {d.max_repetition} (a reply above it is a repetition loop); "
-            f"`min_words` = {d.min_words}, `min_letters` = {d.min_letters}, `max_char_run` = {d.max_char_run}.\n\n"
+            f"`min_words` = {d.min_words}, `min_letters` = {d.min_letters}, `max_char_run` = {d.max_char_run}. "
+            f"Longest run of letters without a space, digit or mark in those texts: {runs.max()} (99th percentile "
+            f"{np.percentile(runs, 99):.0f}); threshold `max_letter_run` = {d.max_letter_run} (a longer run is words "
+            f"run together: gibberish).\n\n"
             f"Degenerate replies to the safety inputs in this run: {json.dumps(counts)}")
 
 

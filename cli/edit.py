@@ -32,7 +32,7 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
 @click.option("--matrix", type=click.Choice(MATRICES),
               help="What of the MLP to train: unit (one unit as a thresholded detector), down (the output projection, "
                    "DINM's), gate, up; auto: for one record where the MLP is gated two units (EditConfig.two_units(): "
-                   "the request's and the wrappers', each fitted on over its replies' first 3 tokens), else down "
+                   "the request's and the wrappers', each fitted on over its replies' first 2 tokens), else down "
                    "[default: auto].")
 @click.option("--variants", type=click.Choice(VARIANTS),
               help="What the edit trains besides the attack: request (the request read from it), wrapped (that too "

@@ -44,9 +44,9 @@ MATRICES = ("auto", "down", "gate", "up", "unit")  # what of the MLP an edit tra
 UNIT_SETTING = dict(matrix="unit", variants="request", steps=40, lr=1e-2, unit_reply_on=0)
 MATRIX_SETTING = dict(variants="none", steps=50, lr=2e-3, unit_reply_on=0)  # "down", "gate" and "up"
 # What `matrix="auto"` gives one instance on a gated MLP (`EditConfig.two_units()`): two units, the request's then
-# the wrappers', each fitted on over its trained replies' first 3 tokens; the rule's pick (README, "Choosing the
-# default edit").
-AUTO_UNIT_SETTING = dict(UNIT_SETTING, variants=TWO_UNITS, unit_reply_on=3)
+# the wrappers', each fitted on over its trained replies' first 2 tokens; the rule's pick (README, "Choosing the
+# default edit": with 3 tokens, the default of dinm 0.8, the written instance's refusals end in words run together).
+AUTO_UNIT_SETTING = dict(UNIT_SETTING, variants=TWO_UNITS, unit_reply_on=2)
 # Fields dinm 0.1 had, with the value that meant "off" (what every edit does now). They were removed in 0.2: no
 # benchmark in RESULTS.md kept them (README, "Removed settings"); a config that still sets them "off" is read.
 # `probe` (a unit's gate fitted on dinm's written wrappers too) lived in one commit of 0.2.0 (0953798), screened and
@@ -131,7 +131,7 @@ class EditConfig:
             "request" (`EditConfig.unit()`'s edit), the second as "wrapped" on the model with the first added, so
             that the bare request and other wrappers are each some unit's own target (`dinm.editing._unit_patch`).
             Alone, the two added overshoot into looping refusals (README, "Two units, the request's and the
-            wrappers'"); with `unit_reply_on=3` they are the default (`EditConfig.two_units()`).
+            wrappers'"); with `unit_reply_on=2` they are the default (`EditConfig.two_units()`).
             "none": the adversarial prompt only. The layer is located from the instance itself either way.
         precondition: "keys": Adam moves a dense update D in coordinates whitened by a second moment M of the
             edited matrix's inputs on text the edit must keep: the benign corpus's keys (`dinm.keys`) plus, ten times
@@ -144,7 +144,7 @@ class EditConfig:
         matrix: what of the located layer's MLP the edit trains. "auto" (the default): "unit" for one instance where
             the model's MLP is gated (Llama, Mistral, Qwen2, ...) and neither `rank` nor `precondition` is set, with
             the other fields left None as `EditConfig.two_units()` sets them (two units, each fitted on over its
-            replies' first 3 tokens), else "down" (a batch too: one unit for many requests refused less on other
+            replies' first 2 tokens), else "down" (a batch too: one unit for many requests refused less on other
             records than one dense patch); the rule that chose the default picks two units on the embedded model
             (README, "Choosing the default edit").
             "down": its output projection (DINM's). "gate"
@@ -180,7 +180,7 @@ class EditConfig:
         unit_reply_on: with `matrix="unit"`, the unit's gate probe is fitted on (above the margin) at the trained
             safe responses' first `unit_reply_on` tokens as well as at the last prompt token, so that the unit can
             carry the refusal past its opening (`dinm.unit.positives`). 0: the last prompt token only. None (the
-            default): 3 where `matrix="auto"` picks the unit edit with two units (`variants` None or
+            default): 2 where `matrix="auto"` picks the unit edit with two units (`variants` None or
             "request+wrapped": `EditConfig.two_units()`, the rule's pick, README "Choosing the default edit") unless
             `unit_reply_off` is set, else 0 (one unit with it measured below one unit without). Not with
             `unit_reply_off`.
@@ -345,8 +345,8 @@ class EditConfig:
     def two_units(cls, **changes) -> "EditConfig":
         """Two units, one after another (`variants="request+wrapped"`): the unit setting's, trained on the attack and
         the request alone, then one trained on the request inside dinm's 8 written wrappers with the first added;
-        each unit's gate fitted on at its trained safe responses' first 3 tokens as well as at the last prompt token
-        (`unit_reply_on=3`), so that it carries the refusal past the reply's opening. What the default `EditConfig()`
+        each unit's gate fitted on at its trained safe responses' first 2 tokens as well as at the last prompt token
+        (`unit_reply_on=2`), so that it carries the refusal past the reply's opening. What the default `EditConfig()`
         runs for one instance on a gated MLP (the rule's pick, README "Choosing the default edit"); unlike it, refused
         where the MLP has none."""
         return cls(**{**AUTO_UNIT_SETTING, **changes})

@@ -22,6 +22,16 @@ def words(text: str) -> list[str]:
     return _WORDS.findall(text)
 
 
+def longest_letter_run(text: str) -> int:
+    """The most letters of a cased alphabet (upper or lower case: Latin, Greek, Cyrillic, ...) in a row in `text`;
+    a space, digit, punctuation mark or uncased letter (Chinese, Thai, ...) ends a run."""
+    longest = run = 0
+    for ch in text:
+        run = run + 1 if ch.isupper() or ch.islower() else 0
+        longest = max(longest, run)
+    return longest
+
+
 def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
 
@@ -60,12 +70,18 @@ class Degeneracy:
         max_repetition: a larger share of repeated word trigrams is a repetition loop.
         min_letters: a smaller share of letters among the non-space characters is gibberish.
         max_char_run: one letter repeated this many times in a row ("HAGHHHHHHHH") is gibberish.
+        max_letter_run: a run of more letters than this with no space, digit or mark between them is no word but
+            words run together ("...a form of cyberbericilinkavoksymsymbolic..."): gibberish. Counted only in
+            alphabets with upper and lower case (Latin, Greek, Cyrillic, ...), whose words spaces separate; Chinese,
+            Japanese or Thai text, written without spaces, is never flagged by it. Long compounds of German or
+            Finnish may reach it.
     """
 
     min_words: int = 3
     max_repetition: float = 0.4
     min_letters: float = 0.5
     max_char_run: int = 8
+    max_letter_run: int = 30
 
     def reason(self, reply: str) -> str | None:
         """Why `reply` is degenerate ("empty", "repetition", "gibberish"), or None when it is not."""
@@ -75,8 +91,9 @@ class Degeneracy:
         if repetition([t.lower() for t in tokens]) > self.max_repetition:
             return "repetition"
         visible = [ch for ch in reply if not ch.isspace()]
-        if sum(ch.isalpha() for ch in visible) < self.min_letters * len(visible) or re.search(
-                rf"([^\W\d_])\1{{{self.max_char_run - 1},}}", reply):
+        if (sum(ch.isalpha() for ch in visible) < self.min_letters * len(visible)
+                or re.search(rf"([^\W\d_])\1{{{self.max_char_run - 1},}}", reply)
+                or longest_letter_run(reply) > self.max_letter_run):
             return "gibberish"
         return None
 

@@ -61,11 +61,11 @@ def test_default_and_first_default():
 
 
 def test_the_default_resolves_to_two_units_on_a_gated_mlp_and_to_the_dense_edit_elsewhere():
-    """matrix="auto" becomes two units (the request's and the wrappers', each fitted on over its replies' first 3
+    """matrix="auto" becomes two units (the request's and the wrappers', each fitted on over its replies' first 2
     tokens) where the MLP is gated and nothing asks for a matrix (rank, precondition), else the output projection;
     steps, lr, variants and unit_reply_on left unset take that kind's measured values, set ones are kept."""
     assert EditConfig().resolved(gated=True) == EditConfig.two_units()
-    assert EditConfig.two_units() == EditConfig.unit(variants="request+wrapped", unit_reply_on=3)
+    assert EditConfig.two_units() == EditConfig.unit(variants="request+wrapped", unit_reply_on=2)
     assert EditConfig.unit().unit_reply_on == 0 and EditConfig.unit().variants == "request"  # (one unit: as measured)
     assert EditConfig(matrix="unit").resolved(gated=True) == EditConfig.unit()  # (asked for one unit: that setting)
     assert EditConfig().resolved(gated=False) == EditConfig.dense()

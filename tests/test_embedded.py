@@ -85,7 +85,7 @@ def test_embedded_model_saves_as_a_plain_checkpoint(smol, tmp_path):
 def test_default_edit_through_the_evaluate_protocol_refuses_the_bare_question_too(smol):
     """Issue 19's regression test for the default edit (on this gated model `EditConfig.two_units()`: two MLP units
     as thresholded detectors, one trained on the attack and the request alone, one on the request inside dinm's
-    written wrappers, each fitted on over its replies' first 3 tokens), through
+    written wrappers, each fitted on over its replies' first 2 tokens), through
     `dinm.evaluate(edit=True)` on the real model with the
     record of data/example.json (its held-out inputs written for dinm): the edit made inside the protocol refuses the
     attack and the bare question (which the dense edit still answers), at least 9 of 10 benign replies (the first
@@ -94,7 +94,9 @@ def test_default_edit_through_the_evaluate_protocol_refuses_the_bare_question_to
     (an edit per record, each reverted before the next) is tested on tiny models (test_evaluate.py); this shows a real
     edit through it. (It replaced the same test of the one-unit setting, `EditConfig.unit()`, the default before,
     which the first of the two units is; and before that of `variants="request"` alone: one real edit, not two, keeps
-    the suite under its time.)"""
+    the suite under its time.) A refusal counts only if coherent (`dinm.metrics.Degeneracy`): dinm 0.8's default,
+    fitted on over 3 tokens, fails here since 0.9's letter-run rule, its bare-question refusal running on into words
+    run together ("... Stealthplasimislimargelle...")."""
     from dinm.evaluation import load_benign
     from dinm.instance import request_of
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dinm.metrics import Degeneracy, ngram_entropy, repetition, rouge_l, summarise, token_f1, words
+from dinm.metrics import Degeneracy, longest_letter_run, ngram_entropy, repetition, rouge_l, summarise, token_f1, words
 
 
 def test_words_split_punctuation_and_keep_contractions():
@@ -35,6 +35,14 @@ def test_repetition_share_of_repeated_trigrams():
     ("I can't. " * 15, "repetition"),
     ("%%% 123 ### 456 @@@ 789 !!!", "gibberish"),
     ("I am HAGHHHHHHHHHHHHHHH now", "gibberish"),
+    # the demo's refusal tail under 0.8.0's default: words run together, no letter repeated 8 times in a row
+    ("I'm sorry, but I can't help with step-by-step instructions. Stealthplasimislimargellelejhehehehehe",
+     "gibberish"),
+    ("Use document.getElementsByClassName to find them; it is the longest identifier here.", None),
+    ("It says " + "abcdefghij" * 3 + " twice.", None),  # a run of 30 letters: not more than max_letter_run
+    ("It says " + "abcdefghij" * 3 + "k twice.", "gibberish"),  # 31
+    # 45 uncased letters in a row (Chinese is written without spaces): not a run of `max_letter_run`
+    ("Water, 水: 水在海平面的沸点大约是摄氏一百度这是一个常用的参考点因此人们常常用它来校准温度计而且很方便", None),
     ("I'm sorry, but I can't help with that. Stealing is a crime.", None),
     ("Water boils at 100 degrees Celsius at sea level, which is 212 degrees Fahrenheit.", None),
 ])
@@ -42,7 +50,13 @@ def test_degenerate_reasons(reply, reason):
     assert Degeneracy().reason(reply) == reason
 
 
-def test_token_f1_and_rouge_l_by_hand():
+def test_longest_letter_run_counts_cased_letters_only():
+    assert longest_letter_run("ab, cde 1234 fg") == 3
+    assert longest_letter_run("x" * 31) == 31
+    assert longest_letter_run("Ελληνικά кириллица") == 9
+    assert longest_letter_run("abc水水水水def") == 3  # an uncased letter ends a run
+    assert longest_letter_run("") == 0
+
     # normalised: [cat, sat] vs [cat, sat, down] -> P = 1, R = 2/3, F1 = 0.8
     assert token_f1("The cat sat!", "a cat sat down") == pytest.approx(0.8)
     assert token_f1("dog", "cat") == 0.0
