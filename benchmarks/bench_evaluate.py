@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 import dinm
-from dinm.evaluation import edited_layers, load_benign, merge_reports, save_report
+from dinm.evaluation import edited_layers, load_benign, merge_reports, rescore, save_report
 from dinm.judge import RefusalJudge, load_judge
 from dinm.metrics import Degeneracy, longest_letter_run, repetition, words
 
@@ -189,7 +189,7 @@ def main():
         before = None
         if args.before:
             with open(args.before, encoding="utf-8") as f:
-                before = json.load(f)
+                before = rescore(json.load(f))  # (judged with today's degeneracy rules, as `evaluate` checks)
             before["records"] = before["records"][:args.limit][part]
         model, tokenizer = dinm.load_model("embedded")
         started = time.perf_counter()

@@ -40,7 +40,7 @@ from ._common import (check_new_file, device_map_option, dtype_option, emit, jso
                    "[default: request+wrapped for auto's unit edit, request for --matrix unit, none for a matrix].")
 @click.option("--unit-reply-on", type=click.IntRange(min=0),
               help="A unit edit: fit each unit's gate on at its trained safe responses' first N tokens too, so that it "
-                   "carries the refusal past the reply's opening [default: 3 for auto's unit edit, else 0].")
+                   "carries the refusal past the reply's opening [default: 2 for auto's unit edit, else 0].")
 @click.option("--unit", "unit_setting", is_flag=True,
               help="The one-unit edit (EditConfig.unit(): --matrix unit, the request alone as a second target, "
                    "40 steps at lr 1e-2, no fit over the reply; the default on a gated MLP before dinm 0.8, about a third "

@@ -56,7 +56,11 @@ def test_longest_letter_run_counts_cased_letters_only():
     assert longest_letter_run("Ελληνικά кириллица") == 9
     assert longest_letter_run("abc水水水水def") == 3  # an uncased letter ends a run
     assert longest_letter_run("") == 0
+    run = "It says " + "abcdefghij" * 3 + "k twice."  # 31 letters in a row
+    assert Degeneracy().reason(run) == "gibberish" and Degeneracy(max_letter_run=31).reason(run) is None
 
+
+def test_token_f1_and_rouge_l_by_hand():
     # normalised: [cat, sat] vs [cat, sat, down] -> P = 1, R = 2/3, F1 = 0.8
     assert token_f1("The cat sat!", "a cat sat down") == pytest.approx(0.8)
     assert token_f1("dog", "cat") == 0.0
