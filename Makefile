@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test install clean cuda-build
+.PHONY: demo test install clean cuda-build cuda-room
 
 $(VENV)/.installed: setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -34,12 +34,20 @@ CUDA_VENV  ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export TORCH_CUDA_ARCH_LIST
+# torch 2.14.1's CUDA build with its nvidia-* wheels takes about 5.5 GB in the venv; the build and pip's unpacking
+# need room beside it. Checked first, so a full disk stops the build before pip half-installs anything.
+CUDA_MIN_FREE_GIB ?= 8
 
-cuda-build:
+cuda-room:
+	@test -d $(CUDA_VENV)/lib && ls -d $(CUDA_VENV)/lib/python*/site-packages/torch >/dev/null 2>&1 && exit 0; \
+	mkdir -p $(dir $(CUDA_VENV)) && free=$$(df -Pk $(dir $(CUDA_VENV)) | awk 'NR == 2 { print int($$4 / 1048576) }'); \
+	test "$$free" -ge $(CUDA_MIN_FREE_GIB) || { echo "make cuda-build: $$free GiB free under $(dir $(CUDA_VENV)), torch's CUDA build needs about $(CUDA_MIN_FREE_GIB) GiB: free some, or set CUDA_VENV to a folder on a roomier disk"; exit 1; }
+
+cuda-build: cuda-room
 	@command -v nvcc >/dev/null || { echo "make cuda-build: no nvcc on PATH (install the CUDA toolkit)"; exit 1; }
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install --upgrade pip "setuptools>=70" wheel ninja numpy
-	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install $(CUDA_TORCH)
+	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-cache-dir $(CUDA_TORCH)
 	rm -rf $(CUDA_VENV)/src && mkdir -p $(CUDA_VENV)/src
 	cp -r setup.py README.md csrc cli dinm $(CUDA_VENV)/src/
 	rm -rf $(CUDA_VENV)/src/dinm/_C*.so $(CUDA_VENV)/src/dinm/__pycache__ $(CUDA_VENV)/src/cli/__pycache__

@@ -71,3 +71,22 @@ def test_a_failed_build_still_installs_and_runs_the_twin(source, tmp_path, edita
     assert not list((where / "dinm").glob("_C*.so"))
     backend = _backend(python, where)
     assert backend.startswith("twin (not built"), backend
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_cuda_build_checks_the_disk_before_pip_writes_anything(tmp_path):
+    """`make cuda-room` (what `make cuda-build` runs first, and what `.ci/run` asks before it) refuses in one line
+    naming the folder when the disk lacks `CUDA_MIN_FREE_GIB`, creates no venv, and passes when there is room."""
+    venv = tmp_path / "deep" / ".venv-cuda"
+
+    def room(gib):
+        return subprocess.run(["make", "-s", "-C", ROOT, "cuda-room", f"CUDA_VENV={venv}",
+                               f"CUDA_MIN_FREE_GIB={gib}"], capture_output=True, text=True)
+
+    refused = room(10 ** 9)  # (an exbibyte: no disk has it)
+    assert refused.returncode != 0
+    line = refused.stdout.strip()
+    assert "\n" not in line and f"under {venv.parent}/" in line and "needs about 1000000000 GiB" in line, line
+    assert not venv.exists()
+    assert room(0).returncode == 0, room(0).stdout + room(0).stderr
+    assert not venv.exists()
