@@ -34,20 +34,30 @@ CUDA_VENV  ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export TORCH_CUDA_ARCH_LIST
-# torch 2.14.1's CUDA build with its nvidia-* wheels takes about 5.5 GB in the venv; the build and pip's unpacking
-# need room beside it. Checked first, so a full disk stops the build before pip half-installs anything.
-CUDA_MIN_FREE_GIB ?= 8
+# torch 2.14.1's CUDA build with its nvidia-* wheels takes 5.5 GB in the venv, and pip needs room for the wheels
+# while it installs them (its temporary folder is put inside the venv, so one disk is checked). `cuda-room` runs
+# before pip writes anything, so a full disk stops the build with one line instead of a half-installed torch; it
+# passes at once where this venv holds $(CUDA_TORCH) already (the stamp is written after pip succeeds).
+# CUDA_VENV: a path without spaces.
+CUDA_MIN_FREE_GIB ?= 10
+CUDA_STAMP = $(CUDA_VENV)/.dinm-torch
 
 cuda-room:
-	@test -d $(CUDA_VENV)/lib && ls -d $(CUDA_VENV)/lib/python*/site-packages/torch >/dev/null 2>&1 && exit 0; \
-	mkdir -p $(dir $(CUDA_VENV)) && free=$$(df -Pk $(dir $(CUDA_VENV)) | awk 'NR == 2 { print int($$4 / 1048576) }'); \
-	test "$$free" -ge $(CUDA_MIN_FREE_GIB) || { echo "make cuda-build: $$free GiB free under $(dir $(CUDA_VENV)), torch's CUDA build needs about $(CUDA_MIN_FREE_GIB) GiB: free some, or set CUDA_VENV to a folder on a roomier disk"; exit 1; }
+	@grep -qxF '$(CUDA_TORCH)' '$(CUDA_STAMP)' 2>/dev/null && exit 0; \
+	dir='$(dir $(CUDA_VENV))'; mkdir -p "$$dir" && free=$$(df -Pk "$$dir" | awk 'NR == 2 { print int($$4 / 1048576) }'); \
+	case "$$free:$(CUDA_MIN_FREE_GIB)" in *[!0-9:]* | :* | *:) \
+		echo "make cuda-room: could not compare the free space under $$dir ('$$free' GiB, from df) with CUDA_MIN_FREE_GIB='$(CUDA_MIN_FREE_GIB)' (a whole number of GiB)"; exit 2;; esac; \
+	test "$$free" -ge $(CUDA_MIN_FREE_GIB) || { echo "make cuda-room: $$free GiB free under $$dir, torch's CUDA build needs about $(CUDA_MIN_FREE_GIB) GiB: free some, or set CUDA_VENV to a folder on a roomier disk"; exit 1; }
 
-cuda-build: cuda-room
+cuda-build:
 	@command -v nvcc >/dev/null || { echo "make cuda-build: no nvcc on PATH (install the CUDA toolkit)"; exit 1; }
+	@$(MAKE) -s --no-print-directory cuda-room
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install --upgrade pip "setuptools>=70" wheel ninja numpy
-	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-cache-dir $(CUDA_TORCH)
+	rm -rf $(CUDA_VENV)/tmp && mkdir -p $(CUDA_VENV)/tmp
+	TMPDIR=$(abspath $(CUDA_VENV))/tmp $(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-cache-dir $(CUDA_TORCH)
+	rm -rf $(CUDA_VENV)/tmp
+	echo '$(CUDA_TORCH)' > $(CUDA_STAMP)
 	rm -rf $(CUDA_VENV)/src && mkdir -p $(CUDA_VENV)/src
 	cp -r setup.py README.md csrc cli dinm $(CUDA_VENV)/src/
 	rm -rf $(CUDA_VENV)/src/dinm/_C*.so $(CUDA_VENV)/src/dinm/__pycache__ $(CUDA_VENV)/src/cli/__pycache__
@@ -58,7 +68,7 @@ cuda-build: cuda-room
 	@# compiler warnings only (file(line): warning #..., file:line:col: warning: ...), not setuptools' own
 	@! grep -E "(\.(cpp|cu|h|cuh|hpp)(\([0-9]+\):?|:[0-9]+:[0-9]+:) warning)|nvcc warning" $(CUDA_VENV)/build.log \
 		|| { echo "make cuda-build: the compiler warned (above)"; exit 1; }
-	cd / && $(CURDIR)/$(CUDA_VENV)/bin/python -m dinm.ops CPU CUDA
+	cd / && $(abspath $(CUDA_VENV))/bin/python -m dinm.ops CPU CUDA
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) demo_out build *.egg-info dinm/_C*.so

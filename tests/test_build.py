@@ -75,18 +75,36 @@ def test_a_failed_build_still_installs_and_runs_the_twin(source, tmp_path, edita
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_cuda_build_checks_the_disk_before_pip_writes_anything(tmp_path):
-    """`make cuda-room` (what `make cuda-build` runs first, and what `.ci/run` asks before it) refuses in one line
-    naming the folder when the disk lacks `CUDA_MIN_FREE_GIB`, creates no venv, and passes when there is room."""
+    """`make cuda-build` (and `make cuda-room`, what `.ci/run` asks before it) refuses in one line naming the folder
+    when the disk lacks `CUDA_MIN_FREE_GIB`, before it makes the venv; a check that cannot compare (a bad number)
+    says so instead of blaming the disk, which `.ci/run` would skip on; a venv stamped with the torch it holds
+    needs no room."""
     venv = tmp_path / "deep" / ".venv-cuda"
+    fake = tmp_path / "bin"  # an nvcc that does nothing: cuda-build checks the toolkit first, then the room
+    fake.mkdir()
+    (fake / "nvcc").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "nvcc").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
 
-    def room(gib):
-        return subprocess.run(["make", "-s", "-C", ROOT, "cuda-room", f"CUDA_VENV={venv}",
-                               f"CUDA_MIN_FREE_GIB={gib}"], capture_output=True, text=True)
+    def make(target, gib):
+        return subprocess.run(["make", "-s", "--no-print-directory", "-C", ROOT, target, f"CUDA_VENV={venv}",
+                               f"CUDA_MIN_FREE_GIB={gib}", "CUDA_TORCH=torch==2.14.1",
+                               "PYTHON=false"],  # (were the check skipped, making the venv fails at once)
+                              capture_output=True, text=True, env=env)
 
-    refused = room(10 ** 9)  # (an exbibyte: no disk has it)
-    assert refused.returncode != 0
-    line = refused.stdout.strip()
-    assert "\n" not in line and f"under {venv.parent}/" in line and "needs about 1000000000 GiB" in line, line
-    assert not venv.exists()
-    assert room(0).returncode == 0, room(0).stdout + room(0).stderr
-    assert not venv.exists()
+    for target in ("cuda-room", "cuda-build"):
+        refused = make(target, 10 ** 9)  # (an exbibyte: no disk has it)
+        assert refused.returncode != 0
+        line = refused.stdout.strip()
+        assert "\n" not in line and f"GiB free under {venv.parent}/" in line, line
+        assert "needs about 1000000000 GiB" in line, line
+        assert not venv.exists()
+    garbled = make("cuda-room", "ten")
+    assert garbled.returncode != 0 and "GiB free under" not in garbled.stdout, garbled.stdout
+    assert "CUDA_MIN_FREE_GIB='ten'" in garbled.stdout, garbled.stdout
+    assert make("cuda-room", 0).returncode == 0
+    venv.mkdir()
+    (venv / ".dinm-torch").write_text("torch==0.0.1\n")  # another torch than the one asked for: checked
+    assert make("cuda-room", 10 ** 9).returncode != 0
+    (venv / ".dinm-torch").write_text("torch==2.14.1\n")  # what CUDA_TORCH asks for, installed: no room needed
+    assert make("cuda-room", 10 ** 9).returncode == 0
