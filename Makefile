@@ -41,6 +41,7 @@ export TORCH_CUDA_ARCH_LIST
 # CUDA_VENV: a path without spaces.
 CUDA_MIN_FREE_GIB ?= 10
 CUDA_STAMP = $(CUDA_VENV)/.dinm-torch
+CUDA_PIP   = $(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q
 
 cuda-room:
 	@grep -qxF '$(CUDA_TORCH)' '$(CUDA_STAMP)' 2>/dev/null && exit 0; \
@@ -53,9 +54,9 @@ cuda-build:
 	@command -v nvcc >/dev/null || { echo "make cuda-build: no nvcc on PATH (install the CUDA toolkit)"; exit 1; }
 	@$(MAKE) -s --no-print-directory cuda-room
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install --upgrade pip "setuptools>=70" wheel ninja numpy
+	$(CUDA_PIP) install --upgrade pip "setuptools>=70" wheel ninja numpy
 	rm -rf $(CUDA_VENV)/tmp && mkdir -p $(CUDA_VENV)/tmp
-	TMPDIR=$(abspath $(CUDA_VENV))/tmp $(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-cache-dir $(CUDA_TORCH)
+	TMPDIR=$(abspath $(CUDA_VENV))/tmp $(CUDA_PIP) install --no-cache-dir $(CUDA_TORCH)
 	rm -rf $(CUDA_VENV)/tmp
 	echo '$(CUDA_TORCH)' > $(CUDA_STAMP)
 	rm -rf $(CUDA_VENV)/src && mkdir -p $(CUDA_VENV)/src

@@ -93,7 +93,7 @@ def test_cuda_build_checks_the_disk_before_pip_writes_anything(tmp_path):
                               capture_output=True, text=True, env=env)
 
     for target in ("cuda-room", "cuda-build"):
-        refused = make(target, 10 ** 9)  # (an exbibyte: no disk has it)
+        refused = make(target, 10 ** 9)  # (about an exbibyte: no disk has it)
         assert refused.returncode != 0
         line = refused.stdout.strip()
         assert "\n" not in line and f"GiB free under {venv.parent}/" in line, line
